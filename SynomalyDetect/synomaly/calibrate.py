@@ -1,0 +1,83 @@
+"""Threshold calibration on healthy scans only: thresholds for target per-voxel false-positive rates."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .progress import ProgressFn, null_progress
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FPRS = (1e-2, 1e-3, 1e-4)
+
+
+def _quantile(values: torch.Tensor, fpr: float) -> float:
+    """The score exceeded by a fraction `fpr` of foreground voxels."""
+    v = values.float().flatten().cpu().numpy()
+    return float(np.quantile(v, 1.0 - fpr)) if v.size else float("nan")
+
+
+def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequence[float] = DEFAULT_FPRS,
+              t: Optional[int] = None, kernel: Optional[int] = None, max_stages: Optional[int] = None,
+              batch_size: int = 8, seed: int = 0, progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Thresholds giving each FPR on healthy slices (S, 1, G, G), for the multi-stage map.
+
+    The multi-stage map depends on the threshold used for fusion, so each threshold is found in two
+    passes: the stage-1 quantile seeds a multi-stage run whose final-map quantile is stored.
+    """
+    from .detect import _fpr_key, run_stages
+
+    card = model.card
+    t = int(t or card.detection.t)
+    kernel = int(kernel or card.detection.blur_kernel)
+    max_stages = int(max_stages or card.detection.max_stages)
+    fg = masks.bool()
+    first = run_stages(model, slices, masks, t=t, kernel=kernel, threshold=float("inf"), max_stages=1,
+                       batch_size=batch_size, seed=seed)
+    thresholds: dict[str, float] = {}
+    measured: dict[str, float] = {}
+    for i, fpr in enumerate(fprs):
+        progress("calibrate", i, len(fprs), f"FPR {fpr:g}")
+        seed_thr = _quantile(first.score[fg.to(first.score.device)], fpr)
+        res = run_stages(model, slices, masks, t=t, kernel=kernel, threshold=seed_thr, max_stages=max_stages,
+                         batch_size=batch_size, seed=seed)
+        values = res.score[fg.to(res.score.device)]
+        thr = _quantile(values, fpr)
+        thresholds[_fpr_key(fpr)] = round(thr, 5)
+        measured[_fpr_key(fpr)] = float((values > thr).float().mean())
+    progress("calibrate", len(fprs), len(fprs), "calibrated")
+    return {
+        "thresholds": thresholds,
+        "t": t,
+        "blur_kernel": kernel,
+        "max_stages": max_stages,
+        "slices": int(slices.shape[0]),
+        "foreground_voxels": int(fg.sum()),
+        "measured_fpr_on_calibration_data": measured,
+        "unit": "per foreground voxel of the model grid",
+    }
+
+
+def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[float] = DEFAULT_FPRS,
+                    device: str = "auto", description: str = "", progress: ProgressFn = null_progress,
+                    output: str | Path | None = None) -> dict[str, Any]:
+    """Calibrate a model file on healthy scans and write the thresholds into its card (atomically)."""
+    from .modelio import load_model, save_model
+    from .prepare import prepare_images_for_training
+
+    model = load_model(model_path, device=device)
+    progress("calibrate", 0, len(fprs), "preparing healthy scans")
+    x, m, n = prepare_images_for_training(paths, model.card)
+    cal = calibrate(model, x, m, fprs=fprs, progress=progress)
+    cal["scans"] = n
+    cal["data"] = description or f"{n} healthy scans"
+    card = model.card.copy()
+    card.calibration = cal
+    state = {k: v.detach().cpu() for k, v in model.network.state_dict().items()}
+    save_model(output or model.path, card, state)
+    return cal

@@ -1,0 +1,180 @@
+"""The model card: what a model file says about itself, validated without torch."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+CARD_FORMAT = "synomaly-model-card/1"
+ORIENTATIONS = ("axial", "coronal", "sagittal")
+POLARITIES = ("brighter", "darker", "both")
+
+
+class ModelCardError(ValueError):
+    """A model card is missing a field or holds an impossible value."""
+
+
+@dataclass
+class NoiseSettings:
+    """Synomaly noise parameters at the model grid (sigma in grid pixels, tau on the 0-255 scale)."""
+
+    kind: str = "synomaly"  # "synomaly", "gaussian" or "coarse"
+    sigma: float = 1.5
+    tau: float = 175.0
+    offset: float = 0.5
+    polarity: str = "brighter"
+    coarse_scale: int = 8  # only for kind == "coarse": noise resolution divisor (Kascenas et al.)
+    coarse_std: float = 0.2
+
+
+@dataclass
+class NormalisationSettings:
+    """Per-volume robust intensity normalisation: percentiles inside the foreground to [-1, 1]."""
+
+    method: str = "foreground-percentile"
+    lower_percentile: float = 1.0
+    upper_percentile: float = 99.0
+    upper_value: float = 0.8  # the upper percentile maps here, leaving head-room for hyperintensities
+
+
+@dataclass
+class NetworkSettings:
+    """Configuration of MONAI's DiffusionModelUNet (2D, one channel in and out)."""
+
+    architecture: str = "monai.DiffusionModelUNet"
+    channels: tuple[int, ...] = (32, 64, 128)
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    num_res_blocks: int = 1
+    num_head_channels: int = 32
+    norm_num_groups: int = 32
+
+
+@dataclass
+class DetectionDefaults:
+    """Detection settings the model was developed with (grid pixels for the blur kernel)."""
+
+    t: int = 200
+    blur_kernel: int = 5
+    threshold: float = 0.25
+    max_stages: int = 5
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to use a model correctly, stored as JSON in the model file."""
+
+    name: str
+    version: str = "0.1.0"
+    description: str = ""
+    modality: str = "MR"
+    contrast: str = "any"
+    orientation: str = "axial"
+    grid_size: int = 64
+    field_of_view: str = "foreground bounding square with a 4 % margin"
+    normalisation: NormalisationSettings = field(default_factory=NormalisationSettings)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    noise: NoiseSettings = field(default_factory=NoiseSettings)
+    timesteps: int = 1000
+    schedule: str = "cosine"
+    prediction: str = "epsilon"
+    detection: DetectionDefaults = field(default_factory=DetectionDefaults)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    intended_use: str = "Research use only. Not for diagnosis or treatment decisions."
+    licence: str = "Apache-2.0 (weights); see training data licences"
+    format: str = CARD_FORMAT
+
+    def to_json(self) -> str:
+        """Serialise the card as compact JSON."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The card as plain data."""
+        return asdict(self)
+
+    def copy(self) -> "ModelCard":
+        """A deep copy (used when fine-tuning keeps the base card)."""
+        return copy.deepcopy(self)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelCard":
+        """Parse and validate a card, naming the first problem found."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelCardError(f"model card is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ModelCard":
+        """Build a card from plain data, validating every field."""
+        if not isinstance(data, dict):
+            raise ModelCardError("model card must be a JSON object")
+        if data.get("format") != CARD_FORMAT:
+            raise ModelCardError(f"model card format is {data.get('format')!r}, expected {CARD_FORMAT!r}")
+        if not data.get("name"):
+            raise ModelCardError("model card has no 'name'")
+        nested = {
+            "normalisation": NormalisationSettings,
+            "network": NetworkSettings,
+            "noise": NoiseSettings,
+            "detection": DetectionDefaults,
+        }
+        kwargs = dict(data)
+        for key, klass in nested.items():
+            value = kwargs.get(key, {})
+            if not isinstance(value, dict):
+                raise ModelCardError(f"model card field '{key}' must be an object")
+            known = set(klass.__dataclass_fields__)
+            unknown = set(value) - known
+            if unknown:
+                raise ModelCardError(f"model card field '{key}' has unknown keys {sorted(unknown)}")
+            kwargs[key] = klass(**value)
+        known = set(cls.__dataclass_fields__)
+        unknown = set(kwargs) - known
+        if unknown:
+            raise ModelCardError(f"model card has unknown fields {sorted(unknown)}")
+        card = cls(**kwargs)
+        card.network.channels = tuple(int(c) for c in card.network.channels)
+        card.network.attention_levels = tuple(bool(a) for a in card.network.attention_levels)
+        card.validate()
+        return card
+
+    def validate(self) -> None:
+        """Raise ModelCardError if a value is impossible."""
+        if self.orientation not in ORIENTATIONS:
+            raise ModelCardError(f"orientation {self.orientation!r} is not one of {ORIENTATIONS}")
+        if not 8 <= int(self.grid_size) <= 1024 or int(self.grid_size) % 8:
+            raise ModelCardError(f"grid_size {self.grid_size} must be a multiple of 8 between 8 and 1024")
+        if self.schedule != "cosine" or self.prediction != "epsilon":
+            raise ModelCardError("only the cosine schedule with epsilon prediction is supported")
+        if self.timesteps < 10:
+            raise ModelCardError(f"timesteps {self.timesteps} is too small")
+        if len(self.network.channels) != len(self.network.attention_levels):
+            raise ModelCardError("network.channels and network.attention_levels differ in length")
+        if self.noise.kind not in ("synomaly", "gaussian", "coarse"):
+            raise ModelCardError(f"noise.kind {self.noise.kind!r} is unknown")
+        if self.noise.polarity not in POLARITIES:
+            raise ModelCardError(f"noise.polarity {self.noise.polarity!r} is not one of {POLARITIES}")
+        if not 0 < self.detection.t < self.timesteps:
+            raise ModelCardError(f"detection.t {self.detection.t} must lie in (0, {self.timesteps})")
+        n = self.normalisation
+        if not 0 <= n.lower_percentile < n.upper_percentile <= 100:
+            raise ModelCardError("normalisation percentiles must satisfy 0 <= lower < upper <= 100")
+        if not -1.0 < n.upper_value <= 1.0:
+            raise ModelCardError("normalisation.upper_value must lie in (-1, 1]")
+
+    def summary(self) -> str:
+        """A few human lines: what the model is for and what it expects."""
+        cal = self.calibration.get("thresholds", {})
+        cal_text = ", ".join(f"FPR {k}: {v:.3f}" for k, v in sorted(cal.items(), key=lambda kv: -float(kv[0])))
+        lines = [
+            f"{self.name} (version {self.version}): {self.description}".rstrip(": "),
+            f"  modality {self.modality}, contrast {self.contrast}, {self.orientation} slices, "
+            f"grid {self.grid_size} x {self.grid_size}, noise {self.noise.kind}",
+            f"  calibrated thresholds: {cal_text or 'none'}",
+            f"  {self.intended_use}",
+        ]
+        return "\n".join(lines)

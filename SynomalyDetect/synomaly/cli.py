@@ -1,0 +1,474 @@
+"""The `synomaly` command: a thin layer over the engine's functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import Cancelled, InputError, SynomalyError
+
+log = logging.getLogger("synomaly")
+
+DATA_SPEC_HELP = (
+    "files, folders (DICOM series or images), .txt lists, or sample specs: "
+    "'br35h:no:LO:HI' (Br35H healthy numbers LO <= n < HI, HI <= 1050), 'mni152' (MNI152 T1 template)"
+)
+
+
+def resolve_data(items: list[str]) -> list[str]:
+    """Expand data arguments (including sample specs) into a list of input paths."""
+    from .prepare import expand_inputs
+    from .sampledata import br35h_images, mni152_t1
+
+    out: list[str] = []
+    plain: list[str] = []
+    for item in items:
+        if item.startswith("br35h:"):
+            parts = item.split(":")
+            if len(parts) != 4 or parts[1] not in ("no", "yes"):
+                raise InputError(f"bad sample spec {item!r}: use br35h:no:LO:HI or br35h:yes:LO:HI")
+            try:
+                out.extend(str(p) for p in br35h_images(parts[1], int(parts[2]), int(parts[3])))
+            except ValueError as exc:
+                raise InputError(str(exc)) from exc
+        elif item == "mni152":
+            out.append(str(mni152_t1()))
+        else:
+            plain.append(item)
+    out.extend(expand_inputs(plain))
+    return out
+
+
+def _install_signal_handlers() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so every command cleans up the same way."""
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _progress(args) -> Any:
+    from .progress import make_progress
+
+    return make_progress(getattr(args, "progress", "auto"))
+
+
+# ---------------------------------------------------------------- train
+
+
+def cmd_train(args) -> int:
+    """Train from scratch or fine-tune a base model on healthy scans."""
+    import torch
+
+    from .card import ModelCard
+    from .modelio import load_model, read_card
+    from .train import TrainingSettings, new_card, split_scans, train
+
+    paths = resolve_data(args.data)
+    if not paths:
+        raise InputError("no training data found")
+    val_paths = resolve_data(args.val_data) if args.val_data else []
+    if not val_paths:
+        paths, val_paths = split_scans(paths, args.val_fraction, args.seed)
+    settings = TrainingSettings(
+        iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        device=args.device, precision=args.precision, checkpoint_every=args.checkpoint_every,
+        validate_every=args.checkpoint_every,
+    )
+    base_state = None
+    if args.base:
+        base = load_model(args.base, device="cpu")
+        card = base.card.copy()
+        card.training = {"name_of_base": base.card.name}
+        if args.name:
+            card.name = args.name
+        base_state = {k: v.detach().cpu() for k, v in base.network.state_dict().items()}
+    elif args.resume:
+        from .train import load_checkpoint
+
+        card = ModelCard.from_json(load_checkpoint(args.resume)["card"])
+    else:
+        card = new_card(
+            args.name or Path(args.output).name.split(".")[0], grid=args.grid,
+            channels=tuple(args.channels), noise_kind=args.noise, polarity=args.polarity,
+            modality=args.modality, contrast=args.contrast, orientation=args.orientation,
+            description=args.description,
+        )
+        if args.sigma is not None:
+            card.noise.sigma = args.sigma
+        if args.tau is not None:
+            card.noise.tau = args.tau
+        if args.offset is not None:
+            card.noise.offset = args.offset
+    description = args.data_description or f"{len(paths)} training and {len(val_paths)} validation scans"
+    summary = train(card, paths, val_paths, args.output, settings, base_state=base_state, resume=args.resume,
+                    checkpoint=args.checkpoint, progress=_progress(args), data_description=description)
+    if not args.no_calibrate and val_paths:
+        from .calibrate import calibrate_model
+
+        calibrate_model(args.output, val_paths, progress=_progress(args))
+    print(json.dumps({k: v for k, v in summary.items() if k != "validation_paths"}, indent=None))
+    print(f"model written to {args.output} ({summary['it_per_s']:.2f} iterations/s, "
+          f"noise {100 * summary['noise_fraction']:.1f} % of step time)", file=sys.stderr)
+    return 0
+
+
+
+# ---------------------------------------------------------------- detect
+
+
+def _detection_settings(args):
+    from .detect import DetectionSettings
+
+    return DetectionSettings(
+        t=args.t, blur_kernel=args.blur, threshold=args.threshold, fpr=args.fpr, min_lesion_mm3=args.min_size,
+        max_stages=args.stages, noise_draws=args.draws, seed=args.seed, batch_size=args.batch_size,
+        device=args.device, precision=args.precision, allow_modality_mismatch=args.allow_modality_mismatch,
+    )
+
+
+def cmd_detect(args) -> int:
+    """Detect anomalies in one scan and write the outputs."""
+    from .detect import detect
+    from .modelio import load_model
+    from .outputs import write_results
+    from .prepare import read_image
+
+    progress = _progress(args)
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        from .errors import OutputError
+
+        raise OutputError(f"{out} already exists; choose another folder or pass --overwrite")
+    progress("read", 0, 1, f"reading {args.input}")
+    image = read_image(args.input, series_id=args.series, color="reject")
+    if args.expect == "volume" and (image.GetDimension() == 2 or min(image.GetSize()) == 1):
+        raise InputError(f"{args.input}: a single 2D slice was given where a 3D volume is expected")
+    if args.expect == "slice" and image.GetDimension() == 3 and min(image.GetSize()) > 1:
+        raise InputError(f"{args.input}: a 3D volume was given where a single 2D slice is expected")
+    progress("read", 1, 1, "read " + " x ".join(map(str, image.GetSize())))
+    model = load_model(args.model, device=args.device, precision=args.precision)
+    result = detect(image, model, _detection_settings(args), progress=progress)
+    progress("write", 0, 1, f"writing results to {out}")
+    files = write_results(result, image, out, overwrite=args.overwrite)
+    rep = result.report
+    message = (f"{rep['lesion_count']} lesion(s), {rep['anomalous_volume_ml']:.2f} mL, threshold "
+               f"{result.threshold:.3f} ({result.threshold_source}), {rep['seconds']['total']:.1f} s")
+    if args.progress == "json":
+        progress("done", 1, 1, message, outputs=files)
+    else:
+        print(message)
+        print(f"outputs in {out} (overview picture: {files['overview']})")
+    return 0
+
+
+def add_detection_arguments(d: argparse.ArgumentParser) -> None:
+    """Options shared by detect, demo and bench."""
+    d.add_argument("--model", default="brain-mri-axial", help="model name (see `synomaly models`) or file")
+    d.add_argument("--t", type=int, help="noise level t of each stage (default: the model's)")
+    d.add_argument("--stages", type=int, help="maximum number of stages (default: the model's, 5)")
+    sens = d.add_mutually_exclusive_group()
+    sens.add_argument("--threshold", type=float, help="explicit anomaly-score threshold")
+    sens.add_argument("--fpr", type=float, help="calibrated per-voxel false-positive rate: 0.01, 0.001 or 0.0001")
+    d.add_argument("--blur", type=int, help="Gaussian blur kernel of the map, odd, model-grid pixels")
+    d.add_argument("--min-size", type=float, default=50.0, help="smallest lesion kept, mm^3 (default 50)")
+    d.add_argument("--draws", type=int, default=1, help="noise draws averaged per stage (default 1)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--batch-size", type=int, default=8, help="slices per network call")
+    d.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    d.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    d.add_argument("--allow-modality-mismatch", action="store_true",
+                   help="run even if the DICOM modality differs from the model's")
+    d.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])
+
+
+# ---------------------------------------------------------------- models, calibrate
+
+
+def cmd_models(args) -> int:
+    """List the registry's models with their cards."""
+    from .card import ModelCard
+    from .modelio import list_models, user_models_dir
+
+    models = list_models()
+    if args.json:
+        print(json.dumps(models, indent=1))
+        return 0
+    if not models:
+        print(f"no models found (user folder: {user_models_dir()})")
+    for m in models:
+        print(f"{m['name']}  [{m['source']}]  {m['path']}")
+        if "card" in m:
+            print(ModelCard.from_dict(m["card"]).summary())
+        else:
+            print(f"  unusable: {m['error']}")
+    print(f"user model folder: {user_models_dir()} (set SYNOMALY_MODELS_DIR to change)")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    """Recompute the model's thresholds on the user's healthy scans."""
+    from .calibrate import calibrate_model
+    from .modelio import resolve_model_path
+
+    paths = resolve_data(args.data)
+    if not paths:
+        raise InputError("no healthy scans found")
+    target = args.output or resolve_model_path(args.model)
+    cal = calibrate_model(args.model, paths, fprs=args.fprs, device=args.device,
+                          description=args.data_description or "", progress=_progress(args), output=target)
+    for key, value in cal["thresholds"].items():
+        print(f"FPR {key}: threshold {value:.4f} (measured {cal['measured_fpr_on_calibration_data'][key]:.2g})")
+    print(f"calibration stored in {target}")
+    return 0
+
+
+def cmd_install_model(args) -> int:
+    """Copy a model file into the user model folder."""
+    from .modelio import install_model
+
+    print(f"installed {install_model(args.file, args.name)}")
+    return 0
+
+
+def cmd_remove_model(args) -> int:
+    """Delete a user model."""
+    from .modelio import remove_model
+
+    print(f"removed {remove_model(args.name)}")
+    return 0
+
+
+# ---------------------------------------------------------------- demo, bench
+
+
+def cmd_demo_data(args) -> int:
+    """Write the demo case (MNI152 with an implanted lesion) for the Slicer Sample Data module."""
+    from .sampledata import demo_case
+
+    img, mask = demo_case(args.output)
+    print(json.dumps({"image": str(img), "truth": str(mask)}))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Run detection with the shipped model on sample data that needs no download."""
+    import tempfile
+
+    from .detect import detect
+    from .modelio import load_model
+    from .outputs import write_results
+    from .prepare import read_image
+    from .sampledata import br35h_images, demo_case
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        from .errors import OutputError
+
+        raise OutputError(f"{out} already exists; choose another folder or pass --overwrite")
+    model = load_model(args.model, device=args.device, precision=args.precision)
+    settings = _detection_settings(args)
+    progress = _progress(args)
+    cases = []
+    with tempfile.TemporaryDirectory() as tmp:
+        img_path, truth_path = demo_case(tmp)
+        cases.append(("mni152_implanted_lesion", str(img_path)))
+        try:
+            for p in br35h_images("yes", 0, 1050)[: args.br35h]:
+                cases.append((f"br35h_tumour_{p.stem}", str(p)))
+        except InputError as exc:
+            log.warning("skipping Br35H cases: %s", exc)
+        out.mkdir(parents=True, exist_ok=True)
+        import shutil
+
+        shutil.copy(img_path, out / "demo_lesion.nrrd")
+        shutil.copy(truth_path, out / "demo_lesion_truth.seg.nrrd")
+        for name, path in cases:
+            image = read_image(path, color="luminance")
+            result = detect(image, model, settings, progress=progress)
+            files = write_results(result, image, out / name, overwrite=True)
+            rep = result.report
+            print(f"{name}: {rep['lesion_count']} lesion(s), {rep['anomalous_volume_ml']:.2f} mL, "
+                  f"{rep['seconds']['total']:.1f} s -> {files['overview']}")
+    print(f"demo outputs in {out}; open the overview.png pictures (input | counterfactual | map | outline)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Time detection of a 155-slice 240 x 240 volume end to end, with the model's share and peak memory."""
+    import resource
+    import tempfile
+    import time
+
+    import SimpleITK as sitk
+
+    from .detect import detect
+    from .modelio import load_model
+    from .outputs import write_results
+    from .prepare import read_image
+    from .sampledata import demo_case
+
+    with tempfile.TemporaryDirectory() as tmp:
+        img_path, _ = demo_case(tmp)
+        src = sitk.ReadImage(str(img_path))
+        size = (240, 240, 155)
+        spacing = [src.GetSpacing()[i] * src.GetSize()[i] / size[i] for i in range(3)]
+        ref = sitk.Image(size, sitk.sitkFloat32)
+        ref.SetSpacing(spacing)
+        ref.SetOrigin(src.GetOrigin())
+        ref.SetDirection(src.GetDirection())
+        vol = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
+        vol_path = Path(tmp) / "bench.nii.gz"
+        sitk.WriteImage(vol, str(vol_path))
+        model = load_model(args.model, device=args.device, precision=args.precision)
+        settings = _detection_settings(args)
+        results = []
+        for run in range(args.repeat + 1):
+            model.calls, model.call_seconds = 0, 0.0
+            t0 = time.perf_counter()
+            image = read_image(vol_path)
+            result = detect(image, model, settings)
+            write_results(result, image, Path(tmp) / f"out{run}")
+            wall = time.perf_counter() - t0
+            if run > 0 or args.repeat == 0:
+                results.append((wall, model.calls, model.call_seconds, result.report))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    wall = sorted(r[0] for r in results)[len(results) // 2]
+    best = min(results, key=lambda r: r[0])
+    rep = best[3]
+    print(f"volume: 240 x 240 x 155, {rep['slices_analysed']} slices with foreground; model {model.card.name} "
+          f"on {model.device} ({rep['precision']}), {rep['stages_per_slice_mean']:.2f} stages per slice")
+    print(f"seconds per volume, end to end (read, detect, write): {wall:.2f} (median of {len(results)})")
+    print(f"network calls: {best[1]} (batches of up to {settings.batch_size}), time inside the network: "
+          f"{best[2]:.2f} s = {100 * best[2] / best[0]:.1f} % of wall time")
+    print(f"stage times: " + ", ".join(f"{k} {v:.2f} s" for k, v in rep['seconds'].items()))
+    print(f"peak RSS: {peak / 1024:.2f} GB")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    p = argparse.ArgumentParser(prog="synomaly", description="Unsupervised anomaly detection with Synomaly noise "
+                                "and multi-stage diffusion. Research use only; not for diagnosis.")
+    p.add_argument("--version", action="version", version="synomaly 0.1.0")
+    p.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train or fine-tune a model on healthy scans")
+    t.add_argument("--data", nargs="+", required=True, help=DATA_SPEC_HELP)
+    t.add_argument("--val-data", nargs="+", help="held-out healthy scans (default: a split of --data by scan)")
+    t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
+    t.add_argument("--base", help="fine-tune this model (name or file) instead of training from scratch")
+    t.add_argument("--resume", help="continue from this checkpoint")
+    t.add_argument("--checkpoint", help="checkpoint file (default: OUTPUT with .ckpt)")
+    t.add_argument("--checkpoint-every", type=int, default=250)
+    t.add_argument("--iterations", type=int, default=6000)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    t.add_argument("--name", help="model name (default: output file name)")
+    t.add_argument("--description", default="")
+    t.add_argument("--data-description", help="what the training data is (no patient identifiers)")
+    t.add_argument("--grid", type=int, default=64, help="in-plane model grid (pixels)")
+    t.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
+    t.add_argument("--noise", default="synomaly", choices=["synomaly", "gaussian", "coarse"])
+    t.add_argument("--polarity", default="brighter", choices=["brighter", "darker", "both"])
+    t.add_argument("--sigma", type=float, help="Synomaly blob blur sigma in grid pixels (default 3 * grid / 128)")
+    t.add_argument("--tau", type=float, help="Synomaly threshold on the 0-255 scale (default 175)")
+    t.add_argument("--offset", type=float, help="Synomaly amplitude offset (default 0.5)")
+    t.add_argument("--modality", default="MR")
+    t.add_argument("--contrast", default="any")
+    t.add_argument("--orientation", default="axial", choices=["axial", "coronal", "sagittal"])
+    t.add_argument("--no-calibrate", action="store_true", help="skip threshold calibration after training")
+    t.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("detect", help="find anomalies in a scan")
+    d.add_argument("input", help="NIfTI/NRRD/MHA file, DICOM series folder, or a 2D image")
+    d.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --overwrite)")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    d.add_argument("--series", help="DICOM series UID when the folder holds several")
+    d.add_argument("--expect", default="any", choices=["any", "volume", "slice"],
+                   help="refuse inputs that are not of this kind")
+    add_detection_arguments(d)
+    d.set_defaults(func=cmd_detect)
+
+    m = sub.add_parser("models", help="list available models and their cards")
+    m.add_argument("--json", action="store_true", help="machine-readable output")
+    m.set_defaults(func=cmd_models)
+
+    c = sub.add_parser("calibrate", help="set thresholds from healthy scans (per-voxel false-positive rates)")
+    c.add_argument("model", help="model name or file")
+    c.add_argument("--data", nargs="+", required=True, help=DATA_SPEC_HELP)
+    c.add_argument("--fprs", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
+    c.add_argument("-o", "--output", help="write the calibrated model here (default: update the model file)")
+    c.add_argument("--data-description", help="what the healthy data is")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])
+    c.set_defaults(func=cmd_calibrate)
+
+    im = sub.add_parser("install-model", help="copy a model file into the user model folder")
+    im.add_argument("file")
+    im.add_argument("--name", help="registry name (default: the card's name)")
+    im.set_defaults(func=cmd_install_model)
+    rm = sub.add_parser("remove-model", help="delete a model from the user model folder")
+    rm.add_argument("name")
+    rm.set_defaults(func=cmd_remove_model)
+
+    dd = sub.add_parser("demo-data", help="write the demo case (MNI152 with an implanted lesion)")
+    dd.add_argument("-o", "--output", required=True)
+    dd.set_defaults(func=cmd_demo_data)
+
+    de = sub.add_parser("demo", help="run the shipped model on sample data (no download needed)")
+    de.add_argument("-o", "--output", default="synomaly-demo")
+    de.add_argument("--overwrite", action="store_true")
+    de.add_argument("--br35h", type=int, default=3, help="number of Br35H tumour slices to include")
+    add_detection_arguments(de)
+    de.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="time a 155-slice 240 x 240 volume end to end")
+    b.add_argument("--repeat", type=int, default=2, help="timed runs after one warm-up run")
+    add_detection_arguments(b)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a sub-command, turning errors into messages and exit codes."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    _install_signal_handlers()
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("synomaly: interrupted; nothing was written", file=sys.stderr)
+        return Cancelled.exit_code
+    except SynomalyError as exc:
+        print(f"synomaly: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # model file problems and the like come with their own messages
+        from .modelio import ModelFileError
+
+        if isinstance(exc, ModelFileError):
+            print(f"synomaly: error: {exc}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

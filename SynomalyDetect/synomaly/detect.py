@@ -1,0 +1,338 @@
+"""Multi-stage Synomaly detection on whole scans: batched diffusion on the device, 3D post-processing."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import ModelError
+from .filters import blur_kernel
+from .progress import ProgressFn, null_progress
+from .schedule import predict_x0, q_sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectionSettings:
+    """Detection settings; None means 'the model card's value'. Blur kernel in model-grid pixels."""
+
+    t: Optional[int] = None
+    blur_kernel: Optional[int] = None
+    threshold: Optional[float] = None
+    fpr: Optional[float] = None
+    min_lesion_mm3: float = 50.0
+    max_stages: Optional[int] = None
+    tolerance: float = 0.01
+    noise_draws: int = 1
+    seed: int = 0
+    batch_size: int = 8
+    device: str = "auto"
+    precision: str = "auto"
+    allow_modality_mismatch: bool = False
+
+
+@dataclass
+class StageResult:
+    """Model-grid outputs of the multi-stage loop for S slices."""
+
+    healed: torch.Tensor  # (S, 1, G, G) last x_hat of each slice, in [-1, 1]
+    score: torch.Tensor  # (S, 1, G, G) blurred absolute difference with the input, zero outside the foreground
+    stages: torch.Tensor  # (S,) stages run per slice
+    calls: int  # network calls (batches)
+    first_score: torch.Tensor  # (S, 1, G, G) the map after stage 1 (single-stage result)
+
+
+@dataclass
+class DetectionResult:
+    """Outputs on the input grid plus what was done to get them."""
+
+    counterfactual: sitk.Image
+    anomaly_map: sitk.Image
+    segmentation: sitk.Image
+    lesions: list[dict[str, Any]]
+    threshold: float
+    threshold_source: str
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_settings(settings: DetectionSettings, card) -> tuple[int, int, int, float, str]:
+    """t, blur kernel, stages, threshold and where the threshold came from (explicit, calibrated, card)."""
+    t = int(settings.t if settings.t is not None else card.detection.t)
+    if not 0 < t < card.timesteps:
+        raise ValueError(f"t must lie between 1 and {card.timesteps - 1}, got {t}")
+    k = int(settings.blur_kernel if settings.blur_kernel is not None else card.detection.blur_kernel)
+    if k > 1 and k % 2 == 0:
+        raise ValueError(f"blur kernel must be odd, got {k}")
+    stages = int(settings.max_stages if settings.max_stages is not None else card.detection.max_stages)
+    if stages < 1:
+        raise ValueError("stages must be at least 1")
+    if settings.threshold is not None:
+        return t, k, stages, float(settings.threshold), "explicit"
+    cal = card.calibration or {}
+    thresholds = cal.get("thresholds", {})
+    fpr = settings.fpr
+    if fpr is not None:
+        key = _fpr_key(fpr)
+        if key not in thresholds:
+            have = ", ".join(sorted(thresholds)) or "none"
+            raise ModelError(f"model {card.name!r} has no threshold calibrated for FPR {fpr:g} (has: {have}); "
+                             "run `synomaly calibrate` or give --threshold")
+        _warn_if_calibration_differs(cal, t, k, stages)
+        return t, k, stages, float(thresholds[key]), f"calibrated FPR {key}"
+    if _fpr_key(1e-3) in thresholds:
+        _warn_if_calibration_differs(cal, t, k, stages)
+        return t, k, stages, float(thresholds[_fpr_key(1e-3)]), f"calibrated FPR {_fpr_key(1e-3)}"
+    return t, k, stages, float(card.detection.threshold), "model default (uncalibrated)"
+
+
+def _fpr_key(fpr: float) -> str:
+    """Canonical text of a false-positive rate, as stored in the card ('0.001')."""
+    return f"{float(fpr):g}" if float(fpr) >= 1e-4 else f"{float(fpr):.0e}"
+
+
+def _warn_if_calibration_differs(cal: dict, t: int, k: int, stages: int) -> None:
+    """Calibrated thresholds hold only for the settings they were measured with."""
+    for name, value in (("t", t), ("blur_kernel", k), ("max_stages", stages)):
+        if name in cal and int(cal[name]) != value:
+            log.warning("threshold was calibrated with %s=%s but %s=%s is used; its false-positive rate will differ",
+                        name, cal[name], name, value)
+
+
+def _denoise(model, x: torch.Tensor, t: int, draws: int, gen: torch.Generator) -> torch.Tensor:
+    """One stage for a batch (B, 1, G, G): noise to level t, predict x0 in one call, average `draws`."""
+    tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    out = torch.zeros_like(x)
+    for _ in range(draws):
+        noise = torch.randn(x.shape, generator=gen, device=x.device)
+        if model.card.noise.kind == "coarse":
+            # denoising autoencoder: the input itself is the corrupted image; predict its noise at t = 0
+            eps = model.predict_noise(x, torch.zeros_like(tt))
+            out += (x - eps).clamp(-1, 1)
+        else:
+            xt = q_sample(x, tt, noise, model.abar)
+            eps = model.predict_noise(xt, tt)
+            out += predict_x0(xt, tt, eps, model.abar)
+    return out / draws
+
+
+def anomaly_score(x0: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor, kernel: int) -> torch.Tensor:
+    """D = |G_k * x0 - G_k * x_hat| inside the foreground, (N, 1, G, G)."""
+    return (blur_kernel(x0, kernel) - blur_kernel(x_hat, kernel)).abs() * mask
+
+
+def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int, kernel: int, threshold: float,
+               max_stages: int, tolerance: float = 0.01, batch_size: int = 8, draws: int = 1, seed: int = 0,
+               progress: ProgressFn = null_progress) -> StageResult:
+    """Multi-stage healing of S slices (S, 1, G, G): each stage noises the fused image, denoises it in one
+    call, and keeps healed pixels only where the map (against the original x0) exceeds the threshold.
+    A slice stops when its anomalous area changes by less than `tolerance` (or is zero after stage 1)."""
+    device = model.device
+    x0 = x0.to(device)
+    mask = mask.to(device).float()
+    s = x0.shape[0]
+    x = x0.clone()
+    healed = x0.clone()
+    first = torch.zeros_like(x0)
+    stages = torch.zeros(s, dtype=torch.long, device=device)
+    prev_area = torch.full((s,), -1.0, device=device)
+    active = torch.arange(s, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    calls = 0
+    total = s * max_stages
+    done = 0
+    bs = max(1, batch_size)
+    for stage in range(1, max_stages + 1):
+        if active.numel() == 0:
+            break
+        area = torch.zeros(active.numel(), device=device)
+        start = 0
+        while start < active.numel():
+            idx = active[start : start + bs]
+            try:
+                xh = _denoise(model, x[idx], t, draws, gen)
+            except torch.cuda.OutOfMemoryError:
+                if bs > 1:
+                    bs = max(1, bs // 2)
+                    log.warning("GPU out of memory; retrying with batches of %d slices", bs)
+                    torch.cuda.empty_cache()
+                    continue
+                raise
+            calls += draws
+            d = anomaly_score(x0[idx], xh, mask[idx], kernel)
+            m = (d > threshold).float()
+            area[start : start + idx.numel()] = m.sum(dim=(1, 2, 3))
+            x[idx] = xh * m + x0[idx] * (1 - m)
+            healed[idx] = xh
+            if stage == 1:
+                first[idx] = d
+            stages[idx] = stage
+            start += idx.numel()
+            done += idx.numel()
+            progress("detect", done, total, f"stage {stage}/{max_stages}")
+        prev = prev_area[active]
+        if stage == 1:
+            converged = area == 0
+        else:
+            converged = (area - prev).abs() <= tolerance * prev.clamp_min(1.0)
+        prev_area[active] = area
+        n_conv = int(converged.sum())
+        if n_conv:
+            done += n_conv * (max_stages - stage)
+        active = active[~converged]
+    progress("detect", total, total, "multi-stage diffusion finished")
+    score = anomaly_score(x0, healed, mask, kernel)
+    return StageResult(healed, score, stages, calls, first)
+
+
+def check_compatibility(image: sitk.Image, card, allow: bool = False) -> list[str]:
+    """Compare what the image's metadata says (DICOM modality, series description) with the card."""
+    warnings: list[str] = []
+    keys = set(image.GetMetaDataKeys())
+    if "0008|0060" in keys:
+        modality = image.GetMetaData("0008|0060").strip().upper()
+        if modality and card.modality and modality != card.modality.upper() and modality not in ("OT", ""):
+            msg = f"the image is {modality} but model {card.name!r} was trained on {card.modality}"
+            if not allow:
+                raise ModelError(msg + "; use a model for this modality (or --allow-modality-mismatch)")
+            warnings.append(msg)
+    if "0008|103e" in keys and card.contrast.lower() not in ("any", ""):
+        desc = image.GetMetaData("0008|103e").upper()
+        known = ("FLAIR", "T1", "T2", "DWI", "ADC", "SWI", "PD")
+        found = [c for c in known if c in desc]
+        if found and not any(c in card.contrast.upper() for c in found):
+            warnings.append(f"series description {desc.strip()!r} suggests {found[0]}, "
+                            f"but the model expects {card.contrast}")
+    for w in warnings:
+        log.warning(w)
+    return warnings
+
+
+def postprocess(score: np.ndarray, threshold: float, spacing: tuple[float, ...], min_mm3: float) -> tuple[np.ndarray, np.ndarray]:
+    """Threshold an anomaly map and drop 3D connected components smaller than min_mm3; returns (binary, labels)."""
+    from scipy import ndimage
+
+    binary = score > threshold
+    structure = np.ones((3,) * score.ndim, dtype=bool)
+    labels, n = ndimage.label(binary, structure=structure)
+    if n == 0:
+        return binary, labels
+    voxel_mm3 = float(np.prod(spacing))
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    small = counts * voxel_mm3 < min_mm3
+    small[0] = False
+    if small.any():
+        labels[small[labels]] = 0
+        binary = labels > 0
+        labels, n = ndimage.label(binary, structure=structure)
+    return binary, labels
+
+
+def lesion_table(labels: np.ndarray, score: np.ndarray, image: sitk.Image) -> list[dict[str, Any]]:
+    """One row per labelled component (labels/score in numpy (k, j, i) order of `image`), largest first."""
+    from scipy import ndimage
+
+    n = int(labels.max())
+    if n == 0:
+        return []
+    index = np.arange(1, n + 1)
+    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    maxs = ndimage.maximum(score, labels, index)
+    means = ndimage.mean(score, labels, index)
+    centres = ndimage.center_of_mass(np.ones_like(score, dtype=np.float32), labels, index)
+    boxes = ndimage.find_objects(labels)
+    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+    rows = []
+    for i in range(n):
+        c = centres[i][::-1]  # numpy (k, j, i) -> index (i, j, k)
+        lps = image.TransformContinuousIndexToPhysicalPoint([float(v) for v in c])
+        ras = (-lps[0], -lps[1], lps[2] if len(lps) > 2 else 0.0)
+        box = boxes[i]
+        lo = [sl.start for sl in box][::-1]
+        hi = [sl.stop - 1 for sl in box][::-1]
+        while len(lo) < 3:
+            lo.append(0)
+            hi.append(0)
+        rows.append({
+            "voxels": int(counts[i]),
+            "volume_ml": round(float(counts[i]) * voxel_ml, 4),
+            "max_score": round(float(maxs[i]), 4),
+            "mean_score": round(float(means[i]), 4),
+            "centroid_r": round(float(ras[0]), 2),
+            "centroid_a": round(float(ras[1]), 2),
+            "centroid_s": round(float(ras[2]), 2),
+            "bbox_i0": int(lo[0]), "bbox_j0": int(lo[1]), "bbox_k0": int(lo[2]),
+            "bbox_i1": int(hi[0]), "bbox_j1": int(hi[1]), "bbox_k1": int(hi[2]),
+        })
+    rows.sort(key=lambda r: -r["voxels"])
+    for i, r in enumerate(rows, start=1):
+        r["id"] = i
+    return [{"id": r.pop("id"), **r} for r in rows]
+
+
+def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = None,
+           progress: Optional[ProgressFn] = None) -> DetectionResult:
+    """Detect anomalies in a SimpleITK image (2D slice or 3D volume) with a loaded model.
+
+    Returns the counterfactual (input intensity units), the anomaly map (normalised intensity
+    difference, 0..2), the binary segmentation and the lesion rows, all on the input grid.
+    """
+    from .prepare import grid_to_oriented, model_units_per_intensity, oriented_to_image, prepare_scan
+
+    settings = settings or DetectionSettings()
+    progress = progress or null_progress
+    card = model.card
+    t0 = time.perf_counter()
+    calls0, secs0 = model.calls, model.call_seconds
+    warnings = check_compatibility(image, card, settings.allow_modality_mismatch)
+    t, k, stages, threshold, source = resolve_settings(settings, card)
+    progress("prepare", 0, 1, "reorienting, normalising and resampling slices")
+    prep = prepare_scan(image, card, device=model.device)
+    progress("prepare", 1, 1, f"{prep.slices.shape[0]} slices with foreground")
+    t_prep = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    res = run_stages(model, prep.slices, prep.masks, t=t, kernel=k, threshold=threshold, max_stages=stages,
+                     tolerance=settings.tolerance, batch_size=settings.batch_size, draws=settings.noise_draws,
+                     seed=settings.seed, progress=progress)
+    t_net = time.perf_counter()
+    progress("postprocess", 0, 1, "mapping back to the input grid, 3D components")
+    g = prep.geometry
+    score_o = grid_to_oriented(res.score, prep) * prep.foreground
+    delta_o = grid_to_oriented(res.healed - prep.slices.to(res.healed.device), prep)
+    cf_o = prep.oriented + delta_o * np.float32(1.0 / model_units_per_intensity(g))
+    score_img = oriented_to_image(score_o, prep)
+    cf_img = oriented_to_image(cf_o, prep)
+    score_in = sitk.GetArrayViewFromImage(score_img)
+    spacing = tuple(image.GetSpacing())
+    binary, labels = postprocess(np.asarray(score_in), threshold, spacing, settings.min_lesion_mm3)
+    seg_img = sitk.GetImageFromArray(binary.astype(np.uint8))
+    seg_img.CopyInformation(score_img)
+    lesions = lesion_table(labels, np.asarray(score_in), score_img)
+    progress("postprocess", 1, 1, f"{len(lesions)} lesions")
+    t_end = time.perf_counter()
+    report = {
+        "model": card.name,
+        "model_version": card.version,
+        "settings": asdict(settings),
+        "t": t, "blur_kernel": k, "max_stages": stages, "threshold": threshold, "threshold_source": source,
+        "slices_total": int(g.oriented_shape[0]),
+        "slices_analysed": int(prep.slices.shape[0]),
+        "stages_per_slice_mean": round(float(res.stages.float().mean()), 3) if res.stages.numel() else 0.0,
+        "network_calls": model.calls - calls0,
+        "network_seconds": round(model.call_seconds - secs0, 3),
+        "seconds": {"prepare": round(t_prep - t0, 3), "diffusion": round(t_net - t_prep, 3),
+                    "postprocess": round(t_end - t_net, 3), "total": round(t_end - t0, 3)},
+        "device": str(model.device),
+        "precision": str(model.dtype) if model.dtype is not None else "float32",
+        "lesion_count": len(lesions),
+        "anomalous_volume_ml": round(sum(r["volume_ml"] for r in lesions), 4),
+        "warnings": warnings,
+        "intended_use": card.intended_use,
+    }
+    return DetectionResult(cf_img, score_img, seg_img, lesions, threshold, source, report)

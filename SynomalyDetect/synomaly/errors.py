@@ -1,0 +1,39 @@
+"""Errors a user can act on, each with the exit code the command line returns for it."""
+
+from __future__ import annotations
+
+
+class SynomalyError(Exception):
+    """Base class: a problem the user can understand and fix."""
+
+    exit_code = 1
+
+
+class InputError(SynomalyError):
+    """The input image cannot be used (unreadable, wrong shape, no contrast, ...)."""
+
+    exit_code = 2
+
+
+class ModelError(SynomalyError):
+    """The model file cannot be used or does not suit the input."""
+
+    exit_code = 3
+
+
+class OutputError(SynomalyError):
+    """The results cannot be written (folder exists, disk full, permission)."""
+
+    exit_code = 4
+
+
+class ResourceError(SynomalyError):
+    """Not enough memory or device capacity for this input."""
+
+    exit_code = 5
+
+
+class Cancelled(SynomalyError):
+    """The run was interrupted (Ctrl-C, SIGTERM or a cancel request)."""
+
+    exit_code = 130

@@ -1,0 +1,257 @@
+"""Model files (safetensors + JSON card), the network, loading with clear errors, and the registry."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .card import ModelCard, ModelCardError
+from .device import autocast, autocast_dtype, resolve_device
+
+log = logging.getLogger(__name__)
+
+MODEL_SUFFIX = ".safetensors"
+CARD_KEY = "synomaly_card"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+DEFAULT_MODEL = "brain-mri-axial"
+
+
+class ModelFileError(RuntimeError):
+    """A model file cannot be used: unreadable, unsafe, or its card and weights disagree."""
+
+
+def build_network(card: ModelCard) -> torch.nn.Module:
+    """MONAI DiffusionModelUNet for one-channel 2D slices, configured by the card."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    net = card.network
+    return DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=1,
+        channels=tuple(net.channels),
+        attention_levels=tuple(net.attention_levels),
+        num_res_blocks=net.num_res_blocks,
+        num_head_channels=net.num_head_channels,
+        norm_num_groups=net.norm_num_groups,
+        use_flash_attention=True,
+    )
+
+
+class SynomalyModel:
+    """A loaded model: its card, the network on a device, and the schedule."""
+
+    def __init__(self, card: ModelCard, network: torch.nn.Module, path: Path | None = None,
+                 device: str | torch.device = "cpu", precision: str = "auto") -> None:
+        from .schedule import cosine_alphas_cumprod
+
+        self.card = card
+        self.path = path
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.network = network.to(self.device).eval()
+        self.precision = precision
+        self.dtype = autocast_dtype(self.device, precision)
+        if self.device.type == "cpu" and self.dtype is not None:
+            self.network = self.network.to(memory_format=torch.channels_last)
+        self.abar = cosine_alphas_cumprod(card.timesteps).to(self.device)
+        self.calls = 0
+        self.call_seconds = 0.0
+
+    def to(self, device: str | torch.device, precision: str | None = None) -> "SynomalyModel":
+        """Move to another device (re-choosing mixed precision)."""
+        return SynomalyModel(self.card, self.network, self.path, device, precision or self.precision)
+
+    @torch.no_grad()
+    def predict_noise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Network output for x (N, 1, H, W) in [-1, 1] at timesteps t (N,) long; float32 (N, 1, H, W)."""
+        import time
+
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"x must have shape (N, 1, H, W), got {tuple(x.shape)}")
+        start = time.perf_counter()
+        x = x.to(self.device, torch.float32)
+        if self.device.type == "cpu" and self.dtype is not None:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.dtype):
+            out = self.network(x, timesteps=t.to(self.device).long())
+        out = out.float().contiguous()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.calls += 1
+        self.call_seconds += time.perf_counter() - start
+        return out
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """The safetensors JSON header, read without loading tensors; errors name the problem."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ModelFileError(f"cannot read model file {path}: {exc.strerror}") from exc
+    if size < 8:
+        raise ModelFileError(f"model file {path} is empty or truncated ({size} bytes)")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if head[:2] == b"\x80\x02" or head[:1] == b"\x80" or head[:2] == b"PK":
+            raise ModelFileError(
+                f"{path} is a pickled PyTorch checkpoint, not a safetensors model file; pickles can run code "
+                "when loaded and are refused (convert trusted checkpoints with `synomaly convert`)"
+            )
+        n = int.from_bytes(head, "little")
+        if n <= 0 or n > 100_000_000 or 8 + n > size:
+            raise ModelFileError(f"{path} is not a valid safetensors file (bad header length; truncated or another format)")
+        try:
+            header = json.loads(fh.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelFileError(f"{path} has a corrupt safetensors header: {exc}") from exc
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ModelFileError(f"{path} is truncated: the header promises {8 + n + end} bytes, the file has {size}")
+    return header
+
+
+def read_card(path: str | Path) -> ModelCard:
+    """The card of a model file, validated, without loading weights."""
+    path = Path(path)
+    header = _read_header(path)
+    meta = header.get("__metadata__") or {}
+    if CARD_KEY not in meta:
+        raise ModelFileError(f"{path} has no Synomaly model card (metadata key '{CARD_KEY}')")
+    try:
+        return ModelCard.from_json(meta[CARD_KEY])
+    except ModelCardError as exc:
+        raise ModelFileError(f"{path}: {exc}") from exc
+
+
+def load_model(path_or_name: str | Path = DEFAULT_MODEL, device: str | torch.device = "auto",
+               precision: str = "auto") -> SynomalyModel:
+    """Load a model by registry name or file path, checking card and tensor shapes."""
+    from safetensors.torch import load_file
+
+    path = resolve_model_path(path_or_name)
+    card = read_card(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelFileError(f"cannot read the weights in {path}: {exc}") from exc
+    network = build_network(card)
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ModelFileError(
+            f"{path}: weights do not match the network the card describes "
+            f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})"
+        )
+    for key, value in expected.items():
+        if tuple(tensors[key].shape) != tuple(value.shape):
+            raise ModelFileError(
+                f"{path}: tensor '{key}' has shape {tuple(tensors[key].shape)} but the card's network needs {tuple(value.shape)}"
+            )
+        if not torch.isfinite(tensors[key].float()).all():
+            raise ModelFileError(f"{path}: tensor '{key}' holds NaN or Inf values")
+    network.load_state_dict(tensors)
+    return SynomalyModel(card, network, path, device, precision)
+
+
+def save_model(path: str | Path, card: ModelCard, state_dict: dict[str, torch.Tensor]) -> Path:
+    """Write weights + card atomically (temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    card.validate()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    try:
+        save_file(tensors, str(tmp), metadata={CARD_KEY: card.to_json()})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def user_models_dir() -> Path:
+    """The user-writable model folder: $SYNOMALY_MODELS_DIR, else a per-user data folder."""
+    env = os.environ.get("SYNOMALY_MODELS_DIR")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "synomaly" / "models"
+
+
+def model_dirs() -> list[Path]:
+    """Folders searched for models, user folder first (a user model shadows a shipped one)."""
+    return [user_models_dir(), SHIPPED_DIR]
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Every model found in the registry folders: name, path, source, card (or the error)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for folder, source in zip(model_dirs(), ("user", "shipped")):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob(f"*{MODEL_SUFFIX}")):
+            name = path.name[: -len(MODEL_SUFFIX)]
+            if name in seen:
+                continue
+            entry: dict[str, Any] = {"name": name, "path": str(path), "source": source}
+            try:
+                entry["card"] = read_card(path).to_dict()
+            except ModelFileError as exc:
+                entry["error"] = str(exc)
+            seen[name] = entry
+    return list(seen.values())
+
+
+def resolve_model_path(path_or_name: str | Path) -> Path:
+    """A file path as given, or the registry file of that name."""
+    candidate = Path(path_or_name).expanduser()
+    if candidate.suffix or os.sep in str(path_or_name) or "/" in str(path_or_name):
+        if not candidate.exists():
+            raise ModelFileError(f"model file {candidate} does not exist")
+        return candidate
+    for folder in model_dirs():
+        p = folder / f"{path_or_name}{MODEL_SUFFIX}"
+        if p.exists():
+            return p
+    names = ", ".join(m["name"] for m in list_models()) or "none"
+    raise ModelFileError(f"no model named {path_or_name!r}; available: {names}")
+
+
+def install_model(path: str | Path, name: str | None = None) -> Path:
+    """Copy a model file into the user folder (validated first), returning its new path."""
+    import shutil
+
+    src = Path(path)
+    card = read_card(src)
+    dest_dir = user_models_dir()
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / f"{name or card.name}{MODEL_SUFFIX}"
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+def remove_model(name: str) -> Path:
+    """Delete a user model by name (shipped models cannot be removed)."""
+    p = user_models_dir() / f"{name}{MODEL_SUFFIX}"
+    if not p.exists():
+        raise ModelFileError(f"no user model named {name!r} in {user_models_dir()}")
+    p.unlink()
+    return p

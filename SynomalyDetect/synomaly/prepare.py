@@ -1,0 +1,405 @@
+"""Reading scans and preparing them for the model, with the exact inverse back to the input grid.
+
+One code path for detection and training: read -> reorient to model slices -> foreground mask ->
+robust normalisation -> crop a square around the foreground -> resample slices to the model grid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError, ResourceError
+
+log = logging.getLogger(__name__)
+
+# (world axis, sign) for the slice, row and column axes of each orientation; world axes are
+# LPS (0: towards patient left, 1: posterior, 2: superior). Axial rows run anterior to posterior
+# and columns right to left (radiological display); coronal and sagittal rows run top to bottom.
+ORIENTATION_AXES = {
+    "axial": ((2, 1), (1, 1), (0, 1)),
+    "coronal": ((1, 1), (2, -1), (0, 1)),
+    "sagittal": ((0, 1), (2, -1), (1, -1)),
+}
+IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MIN_INPLANE = 8
+MAX_VOXELS = 2**31
+
+
+def _available_memory() -> int:
+    """Bytes of memory available now (MemAvailable on Linux), or a large number if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 60
+
+
+def _check_size(size: tuple[int, ...], components: int, path: str) -> None:
+    """Refuse an image too large for memory before any voxel is read."""
+    voxels = int(np.prod(size, dtype=np.int64)) * max(components, 1)
+    needed = voxels * 4 * 12  # float32 copies: input, oriented, normalised, outputs, post-processing
+    if voxels > MAX_VOXELS or needed > 0.8 * _available_memory():
+        raise ResourceError(
+            f"{path}: image of {' x '.join(map(str, size))} voxels needs about {needed / 2**30:.1f} GiB "
+            f"to process, more than this machine has available ({_available_memory() / 2**30:.1f} GiB); "
+            "crop or downsample it first"
+        )
+
+
+def read_image(path: str | os.PathLike, series_id: str | None = None, color: str = "reject") -> sitk.Image:
+    """Read a NIfTI/NRRD/MHA file, a 2D image or a DICOM series folder as one scalar float32 image.
+
+    color: 'reject' accepts RGB only when its channels are equal (grey stored as colour);
+    'luminance' converts colour to grey.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder")
+    if p.is_dir():
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
+        if not ids:
+            raise InputError(f"{p}: folder holds no DICOM series")
+        if series_id is None and len(ids) > 1:
+            counts = [f"{s} ({len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), s))} files)" for s in ids]
+            raise InputError(f"{p}: folder holds {len(ids)} DICOM series; choose one with --series: " + "; ".join(counts))
+        sid = series_id or ids[0]
+        if sid not in ids:
+            raise InputError(f"{p}: no DICOM series {sid!r}; the folder has {', '.join(ids)}")
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), sid)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        try:
+            info = sitk.ImageFileReader()
+            info.SetFileName(files[0])
+            info.ReadImageInformation()
+            _check_size(tuple(info.GetSize()[:2]) + (len(files),), info.GetNumberOfComponents(), str(p))
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise InputError(f"{p}: cannot read the DICOM series: {_first_line(exc)}") from exc
+    else:
+        if p.stat().st_size == 0:
+            raise InputError(f"{p}: file is empty")
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(p))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise InputError(f"{p}: not a readable image ({_first_line(exc)})") from exc
+        _check_size(tuple(reader.GetSize()), reader.GetNumberOfComponents(), str(p))
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise InputError(f"{p}: image data cannot be read, the file may be truncated ({_first_line(exc)})") from exc
+    return to_scalar(image, str(p), color)
+
+
+def _first_line(exc: Exception) -> str:
+    """The most useful line of an ITK exception message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if "description" in ln.lower() or "error" in ln.lower():
+            return ln[:300]
+    return lines[-1][:300] if lines else type(exc).__name__
+
+
+def to_scalar(image: sitk.Image, name: str = "image", color: str = "reject") -> sitk.Image:
+    """A 2D or 3D scalar float32 image; refuses 4D, true colour (unless color='luminance') and 1-voxel images."""
+    dim = image.GetDimension()
+    if dim == 4:
+        size = image.GetSize()
+        if size[3] != 1:
+            raise InputError(f"{name}: 4D image ({' x '.join(map(str, size))}): give one 3D volume (e.g. one time point)")
+        image = sitk.Extract(image, list(size[:3]) + [0], [0, 0, 0, 0])
+        dim = 3
+    if dim not in (2, 3):
+        raise InputError(f"{name}: {dim}D images are not supported; give a 2D slice or a 3D volume")
+    ncomp = image.GetNumberOfComponentsPerPixel()
+    if ncomp > 1:
+        arr = sitk.GetArrayViewFromImage(image).astype(np.float32)
+        channels = arr[..., :3] if ncomp >= 3 else arr
+        spread = float(np.abs(channels - channels[..., :1]).mean())
+        if spread > 2.0 and color != "luminance":
+            raise InputError(
+                f"{name}: colour image with {ncomp} components; Synomaly needs a greyscale scan "
+                "(convert it to grey, or pick one channel)"
+            )
+        if ncomp >= 3:
+            grey = 0.299 * channels[..., 0] + 0.587 * channels[..., 1] + 0.114 * channels[..., 2]
+        else:
+            grey = channels[..., 0]
+        out = sitk.GetImageFromArray(grey.astype(np.float32))
+        out.SetSpacing(image.GetSpacing())
+        out.SetOrigin(image.GetOrigin())
+        out.SetDirection(image.GetDirection())
+        image = out
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    size = image.GetSize()
+    inplane = sorted(size)[-2:]
+    if min(inplane) < MIN_INPLANE:
+        raise InputError(f"{name}: image of {' x '.join(map(str, size))} voxels is too small; slices need at least "
+                         f"{MIN_INPLANE} x {MIN_INPLANE} voxels")
+    arr = sitk.GetArrayViewFromImage(image)
+    bad = int((~np.isfinite(arr)).sum())
+    if bad:
+        raise InputError(f"{name}: {bad} voxels are NaN or infinite; fix or mask them before detection")
+    return image
+
+
+@dataclass
+class ScanGeometry:
+    """What is needed to map model-grid slices back onto the input grid exactly."""
+
+    reference: sitk.Image  # zero-cost holder of the input's size/spacing/origin/direction (the input itself)
+    is_2d: bool
+    transpose: tuple[int, int, int]  # numpy axes of the input array, in oriented (slice, row, col) order
+    flips: tuple[bool, bool, bool]  # flip of each oriented axis after transposing
+    oriented_shape: tuple[int, int, int]
+    box: tuple[int, int, int]  # (row0, col0, side) of the square crop in the oriented in-plane grid
+    lower: float  # intensity mapped to -1
+    upper: float  # intensity mapped to upper_value
+    upper_value: float
+    grid: int
+
+
+@dataclass
+class PreparedScan:
+    """Model-grid slices of one scan: intensities, foreground, and where they came from."""
+
+    slices: torch.Tensor  # (S, 1, G, G) float32 in [-1, 1]
+    masks: torch.Tensor  # (S, 1, G, G) bool, foreground
+    slice_index: np.ndarray  # (S,) index of each slice in the oriented volume
+    oriented: np.ndarray  # (Z, Y, X) float32 input intensities, oriented
+    foreground: np.ndarray  # (Z, Y, X) bool foreground of the oriented input
+    geometry: ScanGeometry
+
+
+def orientation_permutation(image: sitk.Image, orientation: str) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """Numpy transpose and flips that bring the image array to (slice, row, col) of `orientation`."""
+    d = np.array(image.GetDirection(), dtype=float).reshape(3, 3)  # columns: index axes in LPS
+    # assign each world axis the index axis most aligned with it (greedy by alignment)
+    assignment: dict[int, int] = {}
+    order = sorted(((abs(d[w, p]), w, p) for w in range(3) for p in range(3)), reverse=True)
+    used_p: set[int] = set()
+    for _, w, p in order:
+        if w in assignment or p in used_p:
+            continue
+        assignment[w] = p
+        used_p.add(p)
+    transpose = []
+    flips = []
+    for world, sign in ORIENTATION_AXES[orientation]:
+        p = assignment[world]
+        transpose.append(2 - p)  # numpy arrays are (k, j, i)
+        flips.append(bool(np.sign(d[world, p]) * sign < 0))
+    return tuple(transpose), tuple(flips)  # type: ignore[return-value]
+
+
+def orient_array(arr: np.ndarray, transpose: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> np.ndarray:
+    """Input array (k, j, i) -> oriented (slice, row, col)."""
+    out = np.transpose(arr, transpose)
+    for axis, flip in enumerate(flips):
+        if flip:
+            out = np.flip(out, axis=axis)
+    return out
+
+
+def unorient_array(arr: np.ndarray, transpose: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> np.ndarray:
+    """Exact inverse of orient_array."""
+    out = arr
+    for axis, flip in enumerate(flips):
+        if flip:
+            out = np.flip(out, axis=axis)
+    return np.ascontiguousarray(np.transpose(out, np.argsort(transpose)))
+
+
+def foreground_mask(volume: np.ndarray) -> np.ndarray:
+    """Foreground of an oriented volume (Z, Y, X): above half-way from background to Otsu, holes filled per slice."""
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    flat = volume.reshape(-1)
+    sample = flat[:: max(1, flat.size // 2_000_000)]
+    lo = float(np.percentile(sample, 0.5))
+    hi = float(sample.max())
+    if hi <= lo:
+        return np.zeros(volume.shape, dtype=bool)
+    try:
+        otsu = float(threshold_otsu(sample))
+    except ValueError:
+        otsu = (lo + hi) / 2
+    level = lo + 0.5 * (otsu - lo)
+    mask = volume > level
+    for z in range(mask.shape[0]):
+        if mask[z].any():
+            mask[z] = ndimage.binary_fill_holes(mask[z])
+    return mask
+
+
+def normalise(volume: np.ndarray, mask: np.ndarray, lower_pct: float, upper_pct: float) -> tuple[float, float]:
+    """Intensities at the given percentiles inside the foreground; refuses volumes without contrast."""
+    values = volume[mask]
+    if values.size < 16:
+        raise InputError("no foreground found: the image is empty or has no contrast")
+    values = values[:: max(1, values.size // 2_000_000)]
+    lo, hi = np.percentile(values, [lower_pct, upper_pct])
+    if not hi > lo:
+        raise InputError("the image has no contrast inside the foreground (constant intensity)")
+    return float(lo), float(hi)
+
+
+def intensity_to_model(v: torch.Tensor, lower: float, upper: float, upper_value: float) -> torch.Tensor:
+    """Linear map of intensities, lower -> -1 and upper -> upper_value, clamped to [-1, 1]."""
+    scale = (upper_value + 1.0) / (upper - lower)
+    return ((v - lower) * scale - 1.0).clamp_(-1.0, 1.0)
+
+
+def model_units_per_intensity(geometry: "ScanGeometry") -> float:
+    """How many model units one intensity unit is (to turn model-space differences into intensities)."""
+    return (geometry.upper_value + 1.0) / (geometry.upper - geometry.lower)
+
+
+def _resize(x: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Resize (N, C, H, W) to size x size; area averaging when shrinking, bilinear when enlarging."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    if mode == "bilinear" and x.shape[-1] > size:
+        return F.interpolate(x, size=(size, size), mode="area")
+    return F.interpolate(x, size=(size, size), mode=mode, align_corners=False if mode == "bilinear" else None)
+
+
+def prepare_scan(
+    image: sitk.Image,
+    card,
+    *,
+    min_foreground_fraction: float = 0.02,
+    device: torch.device | str = "cpu",
+) -> PreparedScan:
+    """Slices of `image` on the model grid of `card` (orientation, normalisation, grid size)."""
+    if not isinstance(image, sitk.Image):
+        raise TypeError("image must be a SimpleITK image")
+    image = to_scalar(image)
+    is_2d = image.GetDimension() == 2
+    arr = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    if is_2d:
+        transpose, flips = (0, 1, 2), (False, False, False)
+        oriented = arr[None]
+    else:
+        transpose, flips = orientation_permutation(image, card.orientation)
+        oriented = np.ascontiguousarray(orient_array(arr, transpose, flips))
+    if float(oriented.max()) == float(oriented.min()):
+        raise InputError("the image is constant (every voxel has the same value): nothing to detect")
+    fg = foreground_mask(oriented)
+    n = card.normalisation
+    lo, hi = normalise(oriented, fg, n.lower_percentile, n.upper_percentile)
+    z, h, w = oriented.shape
+    area = fg.reshape(z, -1).sum(axis=1)
+    keep = np.nonzero(area >= max(16, min_foreground_fraction * h * w))[0]
+    if keep.size == 0:
+        raise InputError("no slice has enough foreground to analyse")
+    rows = np.nonzero(fg[keep].any(axis=(0, 2)))[0]
+    cols = np.nonzero(fg[keep].any(axis=(0, 1)))[0]
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    side = int(np.ceil(max(r1 - r0, c1 - c0) * 1.08)) + 2
+    row0 = int((r0 + r1) // 2 - side // 2)
+    col0 = int((c0 + c1) // 2 - side // 2)
+    grid = int(card.grid_size)
+    geometry = ScanGeometry(image, is_2d, transpose, flips, (z, h, w), (row0, col0, side), lo, hi, n.upper_value, grid)
+    vol = torch.from_numpy(oriented[keep])
+    vol = intensity_to_model(vol, lo, hi, n.upper_value)
+    crop = _crop_square(vol, row0, col0, side, fill=-1.0)
+    mcrop = _crop_square(torch.from_numpy(fg[keep]).float(), row0, col0, side, fill=0.0)
+    dev = torch.device(device)
+    slices = _resize(crop[:, None].to(dev), grid)
+    masks = _resize(mcrop[:, None].to(dev), grid) > 0.5
+    return PreparedScan(slices.contiguous(), masks, keep, oriented, fg, geometry)
+
+
+def _crop_square(vol: torch.Tensor, row0: int, col0: int, side: int, fill: float) -> torch.Tensor:
+    """Square crop (S, side, side) at (row0, col0) of (S, H, W), padding outside the image with `fill`."""
+    s, h, w = vol.shape
+    out = torch.full((s, side, side), fill, dtype=vol.dtype)
+    rs, re = max(row0, 0), min(row0 + side, h)
+    cs, ce = max(col0, 0), min(col0 + side, w)
+    if rs < re and cs < ce:
+        out[:, rs - row0 : re - row0, cs - col0 : ce - col0] = vol[:, rs:re, cs:ce]
+    return out
+
+
+def grid_to_oriented(values: torch.Tensor, prep: PreparedScan, fill: float = 0.0) -> np.ndarray:
+    """Model-grid slices (S, 1, G, G) -> oriented volume (Z, Y, X) float32, bilinear, `fill` elsewhere."""
+    g = prep.geometry
+    z, h, w = g.oriented_shape
+    row0, col0, side = g.box
+    out = np.full((z, h, w), fill, dtype=np.float32)
+    if values.shape[0] == 0:
+        return out
+    up = F.interpolate(values.float(), size=(side, side), mode="bilinear", align_corners=False)[:, 0]
+    up = up.cpu().numpy()
+    rs, re = max(row0, 0), min(row0 + side, h)
+    cs, ce = max(col0, 0), min(col0 + side, w)
+    out[prep.slice_index, rs:re, cs:ce] = up[:, rs - row0 : re - row0, cs - col0 : ce - col0]
+    return out
+
+
+def oriented_to_image(volume: np.ndarray, prep: PreparedScan, pixel_type=sitk.sitkFloat32) -> sitk.Image:
+    """Oriented volume (Z, Y, X) -> SimpleITK image on exactly the input grid."""
+    g = prep.geometry
+    arr = volume[0] if g.is_2d else unorient_array(volume, g.transpose, g.flips)
+    out = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+    out = sitk.Cast(out, pixel_type)
+    out.CopyInformation(g.reference)
+    return out
+
+
+def prepare_images_for_training(paths: list[str], card, color: str = "luminance") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All foreground slices of many scans on the model grid: (S, 1, G, G) images, masks, scan count."""
+    xs, ms, n = [], [], 0
+    for path in paths:
+        try:
+            prep = prepare_scan(read_image(path, color=color), card)
+        except InputError as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        xs.append(prep.slices)
+        ms.append(prep.masks)
+        n += 1
+    if not xs:
+        raise InputError("none of the training inputs could be used")
+    return torch.cat(xs), torch.cat(ms), n
+
+
+def expand_inputs(items: list[str]) -> list[str]:
+    """Files from paths: image files, DICOM folders, folders of images/volumes, or .txt lists of them."""
+    out: list[str] = []
+    vol_suffixes = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm") + IMAGE_2D_SUFFIXES
+    for item in items:
+        p = Path(item)
+        if p.is_file() and p.suffix.lower() == ".txt":
+            base = p.parent
+            for line in p.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    q = Path(line)
+                    out.extend(expand_inputs([str(q if q.is_absolute() else base / q)]))
+        elif p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(vol_suffixes))
+            if files and not all(f.suffix.lower() == ".dcm" for f in files):
+                out.extend(str(f) for f in files)
+            else:
+                out.append(str(p))  # a DICOM series folder
+        elif p.exists():
+            out.append(str(p))
+        else:
+            raise InputError(f"{p}: no such file or folder")
+    return out

@@ -1,0 +1,356 @@
+"""Training and fine-tuning on healthy slices: Synomaly noise, AdamW, EMA, atomic checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .card import ModelCard, NetworkSettings, NoiseSettings
+from .device import autocast, autocast_dtype, resolve_device
+from .errors import Cancelled, InputError
+from .noise import make_training_noise
+from .progress import ProgressFn, null_progress
+from .schedule import cosine_alphas_cumprod, q_sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingSettings:
+    """Everything that decides a training run (defaults: the shipped brain model's recipe)."""
+
+    iterations: int = 6000
+    batch_size: int = 16
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup: int = 100
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    noise_in_foreground: bool = True
+    flip: bool = True
+    intensity_augment: float = 0.1
+    checkpoint_every: int = 250
+    validate_every: int = 250
+    validation_slices: int = 256
+    validation_fraction: float = 0.1
+
+
+def _batch_augment(x: torch.Tensor, m: torch.Tensor, settings: TrainingSettings,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random left-right flips and a small gamma/contrast change that keeps the background at -1."""
+    n = x.shape[0]
+    if settings.flip:
+        flip = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+        m = torch.where(flip.view(n, 1, 1, 1), m.flip(-1), m)
+    a = settings.intensity_augment
+    if a > 0:
+        gamma = torch.exp((torch.rand(n, generator=gen) * 2 - 1) * a).view(n, 1, 1, 1)
+        scale = (1 + (torch.rand(n, generator=gen) * 2 - 1) * a).view(n, 1, 1, 1)
+        x = ((((x + 1) / 2).clamp_min(0) ** gamma) * scale * 2 - 1).clamp(-1, 1)
+    return x, m
+
+
+def training_targets(model: torch.nn.Module, x0: torch.Tensor, mask: torch.Tensor, card: ModelCard,
+                     abar: torch.Tensor, gen: torch.Generator, settings: TrainingSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Network input, timesteps and target noise for one batch (all on x0's device)."""
+    n = x0.shape[0]
+    dev = x0.device
+    noise = make_training_noise(card.noise.kind, tuple(x0.shape), card.noise,
+                                anatomy_mask=mask if settings.noise_in_foreground else None,
+                                generator=gen, device=dev)
+    if card.noise.kind == "coarse":
+        t = torch.zeros(n, dtype=torch.long, device=dev)
+        return x0 + noise, t, noise
+    t = torch.randint(0, card.timesteps, (n,), generator=gen, device=dev)
+    return q_sample(x0, t, noise, abar), t, noise
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temporary file, fsync, then rename: a kill never leaves a broken checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint, loaded without executing code (weights_only=True)."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+
+
+class Trainer:
+    """One training run: data in memory on the device, model, EMA, optimiser, RNG streams."""
+
+    def __init__(self, card: ModelCard, train_x: torch.Tensor, train_m: torch.Tensor,
+                 val_x: torch.Tensor, val_m: torch.Tensor, settings: TrainingSettings,
+                 base_state: Optional[dict[str, torch.Tensor]] = None) -> None:
+        from .modelio import build_network
+
+        self.card = card
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.dtype = autocast_dtype(self.device, settings.precision)
+        self.channels_last = self.dtype is not None
+        torch.manual_seed(settings.seed)
+        self.model = build_network(card).to(self.device)
+        if base_state is not None:
+            self.model.load_state_dict(base_state)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.model).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=(self.device.type == "cuda" and self.dtype == torch.float16))
+        self.abar = cosine_alphas_cumprod(card.timesteps).to(self.device)
+        self.train_x, self.train_m = train_x.to(self.device), train_m.to(self.device)
+        self.val_x, self.val_m = val_x.to(self.device), val_m.to(self.device)
+        self.cpu_gen = torch.Generator().manual_seed(settings.seed)
+        self.dev_gen = torch.Generator(device=self.device).manual_seed(settings.seed + 1)
+        self.iteration = 0
+        self.history: list[list[float]] = []  # [iteration, train loss]
+        self.val_history: list[list[float]] = []  # [iteration, validation loss]
+        self.noise_seconds = 0.0
+        self.step_seconds = 0.0
+
+    def lr_at(self, it: int) -> float:
+        """Linear warm-up, then constant."""
+        return self.settings.lr * min(1.0, (it + 1) / max(1, self.settings.warmup))
+
+    def step(self) -> float:
+        """One optimisation step; returns the batch loss."""
+        s = self.settings
+        start = time.perf_counter()
+        idx = torch.randint(0, self.train_x.shape[0], (s.batch_size,), generator=self.cpu_gen)
+        x0, m = _batch_augment(self.train_x[idx.to(self.device)], self.train_m[idx.to(self.device)], s, self.cpu_gen_dev())
+        t0 = time.perf_counter()
+        x_in, t, target = training_targets(self.model, x0, m, self.card, self.abar, self.dev_gen, s)
+        self.noise_seconds += time.perf_counter() - t0
+        if self.channels_last:
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.iteration)
+        self.model.train()
+        with autocast(self.device, self.dtype):
+            pred = self.model(x_in, timesteps=t)
+        loss = F.mse_loss(pred.float(), target)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        with torch.no_grad():
+            d = s.ema_decay
+            for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+                pe.mul_(d).add_(pm.detach(), alpha=1 - d)
+            for be, bm in zip(self.ema.buffers(), self.model.buffers()):
+                be.copy_(bm)
+        self.iteration += 1
+        value = float(loss.detach())
+        self.history.append([self.iteration, value])
+        self.step_seconds += time.perf_counter() - start
+        return value
+
+    def cpu_gen_dev(self) -> torch.Generator:
+        """Augmentation draws come from the CPU generator (cheap, device-independent)."""
+        return self.cpu_gen
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean loss of the EMA model on a fixed draw over the validation slices."""
+        if self.val_x.shape[0] == 0:
+            return float("nan")
+        gen = torch.Generator(device=self.device).manual_seed(12345)
+        n = min(self.val_x.shape[0], self.settings.validation_slices)
+        total, count = 0.0, 0
+        no_aug = copy.copy(self.settings)
+        for i in range(0, n, self.settings.batch_size):
+            x0 = self.val_x[i : i + self.settings.batch_size]
+            m = self.val_m[i : i + self.settings.batch_size]
+            x_in, t, target = training_targets(self.ema, x0, m, self.card, self.abar, gen, no_aug)
+            if self.channels_last:
+                x_in = x_in.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.dtype):
+                pred = self.ema(x_in, timesteps=t)
+            total += float(F.mse_loss(pred.float(), target, reduction="sum"))
+            count += target.numel()
+        return total / max(1, count)
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed for an exact resume (tensors, numbers and strings only)."""
+        return {
+            "format": "synomaly-checkpoint/1",
+            "card": self.card.to_json(),
+            "settings": asdict(self.settings),
+            "iteration": self.iteration,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "ema": {k: v.detach().cpu() for k, v in self.ema.state_dict().items()},
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "cpu_gen": self.cpu_gen.get_state(),
+            "dev_gen": self.dev_gen.get_state().cpu(),
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+            "val_history": self.val_history,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint taken by `state()`."""
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.cpu_gen.set_state(state["cpu_gen"])
+        self.dev_gen.set_state(state["dev_gen"].to(self.dev_gen.get_state().device))
+        torch.set_rng_state(state["torch_rng"])
+        self.iteration = int(state["iteration"])
+        self.history = [list(h) for h in state["history"]]
+        self.val_history = [list(h) for h in state["val_history"]]
+
+
+def split_scans(paths: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Hold out a fraction of the scans (by scan, never by slice) for validation."""
+    if len(paths) < 2 or fraction <= 0:
+        return list(paths), []
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(paths), generator=gen).tolist()
+    n_val = max(1, int(round(len(paths) * fraction)))
+    val = sorted(paths[i] for i in order[:n_val])
+    train = sorted(paths[i] for i in order[n_val:])
+    return train, val
+
+
+def train(
+    card: ModelCard,
+    train_paths: list[str],
+    val_paths: list[str],
+    out: str | Path,
+    settings: TrainingSettings,
+    *,
+    base_state: Optional[dict[str, torch.Tensor]] = None,
+    resume: Optional[str | Path] = None,
+    checkpoint: Optional[str | Path] = None,
+    progress: ProgressFn = null_progress,
+    data_description: str = "",
+    cancel: Optional[Any] = None,
+) -> dict[str, Any]:
+    """Train (or fine-tune) and write the model file `out`; returns a summary with throughput."""
+    from .modelio import save_model
+    from .prepare import prepare_images_for_training
+
+    out = Path(out)
+    checkpoint = Path(checkpoint) if checkpoint else out.with_suffix(".ckpt")
+    progress("prepare", 0, 2, "reading training scans")
+    tx, tm, n_train = prepare_images_for_training(train_paths, card)
+    progress("prepare", 1, 2, f"{tx.shape[0]} training slices from {n_train} scans")
+    if val_paths:
+        vx, vm, n_val = prepare_images_for_training(val_paths, card)
+    else:
+        vx, vm, n_val = tx[:0], tm[:0], 0
+    progress("prepare", 2, 2, f"{vx.shape[0]} validation slices from {n_val} scans")
+    trainer = Trainer(card, tx, tm, vx, vm, settings, base_state)
+    if resume:
+        state = load_checkpoint(resume)
+        if state.get("card") != card.to_json():
+            log.warning("resuming with a card that differs from the checkpoint's; the checkpoint's network is used")
+        trainer.load_state(state)
+        log.info("resumed at iteration %d", trainer.iteration)
+    total = settings.iterations
+    t_start = time.perf_counter()
+    it_start = trainer.iteration
+    recent: list[float] = []
+    try:
+        while trainer.iteration < total:
+            if cancel is not None and cancel():
+                raise KeyboardInterrupt
+            loss = trainer.step()
+            recent.append(loss)
+            it = trainer.iteration
+            if it % settings.validate_every == 0 or it == total:
+                val = trainer.validation_loss()
+                trainer.val_history.append([it, val])
+            else:
+                val = None
+            if it % settings.checkpoint_every == 0 or it == total:
+                _save_checkpoint(checkpoint, trainer.state())
+            elapsed = time.perf_counter() - t_start
+            extra = {"loss": sum(recent[-50:]) / len(recent[-50:]), "it_per_s": (it - it_start) / max(elapsed, 1e-9)}
+            if val is not None:
+                extra["val_loss"] = val
+            progress("train", it, total, "", **extra)
+    except KeyboardInterrupt:
+        _save_checkpoint(checkpoint, trainer.state())
+        raise Cancelled(f"training interrupted at iteration {trainer.iteration}; resume with --resume {checkpoint}")
+    elapsed = time.perf_counter() - t_start
+    steps = trainer.iteration - it_start
+    val_loss = trainer.val_history[-1][1] if trainer.val_history else float("nan")
+    final = card.copy()
+    final.training = {
+        "data": data_description,
+        "training_scans": n_train,
+        "training_slices": int(tx.shape[0]),
+        "validation_scans": n_val,
+        "validation_slices": int(vx.shape[0]),
+        "iterations": trainer.iteration,
+        "settings": asdict(settings),
+        "validation_loss": None if math.isnan(val_loss) else round(val_loss, 6),
+        "fine_tuned_from": card.training.get("name_of_base") if base_state is not None else None,
+        "loss_curve": [[int(i), round(v, 5)] for i, v in trainer.val_history],
+    }
+    final.calibration = {} if base_state is None else {}
+    save_model(out, final, trainer.ema.state_dict())
+    return {
+        "model": str(out),
+        "checkpoint": str(checkpoint),
+        "iterations": trainer.iteration,
+        "validation_loss": val_loss,
+        "it_per_s": steps / max(elapsed, 1e-9),
+        "noise_fraction": trainer.noise_seconds / max(trainer.step_seconds, 1e-9),
+        "validation_paths": val_paths,
+    }
+
+
+def new_card(name: str, grid: int = 64, channels: tuple[int, ...] = (32, 64, 128), noise_kind: str = "synomaly",
+             polarity: str = "brighter", modality: str = "MR", contrast: str = "any",
+             orientation: str = "axial", description: str = "") -> ModelCard:
+    """A card for a new model; noise sigma scales with the grid from the paper's 3 px at 128."""
+    attention = tuple(i == len(channels) - 1 for i in range(len(channels)))
+    blur = max(3, int(11 * grid / 128) | 1)  # upstream's k = 11 at 128 x 128, scaled to the grid
+    from .card import DetectionDefaults
+
+    return ModelCard(
+        name=name,
+        description=description,
+        modality=modality,
+        contrast=contrast,
+        orientation=orientation,
+        grid_size=grid,
+        network=NetworkSettings(channels=tuple(channels), attention_levels=attention),
+        noise=NoiseSettings(kind=noise_kind, sigma=3.0 * grid / 128, tau=175.0, offset=0.5, polarity=polarity),
+        detection=DetectionDefaults(t=200, blur_kernel=blur, threshold=0.25, max_stages=5),
+    )
