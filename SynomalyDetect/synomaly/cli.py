@@ -443,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=2, help="timed runs after one warm-up run")
     add_detection_arguments(b)
     b.set_defaults(func=cmd_bench)
+
+    from .datasets import add_prepare_parser
+
+    add_prepare_parser(sub)
     return p
 
 

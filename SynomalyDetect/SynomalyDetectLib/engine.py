@@ -1,0 +1,137 @@
+"""How the Slicer side reaches the engine: command lines, environment, the model registry, demo data.
+
+Nothing here imports torch at module scope; the registry functions import the engine lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+#: The folder that holds the `synomaly` package (SynomalyDetect/ in the source tree and the install).
+ENGINE_PARENT = Path(__file__).resolve().parent.parent
+
+#: Python packages the engine needs besides numpy and SimpleITK (which ship with Slicer) and torch
+#: (which comes from the PyTorch extension). Import name -> pip requirement.
+PIP_REQUIREMENTS = {
+    "monai": "monai[einops]>=1.4",
+    "skimage": "scikit-image>=0.21",
+    "safetensors": "safetensors>=0.4",
+}
+TORCH_REQUIREMENT = ">=2.1"
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine (or torch under it) cannot be imported in this Python yet."""
+
+
+def engine_command(python: Sequence[str], *args: Any) -> list[str]:
+    """[python..., -m, synomaly.cli, args...]."""
+    return [*python, "-m", "synomaly.cli", *(str(a) for a in args)]
+
+
+def engine_environment(base: Optional[Mapping[str, str]] = None, models_dir: Optional[str] = None) -> dict[str, str]:
+    """The environment for an engine process: `base` (default os.environ) with the engine on PYTHONPATH."""
+    env = dict(os.environ if base is None else base)
+    paths = [str(ENGINE_PARENT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    if models_dir:
+        env["SYNOMALY_MODELS_DIR"] = str(models_dir)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def missing_packages() -> list[str]:
+    """Import names of the engine's packages that are not installed here (torch first)."""
+    import importlib.util
+
+    names = ["torch", *PIP_REQUIREMENTS]
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+def _modelio():
+    try:
+        from synomaly import modelio
+    except ImportError as exc:
+        raise EngineUnavailable(
+            f"the detection engine cannot be loaded ({exc}); install its dependencies first"
+        ) from exc
+    return modelio
+
+
+def list_models() -> list[dict[str, Any]]:
+    """The engine's registry: [{"name", "path", "source", "card" | "error"}], user models first."""
+    return _modelio().list_models()
+
+
+def user_models_dir() -> Path:
+    """Where user models live (SYNOMALY_MODELS_DIR or the per-user default)."""
+    return Path(_modelio().user_models_dir())
+
+
+def remove_model(name: str) -> Path:
+    """Delete a user model (shipped models cannot be removed)."""
+    return _modelio().remove_model(name)
+
+
+def checkpoint_path(name: str, models_dir: Optional[Path] = None) -> Path:
+    """The training checkpoint kept for model `name` (next to the user model folder), for resuming."""
+    base = Path(models_dir) if models_dir is not None else user_models_dir()
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
+    return base.parent / "checkpoints" / f"{safe}.ckpt"
+
+
+def model_summary(entry: Mapping[str, Any]) -> str:
+    """A few lines about a registry entry for the panel: modality, contrast, intended use, calibration."""
+    if "card" not in entry:
+        return f"{entry.get('name', '?')}: cannot be used ({entry.get('error', 'unknown problem')})"
+    card = entry["card"]
+    thresholds = (card.get("calibration") or {}).get("thresholds") or {}
+    calibration = ", ".join(f"FPR {k}: {float(v):.3g}" for k, v in sorted(thresholds.items(), key=lambda kv: -float(kv[0])))
+    lines = [
+        f"<b>{card.get('name', entry.get('name'))}</b> {card.get('version', '')} ({entry.get('source', '')})",
+        card.get("description", "") or "",
+        f"Modality: {card.get('modality', '?')}, contrast: {card.get('contrast', '?')}, "
+        f"{card.get('orientation', '?')} slices, grid {card.get('grid_size', '?')}",
+        f"Calibrated thresholds: {calibration or 'none (use an explicit threshold)'}",
+        f"<i>{card.get('intended_use', '')}</i>",
+    ]
+    return "<br>".join(line for line in lines if line)
+
+
+def calibrated_fprs(entry: Optional[Mapping[str, Any]]) -> list[float]:
+    """False-positive rates the model is calibrated for, largest first."""
+    if not entry or "card" not in entry:
+        return []
+    thresholds = (entry["card"].get("calibration") or {}).get("thresholds") or {}
+    return sorted((float(k) for k in thresholds), reverse=True)
+
+
+def generate_demo_data(out_dir: str | Path, python: Sequence[str], env: Optional[Mapping[str, str]] = None,
+                       timeout: float = 600) -> Path:
+    """Have the engine write its demo case (healthy template with an implanted lesion); its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "demo_lesion.nrrd"
+    if path.exists():
+        return path
+    command = engine_command(python, "demo-data", "-o", out_dir)
+    done = subprocess.run(command, env=dict(env) if env is not None else None, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    if done.returncode != 0 or not path.exists():
+        lines = [line for line in (done.stderr or "").splitlines() if line.strip()]
+        raise RuntimeError("the engine could not write the demo data: " + ("\n".join(lines[-5:]) or f"exit code {done.returncode}"))
+    return path
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    """The engine's report.json ({} if absent or unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,894 @@
+"""Datasets prepared the way the Synomaly paper prepares them, but split by patient, never by slice.
+
+Every preparer writes one folder (paths in the manifest are relative to it, so it can be moved):
+
+    OUT/train/healthy/*.nrrd        healthy slices of training patients only (give it to `synomaly train --data`)
+    OUT/val/healthy, OUT/val/anomalous, OUT/test/healthy, OUT/test/anomalous
+                                    slices of held-out patients, with and without an anomaly
+    OUT/<split>/masks/*_mask.nrrd   ground truth (uint8 0/1) on the grid of its image, where known
+    OUT/manifest.csv                one row per image (MANIFEST_COLUMNS)
+    OUT/manifest.json               summary: counts per split, seed, fractions, what was dropped and why
+
+Images are 2D float32 files that keep the in-plane spacing of their source (in mm) and the physical
+position of their first pixel; slices are cut in the engine's axial display orientation (rows
+anterior to posterior, columns patient right to left), while the slice number is the index in the
+stored volume, as in the paper (BraTS slices 80-99 are numpy z indices 80-99 of the NIfTI file).
+Intensities are not normalised: the engine normalises, and `ref_low`/`ref_high` in the manifest give
+each source volume's robust range for whoever wants per-volume rather than per-slice normalisation.
+
+The whole folder is written under a temporary name and renamed at the end, so an error leaves nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError, OutputError
+from .progress import ProgressFn, null_progress
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ("split", "patient", "case", "slice", "label", "image", "mask",
+                    "anomaly_pixels", "ref_low", "ref_high")
+SPLITS = ("train", "val", "test")
+BRATS_CONTRASTS = ("t1n", "t1c", "t2w", "t2f")
+FORMATS = {"nrrd": ".nrrd", "nii.gz": ".nii.gz", "nii": ".nii", "mha": ".mha"}
+MASK_SUFFIXES = ("", "_mask", "-mask", "_seg", "-seg", "_label", "-label", "_gt", "-gt")
+REF_PERCENTILES = (1.0, 99.0)  # the engine's default normalisation percentiles
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One prepared image: where it came from, which split it is in, and its ground truth."""
+
+    split: str
+    patient: str
+    case: str
+    slice: Optional[int]  # index in the source volume (None: the whole image)
+    label: int  # 1: contains an anomaly, 0: healthy
+    image: Path  # absolute path
+    mask: Optional[Path]  # absolute path of a 0/1 mask on the image's grid; None: no pixel-level truth
+    anomaly_pixels: Optional[int]  # pixels in the mask (None without a mask)
+    ref_low: float  # robust low intensity of the source volume (nan if unknown)
+    ref_high: float  # robust high intensity of the source volume (nan if unknown)
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def _rounded_share(n: int, fraction: float) -> int:
+    """Patients for a held-out split: round(n * fraction), at least one when the fraction is positive."""
+    if fraction <= 0 or n == 0:
+        return 0
+    return max(1, int(math.floor(n * fraction + 0.5)))
+
+
+def split_patients(patients: Iterable[str], val_fraction: float = 0.1, test_fraction: float = 0.2,
+                   seed: int = 0) -> dict[str, str]:
+    """Assign every patient to 'train', 'val' or 'test' (shuffled with `seed`, independent of input order).
+
+    Held-out splits get round(n * fraction) patients, at least one when their fraction is positive;
+    the training split must keep at least one patient.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise InputError(f"val fraction {val_fraction} and test fraction {test_fraction} must be in [0, 1) "
+                         "and sum to less than 1")
+    ids = sorted(set(patients))
+    n = len(ids)
+    n_test = _rounded_share(n, test_fraction)
+    n_val = _rounded_share(n, val_fraction)
+    if n - n_test - n_val < 1:
+        raise InputError(f"{n} patient(s) are too few for a train/val/test split with fractions "
+                         f"{val_fraction}/{test_fraction}; every split needs whole patients")
+    order = np.random.default_rng(seed).permutation(n)
+    out: dict[str, str] = {}
+    for rank, i in enumerate(order):
+        out[ids[i]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return out
+
+
+def _split_held_out(patients: Iterable[str], val_fraction: float, test_fraction: float,
+                    seed: int) -> dict[str, str]:
+    """Assign patients to 'val' or 'test' only, in the ratio val_fraction : test_fraction."""
+    ids = sorted(set(patients))
+    if not ids:
+        return {}
+    total = val_fraction + test_fraction
+    if total <= 0:
+        raise InputError("anomalous images need a validation or test split: set a val or test fraction above 0")
+    n = len(ids)
+    n_test = 0 if test_fraction <= 0 else n if val_fraction <= 0 else min(n, max(1, round(n * test_fraction / total)))
+    order = np.random.default_rng(seed + 1).permutation(n)
+    return {ids[i]: ("test" if rank < n_test else "val") for rank, i in enumerate(order)}
+
+
+# ---------------------------------------------------------------- slices and geometry
+
+
+def _read_volume(path: Path, pixel_type: int = sitk.sitkUnknown) -> sitk.Image:
+    """A 3D image from a NIfTI/NRRD file (no size check: slices are taken one at a time)."""
+    try:
+        image = sitk.ReadImage(str(path), pixel_type)
+    except RuntimeError as exc:
+        raise InputError(f"{path}: not a readable image ({str(exc).strip().splitlines()[-1][:200]})") from exc
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        image = sitk.Extract(image, list(image.GetSize()[:3]) + [0], [0, 0, 0, 0])
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path}: expected a scalar 3D volume, got {image.GetDimension()}D with "
+                         f"{image.GetNumberOfComponentsPerPixel()} component(s)")
+    return image
+
+
+@dataclass(frozen=True)
+class _AxialFrame:
+    """How to cut axial slices of one volume: numpy transpose/flips to (slice, row, col) and 2D geometry."""
+
+    transpose: tuple[int, int, int]
+    flips: tuple[bool, bool, bool]
+    spacing: tuple[float, float]  # (columns, rows) in mm
+    shape: tuple[int, int, int]  # numpy shape of the stored array
+
+    @property
+    def depth(self) -> int:
+        """Number of axial slices."""
+        return self.shape[self.transpose[0]]
+
+
+def _axial_frame(image: sitk.Image) -> _AxialFrame:
+    """The axial frame of a 3D image, from its direction matrix."""
+    from .prepare import orientation_permutation
+
+    transpose, flips = orientation_permutation(image, "axial")
+    sp = image.GetSpacing()
+    spacing = (float(sp[2 - transpose[2]]), float(sp[2 - transpose[1]]))
+    shape = tuple(reversed(image.GetSize()))
+    if transpose[0] != 0:
+        log.warning("axial slices of this volume run along numpy axis %d, not z; slice numbers count along it",
+                    transpose[0])
+    return _AxialFrame(transpose, flips, spacing, shape)  # type: ignore[arg-type]
+
+
+def _axial_slice(array: np.ndarray, frame: _AxialFrame, k: int) -> np.ndarray:
+    """Slice number k (index in the stored array) as a (rows, cols) array in axial display orientation."""
+    t = frame.transpose
+    sl = np.take(array, k, axis=t[0])
+    rest = [a for a in range(3) if a != t[0]]
+    sl = np.transpose(sl, (rest.index(t[1]), rest.index(t[2])))
+    if frame.flips[1]:
+        sl = sl[::-1]
+    if frame.flips[2]:
+        sl = sl[:, ::-1]
+    return np.ascontiguousarray(sl)
+
+
+def _slice_origin(image: sitk.Image, frame: _AxialFrame, k: int) -> tuple[float, float]:
+    """Physical (x, y) position in mm (LPS) of the first pixel of axial slice k."""
+    index = [0, 0, 0]  # numpy order
+    index[frame.transpose[0]] = k
+    for a in (1, 2):
+        p = frame.transpose[a]
+        index[p] = frame.shape[p] - 1 if frame.flips[a] else 0
+    point = image.TransformIndexToPhysicalPoint((int(index[2]), int(index[1]), int(index[0])))
+    return float(point[0]), float(point[1])
+
+
+def _resize(arr: np.ndarray, grid: int, is_mask: bool) -> np.ndarray:
+    """(H, W) -> (grid, grid) over the same field of view: anti-aliased linear for images, >= 0.5 for masks."""
+    from scipy import ndimage
+
+    h, w = arr.shape
+    if (h, w) == (grid, grid):
+        return arr
+    src = arr.astype(np.float32)
+    if not is_mask:
+        sigma = (max(0.0, (h / grid - 1) / 2), max(0.0, (w / grid - 1) / 2))
+        if max(sigma) > 0:
+            src = ndimage.gaussian_filter(src, sigma, mode="nearest")
+    out = ndimage.zoom(src, (grid / h, grid / w), order=1, mode="nearest", grid_mode=True)
+    return out >= 0.5 if is_mask else out.astype(np.float32)
+
+
+def _resized_geometry(shape: tuple[int, int], spacing: tuple[float, float], origin: tuple[float, float],
+                      grid: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Spacing and origin of a (grid, grid) image covering the same field of view as (H, W)."""
+    h, w = shape
+    new = (spacing[0] * w / grid, spacing[1] * h / grid)
+    return new, (origin[0] + (new[0] - spacing[0]) / 2, origin[1] + (new[1] - spacing[1]) / 2)
+
+
+def _robust_range(values: np.ndarray, background: Optional[float] = None) -> tuple[float, float]:
+    """REF_PERCENTILES of the voxels above the background (the minimum unless given), sampled for speed."""
+    flat = values.reshape(-1)
+    flat = flat[:: max(1, flat.size // 2_000_000)]
+    floor = float(flat.min()) if background is None else background
+    fg = flat[flat > floor]
+    if fg.size < 16:
+        fg = flat
+    lo, hi = np.percentile(fg, REF_PERCENTILES)
+    return float(lo), float(hi)
+
+
+def _stem(path: Path) -> str:
+    """File name without its image extension (.nii.gz counts as one)."""
+    name = path.name
+    for ext in (".nii.gz", ".seg.nrrd"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return path.stem if path.suffix else name
+
+
+# ---------------------------------------------------------------- writing
+
+
+class _DatasetWriter:
+    """Writes images, masks and manifests into a temporary folder that becomes OUT on success."""
+
+    def __init__(self, out: str | os.PathLike, fmt: str = "nrrd", overwrite: bool = False) -> None:
+        if fmt not in FORMATS:
+            raise InputError(f"unknown image format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        self.out = Path(out).absolute()
+        if self.out.exists():
+            if not self.out.is_dir():
+                raise OutputError(f"{self.out}: exists and is not a folder")
+            if any(self.out.iterdir()):
+                if not overwrite:
+                    raise OutputError(f"{self.out}: folder exists and is not empty (use --overwrite to replace "
+                                      "a prepared dataset)")
+                if not (self.out / "manifest.json").exists():
+                    raise OutputError(f"{self.out}: refusing to overwrite a folder that is not a prepared dataset")
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            # not tempfile.mkdtemp: its 0700 mode would follow the folder into place
+            self.tmp = self.out.parent / f".{self.out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
+            self.tmp.mkdir()
+        except OSError as exc:
+            raise OutputError(f"{self.out}: cannot write here ({exc})") from exc
+        self.ext = FORMATS[fmt]
+        self.overwrite = overwrite
+        self.rows: list[dict[str, Any]] = []
+        self.names: set[str] = set()
+
+    def __enter__(self) -> "_DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _unique(self, split: str, name: str) -> str:
+        """A file stem not used before in this split."""
+        base, n = name, 1
+        while f"{split}/{name}" in self.names:
+            n += 1
+            name = f"{base}_{n}"
+        self.names.add(f"{split}/{name}")
+        return name
+
+    def _write(self, arr: np.ndarray, rel: str, spacing: Sequence[float], origin: Sequence[float],
+               reference: Optional[sitk.Image] = None) -> None:
+        """One image file; 2D arrays get spacing/origin, 3D ones the reference's geometry."""
+        path = self.tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+        if reference is not None:
+            img.CopyInformation(reference)
+        else:
+            img.SetSpacing([float(s) for s in spacing])
+            img.SetOrigin([float(o) for o in origin])
+        try:
+            sitk.WriteImage(img, str(path), useCompression=True)
+        except RuntimeError as exc:
+            raise OutputError(f"{path}: cannot write ({str(exc).strip().splitlines()[-1][:200]})") from exc
+
+    def add(self, *, split: str, patient: str, case: str, slice_index: Optional[int], label: int,
+            image: np.ndarray, mask: Optional[np.ndarray], spacing: Sequence[float] = (1.0, 1.0),
+            origin: Sequence[float] = (0.0, 0.0), ref: tuple[float, float] = (math.nan, math.nan),
+            reference: Optional[sitk.Image] = None) -> None:
+        """Write one image (and its mask) and record its manifest row."""
+        stem = case if slice_index is None else f"{case}_z{slice_index:03d}"
+        stem = self._unique(split, stem)
+        kind = "anomalous" if label else "healthy"
+        image_rel = f"{split}/{kind}/{stem}{self.ext}"
+        self._write(image.astype(np.float32, copy=False), image_rel, spacing, origin, reference)
+        mask_rel, pixels = "", ""
+        if mask is not None:
+            mask_rel = f"{split}/masks/{stem}_mask{self.ext}"
+            self._write(mask.astype(np.uint8), mask_rel, spacing, origin, reference)
+            pixels = int(np.count_nonzero(mask))
+        self.rows.append({
+            "split": split, "patient": patient, "case": case,
+            "slice": "" if slice_index is None else int(slice_index), "label": int(label),
+            "image": image_rel, "mask": mask_rel, "anomaly_pixels": pixels,
+            "ref_low": "" if math.isnan(ref[0]) else f"{ref[0]:.6g}",
+            "ref_high": "" if math.isnan(ref[1]) else f"{ref[1]:.6g}",
+        })
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Patients, cases, healthy and anomalous images per split, and in total."""
+        out: dict[str, dict[str, int]] = {}
+        for split in SPLITS + ("total",):
+            rows = [r for r in self.rows if split == "total" or r["split"] == split]
+            out[split] = {
+                "patients": len({r["patient"] for r in rows}),
+                "cases": len({r["case"] for r in rows}),
+                "images": len(rows),
+                "healthy": sum(1 for r in rows if r["label"] == 0),
+                "anomalous": sum(1 for r in rows if r["label"] == 1),
+                "with_mask": sum(1 for r in rows if r["mask"]),
+            }
+        return out
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Write manifest.csv and manifest.json, then move the folder into place; returns the summary."""
+        if not self.rows:
+            raise InputError("no image qualified for any split; nothing was written")
+        patients = {s: sorted({r["patient"] for r in self.rows if r["split"] == s}) for s in SPLITS}
+        summary = dict(summary)
+        summary["split_unit"] = "patient"
+        summary["counts"] = self.counts()
+        summary["patients"] = patients
+        summary["manifest_columns"] = list(MANIFEST_COLUMNS)
+        with open(self.tmp / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        (self.tmp / "manifest.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        try:
+            if self.out.exists():
+                if any(self.out.iterdir()):  # checked at the start: a prepared dataset we may replace
+                    shutil.rmtree(self.out)
+                else:
+                    self.out.rmdir()
+            os.replace(self.tmp, self.out)
+        except OSError as exc:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise OutputError(f"{self.out}: cannot move the prepared dataset into place ({exc})") from exc
+        return summary
+
+
+def _common_summary(dataset: str, source: Any, seed: int, val_fraction: float, test_fraction: float,
+                    grid: Optional[int], fmt: str) -> dict[str, Any]:
+    """The part of manifest.json every preparer writes."""
+    from . import __version__
+
+    return {
+        "dataset": dataset, "source": source, "created_by": f"synomaly {__version__}",
+        "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+        "grid": grid, "format": fmt,
+        "orientation": "axial display: rows anterior to posterior, columns patient right to left (LPS +x)",
+    }
+
+
+def _classify(split: str, pixels: int, min_anomaly_pixels: int, dropped: dict[str, int]) -> Optional[int]:
+    """Label of a slice with `pixels` anomalous pixels, or None (counted in `dropped`) if it is not kept."""
+    if pixels == 0:
+        return 0
+    if pixels < min_anomaly_pixels:
+        dropped["anomaly smaller than min_anomaly_pixels"] += 1
+        return None
+    if split == "train":
+        dropped["anomalous slices of training patients"] += 1
+        return None
+    return 1
+
+
+def _slice_series(writer: _DatasetWriter, *, split: str, patient: str, case: str, image: sitk.Image,
+                  arr: np.ndarray, truth: np.ndarray, indices: Iterable[int], grid: Optional[int],
+                  min_anomaly_pixels: int, ref: tuple[float, float], dropped: dict[str, int],
+                  eligible: Optional[np.ndarray] = None, window: Optional[tuple[float, float]] = None) -> None:
+    """Write the kept axial slices of one volume: `truth` is the anomaly mask, `eligible` the slices allowed."""
+    frame = _axial_frame(image)
+    for k in indices:
+        if eligible is not None and not eligible[k]:
+            continue
+        img2d = _axial_slice(arr, frame, k).astype(np.float32)
+        if window is not None:
+            img2d = np.clip(img2d, window[0], window[1])
+        if float(img2d.max()) == float(img2d.min()):
+            dropped["empty slices (constant intensity)"] += 1
+            continue
+        m2d = _axial_slice(truth, frame, k)
+        spacing, origin = frame.spacing, _slice_origin(image, frame, k)
+        if grid:
+            had = bool(m2d.any())
+            spacing, origin = _resized_geometry(img2d.shape, spacing, origin, grid)
+            img2d = _resize(img2d, grid, is_mask=False)
+            m2d = _resize(m2d, grid, is_mask=True)
+            if had and not m2d.any():  # an anomaly too small to survive resampling: neither healthy nor anomalous
+                dropped["anomaly smaller than min_anomaly_pixels"] += 1
+                continue
+        label = _classify(split, int(np.count_nonzero(m2d)), min_anomaly_pixels, dropped)
+        if label is None:
+            continue
+        writer.add(split=split, patient=patient, case=case, slice_index=int(k), label=label, image=img2d,
+                   mask=m2d, spacing=spacing, origin=origin, ref=ref)
+
+
+def _new_dropped() -> dict[str, int]:
+    return {
+        "anomalous slices of training patients": 0,
+        "anomaly smaller than min_anomaly_pixels": 0,
+        "empty slices (constant intensity)": 0,
+    }
+
+
+def _slice_indices(depth: int, slice_range: Optional[tuple[int, int]], case: str) -> range:
+    """Slice numbers start <= k < stop that exist in a volume of `depth` slices."""
+    if slice_range is None:
+        return range(depth)
+    start, stop = int(slice_range[0]), int(slice_range[1])
+    if not 0 <= start < stop:
+        raise InputError(f"slice range {start}..{stop} must satisfy 0 <= start < stop (stop is exclusive)")
+    if stop > depth:
+        log.warning("%s has %d slices; slices %d..%d do not exist", case, depth, max(start, depth), stop - 1)
+    return range(min(start, depth), min(stop, depth))
+
+
+# ---------------------------------------------------------------- BraTS
+
+_BRATS_CASE = re.compile(r"^(BraTS-[A-Za-z]+-\d+)-(\d+)$")
+
+
+def brats_patient(case: str) -> str:
+    """Patient of a BraTS case folder: 'BraTS-GLI-00042-001' -> 'BraTS-GLI-00042' (time points stay together)."""
+    m = _BRATS_CASE.match(case)
+    return m.group(1) if m else case
+
+
+def _find_brats_cases(root: Path, contrast: str) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    """(case, image, segmentation) of every BraTS case folder under root, and cases lacking a file."""
+    cases, missing = [], []
+    folders = {p for p in root.rglob("BraTS-*") if p.is_dir()}
+    if root.name.startswith("BraTS-"):
+        folders.add(root)
+
+    def first(d: Path, tag: str) -> Optional[Path]:
+        found = [d / f"{d.name}-{tag}{ext}" for ext in (".nii.gz", ".nii")]
+        return next((f for f in found if f.is_file()), None)
+
+    for d in sorted(folders):
+        image, seg = first(d, contrast), first(d, "seg")
+        if image is not None and seg is not None:
+            cases.append((d.name, image, seg))
+        elif any(d.glob(f"{d.name}-*.nii*")):
+            missing.append(d.name)
+    return cases, missing
+
+
+def prepare_brats(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    contrast: str = "t2f",
+    slice_range: Optional[tuple[int, int]] = (80, 100),
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    grid: Optional[int] = None,
+    *,
+    min_anomaly_pixels: int = 1,
+    fmt: str = "nrrd",
+    overwrite: bool = False,
+    progress: ProgressFn = null_progress,
+) -> dict[str, Any]:
+    """Axial slices of BraTS 2023 GLI cases, split by patient; returns the manifest.json summary.
+
+    slice_range is half-open, (80, 100) = the paper's slices 80-99, counted along the stored z axis.
+    A slice with no tumour label is healthy, whole tumour = any label > 0; training patients give
+    only healthy slices. Slices are written as 2D images in mm; `grid` resamples them to grid x grid.
+    """
+    root = Path(root)
+    if contrast not in BRATS_CONTRASTS:
+        raise InputError(f"unknown BraTS contrast {contrast!r}; choose one of {', '.join(BRATS_CONTRASTS)}")
+    if not root.is_dir():
+        raise InputError(f"{root}: no such folder")
+    cases, missing = _find_brats_cases(root, contrast)
+    if missing:
+        log.warning("%d BraTS case(s) lack the %s image or the segmentation and are skipped: %s",
+                    len(missing), contrast, ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    if not cases:
+        raise InputError(f"{root}: no BraTS case folders with '-{contrast}.nii.gz' and '-seg.nii.gz' files found")
+    split_of = split_patients((brats_patient(c) for c, _, _ in cases), val_fraction, test_fraction, seed)
+    dropped = _new_dropped()
+    with _DatasetWriter(out, fmt, overwrite) as writer:
+        for i, (case, image_path, seg_path) in enumerate(cases):
+            progress("prepare", i, len(cases), case)
+            patient = brats_patient(case)
+            image = _read_volume(image_path)
+            seg = _read_volume(seg_path)
+            if image.GetSize() != seg.GetSize():
+                raise InputError(f"{case}: image {image.GetSize()} and segmentation {seg.GetSize()} differ in size")
+            arr = sitk.GetArrayViewFromImage(image)
+            truth = sitk.GetArrayViewFromImage(seg) > 0
+            indices = _slice_indices(_axial_frame(image).depth, slice_range, case)
+            _slice_series(writer, split=split_of[patient], patient=patient, case=case, image=image, arr=arr,
+                          truth=truth, indices=indices, grid=grid, min_anomaly_pixels=min_anomaly_pixels,
+                          ref=_robust_range(arr, background=0.0), dropped=dropped)
+        progress("prepare", len(cases), len(cases), "writing manifest")
+        summary = _common_summary("brats", str(root), seed, val_fraction, test_fraction, grid, fmt)
+        summary.update({
+            "contrast": contrast,
+            "slice_range": None if slice_range is None else [int(slice_range[0]), int(slice_range[1])],
+            "slice_range_note": "half-open [start, stop) along the stored z axis; (80, 100) = the paper's slices 80-99",
+            "labels": "healthy: no tumour label in the slice; anomalous: whole tumour (any label > 0)",
+            "min_anomaly_pixels": min_anomaly_pixels,
+            "intensity": f"raw {contrast} intensities (float32); ref_low/ref_high: percentiles "
+                         f"{REF_PERCENTILES} of the brain (voxels > 0) of each volume",
+            "patient_rule": "BraTS-GLI-XXXXX-YYY: patient BraTS-GLI-XXXXX; all its time points share a split",
+            "dropped": dropped,
+            "cases_skipped_missing_files": missing,
+        })
+        return writer.finish(summary)
+
+
+# ---------------------------------------------------------------- LiTS
+
+_LITS_NUMBER = re.compile(r"^(volume|segmentation)-(\d+)\.nii(\.gz)?$", re.IGNORECASE)
+
+
+def prepare_lits(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    window: tuple[float, float] = (0.0, 150.0),
+    slice_range: Optional[tuple[int, int]] = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    grid: Optional[int] = None,
+    *,
+    min_liver_pixels: int = 1,
+    min_anomaly_pixels: int = 1,
+    fmt: str = "nrrd",
+    overwrite: bool = False,
+    progress: ProgressFn = null_progress,
+) -> dict[str, Any]:
+    """Axial slices of LiTS CT volumes (volume-N.nii, segmentation-N.nii), split by patient (one per N).
+
+    Intensities are clipped to the HU window and stay in HU (so [0, 150] by default). A slice is
+    healthy when the liver is present (label >= 1 in at least min_liver_pixels pixels) and there
+    is no tumour (label 2); anomalous when tumour is present (mask = label 2); slices without liver
+    are not used.
+    """
+    root = Path(root)
+    lo, hi = float(window[0]), float(window[1])
+    if not hi > lo:
+        raise InputError(f"HU window {lo}..{hi} is empty")
+    if not root.is_dir():
+        raise InputError(f"{root}: no such folder")
+    volumes: dict[int, Path] = {}
+    segs: dict[int, Path] = {}
+    for p in sorted(root.rglob("*.nii*")):
+        m = _LITS_NUMBER.match(p.name)
+        if m:
+            table = volumes if m.group(1).lower() == "volume" else segs
+            if int(m.group(2)) in table:
+                raise InputError(f"{p}: LiTS number {m.group(2)} appears twice under {root}")
+            table[int(m.group(2))] = p
+    numbers = sorted(set(volumes) & set(segs))
+    unmatched = sorted(set(volumes) ^ set(segs))
+    if unmatched:
+        log.warning("LiTS numbers without both volume and segmentation are skipped: %s", unmatched[:10])
+    if not numbers:
+        raise InputError(f"{root}: no LiTS pairs volume-N.nii / segmentation-N.nii found")
+    patient_of = {n: f"lits-{n:03d}" for n in numbers}
+    split_of = split_patients(patient_of.values(), val_fraction, test_fraction, seed)
+    dropped = _new_dropped()
+    dropped["slices without liver"] = 0
+    with _DatasetWriter(out, fmt, overwrite) as writer:
+        for i, n in enumerate(numbers):
+            patient = patient_of[n]
+            progress("prepare", i, len(numbers), patient)
+            image = _read_volume(volumes[n])
+            seg = _read_volume(segs[n], sitk.sitkUInt8)
+            if image.GetSize() != seg.GetSize():
+                raise InputError(f"{patient}: volume {image.GetSize()} and segmentation {seg.GetSize()} differ in size")
+            arr = sitk.GetArrayViewFromImage(image)
+            labels = sitk.GetArrayViewFromImage(seg)
+            frame = _axial_frame(image)
+            axes = tuple(a for a in range(3) if a != frame.transpose[0])
+            liver_pixels = np.count_nonzero(labels >= 1, axis=axes)
+            eligible = liver_pixels >= max(1, min_liver_pixels)
+            indices = _slice_indices(frame.depth, slice_range, patient)
+            dropped["slices without liver"] += int(sum(1 for k in indices if not eligible[k]))
+            _slice_series(writer, split=split_of[patient], patient=patient, case=f"volume-{n}", image=image,
+                          arr=arr, truth=labels == 2, indices=indices, grid=grid,
+                          min_anomaly_pixels=min_anomaly_pixels, ref=(lo, hi), dropped=dropped,
+                          eligible=eligible, window=(lo, hi))
+        progress("prepare", len(numbers), len(numbers), "writing manifest")
+        summary = _common_summary("lits", str(root), seed, val_fraction, test_fraction, grid, fmt)
+        summary.update({
+            "hu_window": [lo, hi],
+            "intensity": f"CT in Hounsfield units clipped to [{lo:g}, {hi:g}] (not rescaled); "
+                         "ref_low/ref_high are the window",
+            "slice_range": None if slice_range is None else [int(slice_range[0]), int(slice_range[1])],
+            "labels": f"healthy: liver (label >= 1) in >= {max(1, min_liver_pixels)} pixels and no tumour; "
+                      "anomalous: tumour (label 2) present, mask = label 2; slices without liver unused",
+            "min_liver_pixels": max(1, min_liver_pixels),
+            "min_anomaly_pixels": min_anomaly_pixels,
+            "patient_rule": "one patient per LiTS number N",
+            "dropped": dropped,
+            "numbers_skipped_unpaired": unmatched,
+        })
+        return writer.finish(summary)
+
+
+# ---------------------------------------------------------------- any folders
+
+
+def _list_images(source: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path]:
+    """Image files (or DICOM folders) from a folder, a file, a .txt list, or a list of those."""
+    from .prepare import expand_inputs
+
+    if source is None:
+        return []
+    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    return [Path(p) for p in expand_inputs([str(p) for p in items])]
+
+
+def _source_names(source: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str]:
+    """The given folders/files as strings, for the summary (long lists are shortened)."""
+    if source is None:
+        return []
+    items = [str(source)] if isinstance(source, (str, os.PathLike)) else [str(p) for p in source]
+    return items if len(items) <= 20 else items[:20] + [f"... {len(items) - 20} more"]
+
+
+def _mask_index(masks_dir: Optional[str | os.PathLike]) -> dict[str, Path]:
+    """Mask files by the image stem they belong to (stem, or stem + _mask/_seg/_label/_gt)."""
+    if masks_dir is None:
+        return {}
+    index: dict[str, Path] = {}
+    for p in _list_images(masks_dir):
+        stem = _stem(p)
+        key = stem
+        for suffix in MASK_SUFFIXES[1:]:
+            if stem.lower().endswith(suffix):
+                key = stem[: -len(suffix)]
+                break
+        if key in index:
+            raise InputError(f"two masks for image {key!r}: {index[key].name} and {p.name}")
+        index[key] = p
+    return index
+
+
+def _binary_mask(path: Path, shape: tuple[int, ...], image_name: str) -> np.ndarray:
+    """A mask file as booleans: pixels above half its maximum (0/1, 0/255 and JPEG masks alike)."""
+    from .prepare import read_image
+
+    arr = sitk.GetArrayFromImage(read_image(path, color="luminance"))
+    if arr.shape != shape:
+        raise InputError(f"mask {path.name} is {arr.shape[::-1]} pixels but image {image_name} is {shape[::-1]}")
+    top = float(arr.max())
+    return arr > top / 2 if top > 0 else np.zeros(shape, dtype=bool)
+
+
+def prepare_folder(
+    healthy_dir: str | os.PathLike | Sequence[str | os.PathLike],
+    anomalous_dir: str | os.PathLike | Sequence[str | os.PathLike] | None,
+    out: str | os.PathLike,
+    masks_dir: Optional[str | os.PathLike] = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    grid: Optional[int] = None,
+    *,
+    patient_regex: Optional[str] = None,
+    fmt: str = "nrrd",
+    overwrite: bool = False,
+    progress: ProgressFn = null_progress,
+) -> dict[str, Any]:
+    """Any healthy and anomalous images (2D images or volumes, folders or lists), split by patient.
+
+    The patient of a file is its stem, or the first group of `patient_regex` searched in the stem
+    (e.g. r'^(sub-\\d+)'), so that images of one patient stay together. Patients with an anomalous
+    image go to val/test only (ratio val_fraction : test_fraction); healthy-only patients are split
+    train/val/test. Masks in masks_dir match images by stem (optionally + _mask, _seg, _label, _gt);
+    with masks_dir, healthy images get an all-zero mask. `grid` resamples 2D images; volumes are
+    written whole on their own grid.
+    """
+    from .prepare import read_image
+
+    healthy = _list_images(healthy_dir)
+    anomalous = _list_images(anomalous_dir)
+    if not healthy and not anomalous:
+        raise InputError("no images found in the healthy or anomalous folders")
+    pattern = re.compile(patient_regex) if patient_regex else None
+
+    def patient_of(path: Path) -> str:
+        stem = _stem(path)
+        if pattern is None:
+            return stem
+        m = pattern.search(stem)
+        if not m:
+            raise InputError(f"{path.name}: patient pattern {patient_regex!r} does not match its name")
+        return m.group(1) if m.groups() else m.group(0)
+
+    items = [(p, 0, patient_of(p)) for p in healthy] + [(p, 1, patient_of(p)) for p in anomalous]
+    anomalous_patients = {pat for _, label, pat in items if label}
+    healthy_only = {pat for _, _, pat in items} - anomalous_patients
+    split_of = split_patients(healthy_only, val_fraction, test_fraction, seed) if healthy_only else {}
+    split_of.update(_split_held_out(anomalous_patients, val_fraction, test_fraction, seed))
+    masks = _mask_index(masks_dir)
+    used_masks: set[str] = set()
+    stats = {"volumes_kept_on_own_grid": 0, "anomalous_without_mask": 0, "anomalous_with_empty_mask": 0}
+    with _DatasetWriter(out, fmt, overwrite) as writer:
+        for i, (path, label, patient) in enumerate(items):
+            progress("prepare", i, len(items), path.name)
+            image = read_image(path, color="luminance")
+            arr = sitk.GetArrayFromImage(image)
+            stem = _stem(path)
+            mask = None
+            if stem in masks:
+                used_masks.add(stem)
+                mask = _binary_mask(masks[stem], arr.shape, path.name) if label else np.zeros(arr.shape, bool)
+            elif masks_dir is not None and not label:
+                mask = np.zeros(arr.shape, dtype=bool)
+            if label and mask is None:
+                stats["anomalous_without_mask"] += 1
+            elif label and mask is not None and not mask.any():
+                stats["anomalous_with_empty_mask"] += 1
+                log.warning("%s is in the anomalous folder but its mask is empty", path.name)
+            ref = _robust_range(arr)
+            case = stem
+            if image.GetDimension() == 2:
+                spacing, origin = image.GetSpacing(), image.GetOrigin()
+                if grid:
+                    spacing, origin = _resized_geometry(arr.shape, spacing, origin, grid)
+                    arr = _resize(arr, grid, is_mask=False)
+                    mask = None if mask is None else _resize(mask, grid, is_mask=True)
+                writer.add(split=split_of[patient], patient=patient, case=case, slice_index=None, label=label,
+                           image=arr, mask=mask, spacing=spacing, origin=origin, ref=ref)
+            else:
+                if grid:
+                    stats["volumes_kept_on_own_grid"] += 1
+                writer.add(split=split_of[patient], patient=patient, case=case, slice_index=None, label=label,
+                           image=arr, mask=mask, ref=ref, reference=image)
+        unused = sorted(set(masks) - used_masks)
+        if unused:
+            log.warning("%d mask(s) match no image: %s", len(unused), ", ".join(unused[:5]))
+        progress("prepare", len(items), len(items), "writing manifest")
+        source = {"healthy": _source_names(healthy_dir), "anomalous": _source_names(anomalous_dir),
+                  "masks": None if masks_dir is None else str(masks_dir)}
+        summary = _common_summary("folder", source, seed, val_fraction, test_fraction, grid, fmt)
+        summary.update({
+            "labels": "from the folder: healthy 0, anomalous 1; masks above half their maximum",
+            "patient_rule": f"regex {patient_regex!r} on the file stem" if patient_regex else "one patient per file stem",
+            "split_rule": "patients with an anomalous image: val/test only; healthy-only patients: train/val/test",
+            "intensity": f"as read (colour converted to luminance), float32; ref_low/ref_high: percentiles "
+                         f"{REF_PERCENTILES} of each image above its minimum",
+            "orientation": "as stored",
+            "masks_unmatched": unused,
+            **stats,
+        })
+        return writer.finish(summary)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load_manifest(path: str | os.PathLike, split: Optional[str] = None) -> list[ManifestRow]:
+    """Rows of a prepared dataset's manifest.csv (give the file or its folder), optionally of one split."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "manifest.csv"
+    if not p.is_file():
+        raise InputError(f"{p}: no manifest.csv here; prepare the data with `synomaly prepare` first")
+    if split is not None and split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    base = p.parent.absolute()
+    rows: list[ManifestRow] = []
+    with open(p, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or [])
+        if missing:
+            raise InputError(f"{p}: not a synomaly manifest (missing columns {', '.join(sorted(missing))})")
+        for n, r in enumerate(reader, start=2):
+            try:
+                row = ManifestRow(
+                    split=r["split"], patient=r["patient"], case=r["case"],
+                    slice=int(r["slice"]) if r["slice"] else None, label=int(r["label"]),
+                    image=base / r["image"], mask=base / r["mask"] if r["mask"] else None,
+                    anomaly_pixels=int(r["anomaly_pixels"]) if r["anomaly_pixels"] else None,
+                    ref_low=float(r["ref_low"]) if r["ref_low"] else math.nan,
+                    ref_high=float(r["ref_high"]) if r["ref_high"] else math.nan,
+                )
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"{p}, line {n}: malformed row ({exc})") from exc
+            if row.split not in SPLITS or row.label not in (0, 1):
+                raise InputError(f"{p}, line {n}: split must be train/val/test and label 0/1")
+            if split is None or row.split == split:
+                rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_prepare_parser(subparsers) -> None:
+    """`synomaly prepare brats|lits|folder ...`: add the sub-command to the CLI's sub-parsers."""
+    import argparse
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-o", "--output", required=True, help="folder to write (must not exist or be empty)")
+    common.add_argument("--val-fraction", type=float, default=0.1, help="share of patients for validation")
+    common.add_argument("--test-fraction", type=float, default=0.2, help="share of patients for testing")
+    common.add_argument("--seed", type=int, default=0, help="seed of the patient split")
+    common.add_argument("--grid", type=int, help="resample 2D slices to GRID x GRID pixels (same field of view)")
+    common.add_argument("--format", default="nrrd", choices=sorted(FORMATS), help="image file format")
+    common.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
+    common.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])
+
+    p = subparsers.add_parser("prepare", help="prepare BraTS, LiTS or any image folders for training and evaluation "
+                              "(split by patient)")
+    kinds = p.add_subparsers(dest="dataset", required=True)
+
+    b = kinds.add_parser("brats", parents=[common], help="BraTS 2023 GLI case folders")
+    b.add_argument("--root", required=True, help="folder holding BraTS-GLI-XXXXX-YYY case folders")
+    b.add_argument("--contrast", default="t2f", choices=BRATS_CONTRASTS, help="t2f = FLAIR (the paper's choice)")
+    b.add_argument("--slices", type=int, nargs=2, default=[80, 100], metavar=("START", "STOP"),
+                   help="axial slice numbers START <= k < STOP (default 80 100: the paper's 80-99)")
+    b.add_argument("--min-anomaly-pixels", type=int, default=1,
+                   help="slices with a smaller tumour (pixels on the written grid) are dropped: neither healthy "
+                        "nor anomalous")
+
+    lt = kinds.add_parser("lits", parents=[common], help="LiTS volume-N.nii / segmentation-N.nii")
+    lt.add_argument("--root", required=True, help="folder holding the LiTS files (searched recursively)")
+    lt.add_argument("--window", type=float, nargs=2, default=[0.0, 150.0], metavar=("LOW", "HIGH"),
+                    help="HU window (default 0 150); intensities are clipped and kept in HU")
+    lt.add_argument("--slices", type=int, nargs=2, metavar=("START", "STOP"), help="only slices START <= k < STOP")
+    lt.add_argument("--min-liver-pixels", type=int, default=1, help="liver pixels a slice needs to be used")
+    lt.add_argument("--min-anomaly-pixels", type=int, default=1,
+                    help="slices with a smaller tumour (pixels on the written grid) are dropped: neither healthy "
+                         "nor anomalous")
+
+    f = kinds.add_parser("folder", parents=[common], help="folders (or lists) of healthy and anomalous images")
+    f.add_argument("--healthy", nargs="+", required=True,
+                   help="healthy images: folders, files, .txt lists or sample specs like br35h:no:0:1050")
+    f.add_argument("--anomalous", nargs="+", default=[], help="anomalous images, the same kinds of arguments")
+    f.add_argument("--masks", help="folder of masks matched to anomalous images by file stem")
+    f.add_argument("--patient-regex", help="regular expression whose first group is the patient id in a file stem")
+    for sp in (b, lt, f):
+        sp.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args) -> int:
+    """Run `synomaly prepare` and print the manifest summary's counts as one JSON line."""
+    import sys
+
+    from .progress import make_progress
+
+    progress = make_progress(getattr(args, "progress", "auto"))
+    common = dict(val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+                  grid=args.grid, fmt=args.format, overwrite=args.overwrite, progress=progress)
+    if args.dataset == "brats":
+        summary = prepare_brats(args.root, args.output, contrast=args.contrast, slice_range=tuple(args.slices),
+                                min_anomaly_pixels=args.min_anomaly_pixels, **common)
+    elif args.dataset == "lits":
+        summary = prepare_lits(args.root, args.output, window=tuple(args.window),
+                               slice_range=tuple(args.slices) if args.slices else None,
+                               min_liver_pixels=args.min_liver_pixels, min_anomaly_pixels=args.min_anomaly_pixels,
+                               **common)
+    else:
+        from .cli import resolve_data
+
+        summary = prepare_folder(resolve_data(args.healthy), resolve_data(args.anomalous) if args.anomalous else None,
+                                 args.output, masks_dir=args.masks, patient_regex=args.patient_regex, **common)
+    print(json.dumps({"output": str(Path(args.output).absolute()), "counts": summary["counts"],
+                      "dropped": summary.get("dropped", {})}))
+    c = summary["counts"]
+    print(f"prepared {c['total']['images']} images of {c['total']['patients']} patients in {args.output}: "
+          + ", ".join(f"{s} {c[s]['healthy']} healthy + {c[s]['anomalous']} anomalous ({c[s]['patients']} patients)"
+                      for s in SPLITS), file=sys.stderr)
+    return 0

@@ -1,0 +1,106 @@
+"""The command line: outputs, JSON progress, determinism, the model registry, exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from synomaly.modelio import build_network, save_model
+from synomaly.train import new_card
+
+PY = [sys.executable, "-m", "synomaly.cli"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random-weight model on a 32 x 32 grid: fast, fine for plumbing (not for detection quality)."""
+    import torch
+
+    torch.manual_seed(0)
+    card = new_card("tiny-cli", grid=32, channels=(32, 32))
+    path = tmp_path_factory.mktemp("models") / "tiny-cli.safetensors"
+    save_model(path, card, build_network(card).state_dict())
+    return path
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[:10, :40, :40]
+    arr = (((y - 20) ** 2 + (x - 20) ** 2) < 250).astype(np.float32) * (100 + 10 * rng.standard_normal((10, 40, 40)))
+    img = sitk.GetImageFromArray(arr.astype(np.float32))
+    img.SetSpacing((1.2, 1.2, 3.0))
+    img.SetOrigin((10, -5, 2))
+    path = tmp_path_factory.mktemp("vol") / "vol.nrrd"
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def _run(args, env=None, **kw):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(PY + args, capture_output=True, text=True, env=e, timeout=300, **kw)
+
+
+def test_detect_writes_every_output_on_the_input_grid(tiny_model, volume, tmp_path):
+    out = tmp_path / "out"
+    r = _run(["detect", str(volume), "-o", str(out), "--model", str(tiny_model), "--progress", "json",
+              "--threshold", "0.2"])
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(ln) for ln in r.stdout.splitlines()]
+    assert all({"stage", "done", "total", "message"} <= set(d) for d in lines)
+    assert {d["stage"] for d in lines} >= {"read", "prepare", "detect", "postprocess", "write", "done"}
+    assert lines[-1]["stage"] == "done" and set(lines[-1]["outputs"]) >= {"segmentation", "lesions"}
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["anomaly.seg.nrrd", "anomaly_map.nrrd", "counterfactual.nrrd", "lesions.csv",
+                     "overview.png", "report.json"]
+    ref = sitk.ReadImage(str(volume))
+    for name in ("anomaly.seg.nrrd", "anomaly_map.nrrd", "counterfactual.nrrd"):
+        img = sitk.ReadImage(str(out / name))
+        assert img.GetSize() == ref.GetSize() and img.GetSpacing() == ref.GetSpacing()
+        assert img.GetOrigin() == ref.GetOrigin() and img.GetDirection() == ref.GetDirection()
+    seg = sitk.ReadImage(str(out / "anomaly.seg.nrrd"))
+    assert seg.GetMetaData("Segment0_Name") == "Anomaly"
+    assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 1}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "no temporary folder left"
+
+
+def test_same_seed_same_output(tiny_model, volume, tmp_path):
+    maps = []
+    for name in ("a", "b"):
+        r = _run(["detect", str(volume), "-o", str(tmp_path / name), "--model", str(tiny_model), "--seed", "7",
+                  "--progress", "none", "--device", "cpu"])
+        assert r.returncode == 0, r.stderr
+        maps.append(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / "anomaly_map.nrrd"))))
+    assert np.array_equal(maps[0], maps[1])
+
+
+def test_models_registry_lists_user_models_by_name(tiny_model, tmp_path):
+    env = {"SYNOMALY_MODELS_DIR": str(tmp_path / "user")}
+    r = _run(["install-model", str(tiny_model), "--name", "my-site"], env=env)
+    assert r.returncode == 0, r.stderr
+    r = _run(["models", "--json"], env=env)
+    models = {m["name"]: m for m in json.loads(r.stdout)}
+    assert models["my-site"]["source"] == "user" and models["my-site"]["card"]["grid_size"] == 32
+    r = _run(["remove-model", "my-site"], env=env)
+    assert r.returncode == 0
+    assert "my-site" not in {m["name"] for m in json.loads(_run(["models", "--json"], env=env).stdout)}
+
+
+def test_unreadable_input_fails_cleanly(tiny_model, tmp_path):
+    bad = tmp_path / "scan.nii.gz"
+    bad.write_text("this is not an image")
+    out = tmp_path / "out"
+    r = _run(["detect", str(bad), "-o", str(out), "--model", str(tiny_model), "--progress", "none"])
+    assert r.returncode == 2
+    assert r.stderr.startswith("synomaly: error:") and "scan.nii.gz" in r.stderr
+    assert not out.exists()
+
+
+def test_missing_calibration_is_explained(tiny_model, volume, tmp_path):
+    r = _run(["detect", str(volume), "-o", str(tmp_path / "o"), "--model", str(tiny_model), "--fpr", "0.001"])
+    assert r.returncode == 3 and "calibrat" in r.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,91 @@
+"""Training lowers the loss, resumes exactly, fine-tunes keeping the card, and calibrates thresholds."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from synomaly.calibrate import calibrate
+from synomaly.modelio import load_model, read_card
+from synomaly.prepare import prepare_images_for_training
+from synomaly.sampledata import br35h_images
+from synomaly.train import TrainingSettings, load_checkpoint, new_card, train
+
+
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory):
+    """Twelve healthy Br35H slices for training and six others for validation (numbers < 1050)."""
+    return [str(p) for p in br35h_images("no", 0, 12)], [str(p) for p in br35h_images("no", 900, 906)]
+
+
+def _settings(**kw):
+    base = dict(iterations=40, batch_size=4, lr=1e-3, warmup=5, seed=3, device="cpu", precision="fp32",
+                checkpoint_every=10, validate_every=10, validation_slices=8)
+    base.update(kw)
+    return TrainingSettings(**base)
+
+
+def _card():
+    return new_card("tiny", grid=32, channels=(32, 32))
+
+
+def test_training_lowers_the_loss(healthy, tmp_path):
+    tr, va = healthy
+    summary = train(_card(), tr, va, tmp_path / "m.safetensors", _settings(iterations=60))
+    state = load_checkpoint(summary["checkpoint"])
+    losses = [v for _, v in state["history"]]
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+    card = read_card(tmp_path / "m.safetensors")
+    assert card.training["iterations"] == 60
+    assert card.training["training_scans"] == len(tr) and card.training["validation_scans"] == len(va)
+    assert card.training["validation_loss"] is not None
+    assert summary["noise_fraction"] < 0.1
+
+
+def test_resume_reproduces_the_uninterrupted_run(healthy, tmp_path):
+    tr, va = healthy
+    full = train(_card(), tr, va, tmp_path / "full.safetensors", _settings(iterations=20))
+    half = train(_card(), tr, va, tmp_path / "half.safetensors", _settings(iterations=10),
+                 checkpoint=tmp_path / "half.ckpt")
+    resumed = train(_card(), tr, va, tmp_path / "resumed.safetensors", _settings(iterations=20),
+                    resume=half["checkpoint"], checkpoint=tmp_path / "half.ckpt")
+    h_full = load_checkpoint(full["checkpoint"])["history"]
+    h_res = load_checkpoint(resumed["checkpoint"])["history"]
+    assert [i for i, _ in h_res] == list(range(1, 21))
+    assert np.allclose([v for _, v in h_full], [v for _, v in h_res], rtol=0, atol=1e-6)
+    a = load_model(tmp_path / "full.safetensors", device="cpu").network.state_dict()
+    b = load_model(tmp_path / "resumed.safetensors", device="cpu").network.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_fine_tuning_keeps_the_card_and_changes_the_weights(healthy, tmp_path):
+    tr, va = healthy
+    train(_card(), tr, va, tmp_path / "base.safetensors", _settings(iterations=10))
+    base = load_model(tmp_path / "base.safetensors", device="cpu")
+    state = {k: v.clone() for k, v in base.network.state_dict().items()}
+    card = base.card.copy()
+    card.training = {"name_of_base": base.card.name}
+    train(card, tr[:6], va, tmp_path / "tuned.safetensors", _settings(iterations=10, seed=9), base_state=state)
+    tuned = load_model(tmp_path / "tuned.safetensors", device="cpu")
+    assert tuned.card.network == base.card.network and tuned.card.grid_size == base.card.grid_size
+    assert tuned.card.noise == base.card.noise and tuned.card.normalisation == base.card.normalisation
+    assert tuned.card.training["fine_tuned_from"] == "tiny"
+    changed = [k for k, v in tuned.network.state_dict().items() if not torch.equal(v, state[k])]
+    assert len(changed) > len(state) // 2
+
+
+def test_calibrated_thresholds_hold_on_other_healthy_data(healthy, tmp_path):
+    tr, _ = healthy
+    train(_card(), tr, [], tmp_path / "c.safetensors", _settings(iterations=30))
+    model = load_model(tmp_path / "c.safetensors", device="cpu")
+    cal_x, cal_m, _ = prepare_images_for_training([str(p) for p in br35h_images("no", 100, 160)], model.card)
+    test_x, test_m, _ = prepare_images_for_training([str(p) for p in br35h_images("no", 200, 260)], model.card)
+    cal = calibrate(model, cal_x, cal_m, fprs=(1e-2,), max_stages=2)
+    thr = cal["thresholds"]["0.01"]
+    from synomaly.detect import run_stages
+
+    res = run_stages(model, test_x, test_m, t=model.card.detection.t, kernel=model.card.detection.blur_kernel,
+                     threshold=thr, max_stages=2, seed=5)
+    fpr = float((res.score[test_m] > thr).float().mean())
+    # other healthy images: the rate is about the target (a factor of three either way)
+    assert 0.01 / 3 < fpr < 0.01 * 3, fpr
