@@ -235,13 +235,11 @@ class SynomalyDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             label = entry["name"] + ("" if entry.get("source") != "user" else _(" (user)"))
             combo.addItem(label, entry["name"])
         combo.blockSignals(wasBlocked)
-        if not self._models:
-            self.ui.modelCardLabel.text = _("No model found. Train one in Synomaly Training or install a model file.")
         self._selectModelInComboBox(self._parameterNode.modelName if self._parameterNode else "")
 
     def _selectModelInComboBox(self, name: str) -> None:
         combo = self.ui.modelComboBox
-        index = combo.findData(name) if name else -1
+        index = combo.findData(name or engine.default_model_name())
         if index < 0 and combo.count > 0:
             index = 0
         combo.currentIndex = index
@@ -253,7 +251,11 @@ class SynomalyDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onModelChanged(self, index: int) -> None:
         entry = self._currentModelEntry()
-        self.ui.modelCardLabel.text = engine.model_summary(entry) if entry else ""
+        if entry:
+            self.ui.modelCardLabel.text = engine.model_summary(entry)
+        else:
+            self.ui.modelCardLabel.text = _("No model found. Train one in Synomaly Training or install a model file "
+                                            "(synomaly install-model).")
         if self._parameterNode and entry and self._parameterNode.modelName != entry["name"]:
             self._parameterNode.modelName = entry["name"]
         self._checkCanApply()
@@ -264,7 +266,11 @@ class SynomalyDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self._job is not None and self._job.state is runner.RunState.RUNNING
 
     def _checkCanApply(self, caller=None, event=None) -> None:
-        if self._isRunning():
+        running = self._isRunning()
+        for section in (self.ui.inputsCollapsibleButton, self.ui.sensitivityCollapsibleButton,
+                        self.ui.advancedCollapsibleButton, self.ui.outputsCollapsibleButton):
+            section.enabled = not running
+        if running:
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the detection; nothing is added to the scene")
             self.ui.applyButton.enabled = True
@@ -286,7 +292,9 @@ class SynomalyDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         entry = self._currentModelEntry()
         if entry is not None and "error" in entry:
             return _("The selected model cannot be used: {error}").format(error=entry["error"])
-        if params.sensitivityMode == FPR_MODE and entry is not None and "card" in entry:
+        if params.blurKernel and params.blurKernel % 2 == 0:
+            return _("The blur kernel must be odd (or 0 for the model's default)")
+        if params.sensitivityMode == FPR_MODE and entry is not None and "calibration" in entry.get("card", {}):
             if params.falsePositiveRate not in engine.calibrated_fprs(entry):
                 return _("The model is not calibrated for this false-positive rate; choose another one "
                          "or an explicit threshold")
@@ -298,7 +306,9 @@ class SynomalyDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelled; the scene is unchanged.")
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the detection."), waitCursor=True):
-            self.logic.ensureDependencies()
+            if engine.missing_packages():
+                self.logic.ensureDependencies()
+                self.refreshModels()  # the registry can now read the model cards
             self._job = self.logic.startDetection(self._parameterNode)
             self._result = None
             self._lesionIndex = -1
@@ -391,12 +401,9 @@ class SynomalyDetectLogic(ScriptedLoadableModuleLogic):
         dependencies.ensure_dependencies("SynomalyDetect")
 
     def environment(self) -> dict:
-        """The environment of engine processes: Slicer's startup environment plus the engine's folder."""
-        try:
-            base = slicer.util.startupEnvironment()
-        except Exception:
-            base = None
-        env = engine.engine_environment(base)
+        """The environment of engine processes: Slicer's own (as slicer.util.executePythonModule uses it)
+        with the engine's folder on PYTHONPATH, plus `extraEnvironment`."""
+        env = engine.engine_environment()
         env.update(self.extraEnvironment)
         return env
 
@@ -466,11 +473,20 @@ class SynomalyDetectLogic(ScriptedLoadableModuleLogic):
         return lesion
 
     def loadDemoVolume(self):
-        """The demo case (written by `synomaly demo-data` into Slicer's cache) as a volume node."""
+        """The demo case (written by `synomaly demo-data` into Slicer's cache) as a volume node;
+        the implanted lesion's true mask, when the engine wrote one, as a segmentation beside it."""
+        from SynomalyDetectLib import dependencies
+
+        dependencies.ensure_demo_data_package("SynomalyDetect")
         folder = os.path.join(slicer.app.cachePath, "Synomaly")
         path = engine.generate_demo_data(folder, self.python, self.environment())
         node = slicer.util.loadVolume(str(path))
         node.SetName(SAMPLE_NAME)
+        truth = path.with_name("demo_lesion_truth.seg.nrrd")
+        if truth.exists():
+            segmentation = slicer.util.loadSegmentation(str(truth))
+            segmentation.SetName(f"{SAMPLE_NAME} truth")
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(node)
         return node
 
 

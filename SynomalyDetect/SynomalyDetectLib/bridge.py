@@ -319,6 +319,20 @@ def assign_segmentation(scene, source, target=None, name: str = "", reference_vo
     return target
 
 
+def segment_array(scene, segmentation_node, segment_id: str, reference_volume) -> "Any":
+    """The binary mask (k, j, i) of one segment on the reference volume's grid (a copy)."""
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__synomaly_temp__")
+    try:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentation_node, ids, labelmap, reference_volume):
+            raise BridgeError(f"cannot export segment {segment_id}")
+        return (slicer.util.arrayFromVolume(labelmap) > 0).astype("uint8")
+    finally:
+        scene.RemoveNode(labelmap)
+
+
 def segment_names_and_colors(segmentation_node) -> list[tuple[str, str, tuple[float, float, float]]]:
     """(id, name, colour) of every segment, in order."""
     segmentation = segmentation_node.GetSegmentation()

@@ -8,7 +8,7 @@ Nothing happens at import time: call `ensure_dependencies()` when the user asks 
 
 from __future__ import annotations
 
-from .engine import PIP_REQUIREMENTS, TORCH_REQUIREMENT, missing_packages
+from .engine import DEMO_REQUIREMENT, PIP_REQUIREMENTS, TORCH_REQUIREMENT, missing_packages
 
 
 class DependencyError(RuntimeError):
@@ -64,3 +64,20 @@ def ensure_dependencies(requester: str = "Synomaly") -> None:
     if "torch" in missing:
         ensure_torch()
     ensure_pip_packages(requester)
+
+
+def ensure_demo_data_package(requester: str = "Synomaly") -> None:
+    """The demo case is built from the MNI152 template inside the `nilearn` wheel: install it (without
+    its dependencies, a few MB) after asking, if it is missing."""
+    import importlib.util
+
+    import slicer
+
+    if importlib.util.find_spec("nilearn") is not None:
+        return
+    question = (f"{requester} builds its demo case from the MNI152 brain template shipped in the '{DEMO_REQUIREMENT}' "
+                "Python package, which is not installed.\n\nInstall it now (without its dependencies)?")
+    if not slicer.util.confirmOkCancelDisplay(question, windowTitle=f"{requester}: install package"):
+        raise DependencyError(f"the demo case needs the '{DEMO_REQUIREMENT}' package")
+    with slicer.util.WaitCursor():
+        slicer.util.pip_install(f"--no-deps {DEMO_REQUIREMENT}")

@@ -22,6 +22,8 @@ PIP_REQUIREMENTS = {
     "safetensors": "safetensors>=0.4",
 }
 TORCH_REQUIREMENT = ">=2.1"
+#: The demo case is the MNI152 template from this wheel (installed with --no-deps).
+DEMO_REQUIREMENT = "nilearn"
 
 
 class EngineUnavailable(RuntimeError):
@@ -65,6 +67,14 @@ def _modelio():
 def list_models() -> list[dict[str, Any]]:
     """The engine's registry: [{"name", "path", "source", "card" | "error"}], user models first."""
     return _modelio().list_models()
+
+
+def default_model_name() -> str:
+    """The model the engine uses when none is named."""
+    try:
+        return str(_modelio().DEFAULT_MODEL)
+    except (EngineUnavailable, AttributeError):
+        return "brain-mri-axial"
 
 
 def user_models_dir() -> Path:
@@ -112,7 +122,10 @@ def calibrated_fprs(entry: Optional[Mapping[str, Any]]) -> list[float]:
 
 def generate_demo_data(out_dir: str | Path, python: Sequence[str], env: Optional[Mapping[str, str]] = None,
                        timeout: float = 600) -> Path:
-    """Have the engine write its demo case (healthy template with an implanted lesion); its path."""
+    """Have the engine write its demo case (healthy template with an implanted lesion); its path.
+
+    The engine also writes the implanted lesion's true mask next to it (demo_lesion_truth.seg.nrrd).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "demo_lesion.nrrd"

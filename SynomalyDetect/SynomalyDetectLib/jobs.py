@@ -129,6 +129,8 @@ class DetectionJob:
         self.temp_dir: Optional[Path] = None
         self.result: Optional[DetectionResult] = None
         self._check_input(input_volume)
+        if options.blur and int(options.blur) % 2 == 0:
+            raise JobError(f"the blur kernel must be odd, got {options.blur}")
         self.input_id = input_volume.GetID()
         self.input_name = input_volume.GetName()
         outputs = outputs or DetectionOutputs()

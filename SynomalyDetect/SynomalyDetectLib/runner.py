@@ -100,6 +100,8 @@ class ProcessRunner:
     (call it once the results have been read) after a success.
     """
 
+    PIPE_GRACE_S = 5.0
+
     def __init__(
         self,
         command: Sequence[str],
@@ -128,6 +130,7 @@ class ProcessRunner:
         self._queue: queue.Queue = queue.Queue()
         self._readers: list[threading.Thread] = []
         self._open_streams = 0
+        self._exited_at: Optional[float] = None
 
     # ------------------------------------------------------------------ running
 
@@ -199,10 +202,15 @@ class ProcessRunner:
                 self.stderr_tail.append(line)
                 if line.startswith(ERROR_PREFIX):
                     self.error_lines.append(line[len(ERROR_PREFIX):].strip())
-        if self.state is RunState.RUNNING and self._proc is not None and self._open_streams <= 0:
+        if self.state is RunState.RUNNING and self._proc is not None:
             code = self._proc.poll()
             if code is not None:
-                self._finish(code)
+                # Normally both pipes close with the process; a stray grandchild may hold them open,
+                # so an exited process counts as finished after a short grace period regardless.
+                if self._exited_at is None:
+                    self._exited_at = time.monotonic()
+                if self._open_streams <= 0 or time.monotonic() - self._exited_at > self.PIPE_GRACE_S:
+                    self._finish(code)
         return events
 
     def _keep_stdout(self, line: str) -> None:
@@ -223,7 +231,7 @@ class ProcessRunner:
         self.returncode = code
         self.ended_at = time.monotonic()
         for thread in self._readers:
-            thread.join(timeout=1.0)
+            thread.join(timeout=1.0 if self._open_streams <= 0 else 0.1)
         if code == 0:
             self.state = RunState.SUCCEEDED
         else:
@@ -379,10 +387,12 @@ def _signal_tree(proc: subprocess.Popen, descendants: list[int], polite: bool) -
 
 
 def python_command() -> list[str]:
-    """The Python interpreter to run the engine with: PythonSlicer inside Slicer, else this interpreter."""
+    """The Python to run the engine with: this interpreter, or PythonSlicer inside the Slicer application
+    (where sys.executable is Slicer itself; the same rule as slicer.util.executePythonModule)."""
     exe = Path(sys.executable)
-    if exe.stem.lower().startswith("slicer"):  # inside the Slicer application sys.executable is Slicer itself
-        launcher = shutil.which("PythonSlicer", path=str(exe.parent)) or shutil.which("PythonSlicer")
-        if launcher:
-            return [launcher]
-    return [sys.executable]
+    if "python" in exe.name.lower():
+        return [sys.executable]
+    launcher = shutil.which("PythonSlicer") or shutil.which("PythonSlicer", path=str(exe.parent))
+    if not launcher:
+        raise RuntimeError("the PythonSlicer executable was not found next to Slicer or on PATH")
+    return [launcher]

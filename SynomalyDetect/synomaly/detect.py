@@ -235,45 +235,55 @@ def postprocess(score: np.ndarray, threshold: float, spacing: tuple[float, ...],
 
 
 def lesion_table(labels: np.ndarray, score: np.ndarray, image: sitk.Image) -> list[dict[str, Any]]:
-    """One row per labelled component (labels/score in numpy (k, j, i) order of `image`), largest first."""
-    from scipy import ndimage
+    """One row per labelled component (labels/score in numpy (k, j, i) order of `image`), largest first.
 
-    n = int(labels.max())
+    Works on the labelled voxels only (bincount per label), so its cost follows the lesion volume,
+    not the image size.
+    """
+    n = int(labels.max()) if labels.size else 0
     if n == 0:
         return []
-    index = np.arange(1, n + 1)
-    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    maxs = ndimage.maximum(score, labels, index)
-    means = ndimage.mean(score, labels, index)
-    centres = ndimage.center_of_mass(np.ones_like(score, dtype=np.float32), labels, index)
-    boxes = ndimage.find_objects(labels)
+    coords = np.nonzero(labels)
+    lab = labels[coords]
+    vals = score[coords].astype(np.float64)
+    counts = np.bincount(lab, minlength=n + 1)[1:]
+    sums = np.bincount(lab, weights=vals, minlength=n + 1)[1:]
+    order = np.lexsort((vals, lab))
+    last = np.r_[np.nonzero(np.diff(lab[order]))[0], lab.size - 1]
+    maxs = vals[order][last]
+    ndim = labels.ndim
+    centre = np.zeros((n, ndim))
+    lo = np.zeros((n, ndim), dtype=np.int64)
+    hi = np.zeros((n, ndim), dtype=np.int64)
+    for axis in range(ndim):
+        c = coords[axis]
+        centre[:, axis] = np.bincount(lab, weights=c, minlength=n + 1)[1:] / counts
+        mn = np.full(n + 1, np.iinfo(np.int64).max)
+        mx = np.full(n + 1, -1, dtype=np.int64)
+        np.minimum.at(mn, lab, c)
+        np.maximum.at(mx, lab, c)
+        lo[:, axis], hi[:, axis] = mn[1:], mx[1:]
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
     rows = []
     for i in range(n):
-        c = centres[i][::-1]  # numpy (k, j, i) -> index (i, j, k)
+        c = centre[i][::-1]  # numpy (k, j, i) -> index (i, j, k)
         lps = image.TransformContinuousIndexToPhysicalPoint([float(v) for v in c])
         ras = (-lps[0], -lps[1], lps[2] if len(lps) > 2 else 0.0)
-        box = boxes[i]
-        lo = [sl.start for sl in box][::-1]
-        hi = [sl.stop - 1 for sl in box][::-1]
-        while len(lo) < 3:
-            lo.append(0)
-            hi.append(0)
+        b0 = list(lo[i][::-1]) + [0] * (3 - ndim)
+        b1 = list(hi[i][::-1]) + [0] * (3 - ndim)
         rows.append({
             "voxels": int(counts[i]),
             "volume_ml": round(float(counts[i]) * voxel_ml, 4),
             "max_score": round(float(maxs[i]), 4),
-            "mean_score": round(float(means[i]), 4),
+            "mean_score": round(float(sums[i] / counts[i]), 4),
             "centroid_r": round(float(ras[0]), 2),
             "centroid_a": round(float(ras[1]), 2),
             "centroid_s": round(float(ras[2]), 2),
-            "bbox_i0": int(lo[0]), "bbox_j0": int(lo[1]), "bbox_k0": int(lo[2]),
-            "bbox_i1": int(hi[0]), "bbox_j1": int(hi[1]), "bbox_k1": int(hi[2]),
+            "bbox_i0": int(b0[0]), "bbox_j0": int(b0[1]), "bbox_k0": int(b0[2]),
+            "bbox_i1": int(b1[0]), "bbox_j1": int(b1[1]), "bbox_k1": int(b1[2]),
         })
     rows.sort(key=lambda r: -r["voxels"])
-    for i, r in enumerate(rows, start=1):
-        r["id"] = i
-    return [{"id": r.pop("id"), **r} for r in rows]
+    return [{"id": i, **r} for i, r in enumerate(rows, start=1)]
 
 
 def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = None,

@@ -7,12 +7,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .card import ModelCard, ModelCardError
-from .device import autocast, autocast_dtype, resolve_device
+
+if TYPE_CHECKING:  # torch loads on first use, so listing models and reading cards need no torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ class SynomalyModel:
 
     def __init__(self, card: ModelCard, network: torch.nn.Module, path: Path | None = None,
                  device: str | torch.device = "cpu", precision: str = "auto") -> None:
+        import torch
+
+        from .device import autocast_dtype, resolve_device
         from .schedule import cosine_alphas_cumprod
 
         self.card = card
@@ -67,10 +70,13 @@ class SynomalyModel:
         """Move to another device (re-choosing mixed precision)."""
         return SynomalyModel(self.card, self.network, self.path, device, precision or self.precision)
 
-    @torch.no_grad()
     def predict_noise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Network output for x (N, 1, H, W) in [-1, 1] at timesteps t (N,) long; float32 (N, 1, H, W)."""
         import time
+
+        import torch
+
+        from .device import autocast
 
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"x must have shape (N, 1, H, W), got {tuple(x.shape)}")
@@ -78,7 +84,7 @@ class SynomalyModel:
         x = x.to(self.device, torch.float32)
         if self.device.type == "cpu" and self.dtype is not None:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.dtype):
+        with torch.no_grad(), autocast(self.device, self.dtype):
             out = self.network(x, timesteps=t.to(self.device).long())
         out = out.float().contiguous()
         if self.device.type == "cuda":
@@ -132,6 +138,7 @@ def read_card(path: str | Path) -> ModelCard:
 def load_model(path_or_name: str | Path = DEFAULT_MODEL, device: str | torch.device = "auto",
                precision: str = "auto") -> SynomalyModel:
     """Load a model by registry name or file path, checking card and tensor shapes."""
+    import torch
     from safetensors.torch import load_file
 
     path = resolve_model_path(path_or_name)
@@ -162,6 +169,7 @@ def load_model(path_or_name: str | Path = DEFAULT_MODEL, device: str | torch.dev
 
 def save_model(path: str | Path, card: ModelCard, state_dict: dict[str, torch.Tensor]) -> Path:
     """Write weights + card atomically (temporary file, then rename)."""
+    import torch
     from safetensors.torch import save_file
 
     card.validate()

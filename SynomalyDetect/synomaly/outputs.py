@@ -56,7 +56,7 @@ def write_segmentation(seg: sitk.Image, path: str | Path, name: str = "Anomaly",
     }
     for key, value in fields.items():
         seg.SetMetaData(key, value)
-    sitk.WriteImage(seg, str(path), useCompression=True)
+    sitk.WriteImage(seg, str(path), useCompression=True, compressionLevel=1)
 
 
 def write_lesions_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
@@ -96,20 +96,16 @@ def overview_image(image: sitk.Image, counterfactual: sitk.Image, score: sitk.Im
         arrays = [np.ascontiguousarray(orient_array(a, tr, fl)) for a in arrays]
         sp = np.array(img.GetSpacing())[::-1][list(tr)]
         spacing_rc = (float(sp[1]), float(sp[2]))
-        seg_o = arrays[3] > 0
+        area = (arrays[3] > 0).reshape(arrays[3].shape[0], -1).sum(1)
         picks = []
-        if seg_o.any():
-            from scipy import ndimage
-
-            labels, n = ndimage.label(seg_o)
-            sizes = np.bincount(labels.ravel())[1:]
-            for lab in np.argsort(-sizes)[: max_rows]:
-                z = int(round(ndimage.center_of_mass(labels == lab + 1)[0]))
-                if z not in picks:
-                    picks.append(z)
+        for z in np.argsort(-area, kind="stable"):
+            if area[z] == 0 or len(picks) >= max_rows:
+                break
+            if all(abs(int(z) - p) > 4 for p in picks):
+                picks.append(int(z))
         if not picks:
             fg = arrays[0].reshape(arrays[0].shape[0], -1)
-            z_mid = int(np.argmax((fg > np.percentile(fg, 50)).sum(1)))
+            z_mid = int(np.argmax((fg > np.percentile(fg[::7], 50)).sum(1)))
             picks = [z_mid]
     vin, vcf, vsc, vseg = arrays
     lo, hi = np.percentile(vin, [0.5, 99.5])
@@ -158,8 +154,8 @@ def write_results(result, image: sitk.Image, outdir: str | Path, overwrite: bool
         "report": "report.json",
     }
     try:
-        sitk.WriteImage(result.counterfactual, str(tmp / files["counterfactual"]), useCompression=True)
-        sitk.WriteImage(result.anomaly_map, str(tmp / files["anomaly_map"]), useCompression=True)
+        sitk.WriteImage(result.counterfactual, str(tmp / files["counterfactual"]), useCompression=True, compressionLevel=1)
+        sitk.WriteImage(result.anomaly_map, str(tmp / files["anomaly_map"]), useCompression=True, compressionLevel=1)
         write_segmentation(result.segmentation, tmp / files["segmentation"])
         write_lesions_csv(result.lesions, tmp / files["lesions"])
         picture = overview_image(image, result.counterfactual, result.anomaly_map, result.segmentation,

@@ -354,3 +354,13 @@ def new_card(name: str, grid: int = 64, channels: tuple[int, ...] = (32, 64, 128
         noise=NoiseSettings(kind=noise_kind, sigma=3.0 * grid / 128, tau=175.0, offset=0.5, polarity=polarity),
         detection=DetectionDefaults(t=200, blur_kernel=blur, threshold=0.25, max_stages=5),
     )
+
+
+def model_from_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the EMA weights of a checkpoint as a model file (a snapshot of a run still going)."""
+    from .modelio import save_model
+
+    state = load_checkpoint(checkpoint)
+    card = ModelCard.from_json(state["card"])
+    card.training = {"snapshot_of_checkpoint_at_iteration": int(state["iteration"])}
+    return save_model(out, card, state["ema"])

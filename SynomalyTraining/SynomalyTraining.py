@@ -1,0 +1,478 @@
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+from slicer.parameterNodeWrapper import (
+    Choice,
+    WithinRange,
+    parameterNodeWrapper,
+)
+
+from slicer import vtkMRMLScalarVolumeNode
+
+from SynomalyDetectLib import engine, jobs, review, runner
+
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+FROM_SCRATCH = ""
+
+#: Parameter-node fields that the widget sets itself: the checkable volume list and the base-model
+#: combo box (the registry changes at run time, so it cannot be a static Choice).
+CODE_MANAGED_PARAMETERS = ("trainingVolumes", "baseModel")
+
+
+#
+# SynomalyTraining
+#
+
+
+class SynomalyTraining(ScriptedLoadableModule):
+    """Train or fine-tune a Synomaly model on local healthy scans; SynomalyDetect lists it at once."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("Synomaly Training")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = ["SynomalyDetect"]
+        self.parent.contributors = ["SynomalyExtension contributors"]
+        self.parent.helpText = _("""
+Train a Synomaly anomaly-detection model from scratch, or fine-tune an installed one, on healthy scans
+only (volumes in the scene and/or a folder). Training runs in the background with a live loss curve;
+it can be cancelled and resumed. When done, the model is calibrated on held-out healthy scans and
+installed into your user model folder, where Synomaly Detect finds it.
+See the <a href="https://github.com/synomaly/SynomalyExtension#readme">documentation</a>.
+""")
+        self.parent.acknowledgementText = _("""
+Method: C. Bi et al., Medical Image Analysis 2025 (arXiv 2411.04004). Networks from MONAI.
+""")
+
+
+#
+# SynomalyTrainingParameterNode
+#
+
+
+@parameterNodeWrapper
+class SynomalyTrainingParameterNode:
+    """
+    trainingVolumes - healthy scans in the scene.
+    dataFolder - a folder of healthy scans (optional).
+    validationFolder - held-out healthy scans for validation and calibration (optional; default: a split).
+    baseModel - model to fine-tune (empty: train from scratch).
+    iterations, batchSize, learningRate, device - training settings.
+    modelName - name of the new model in the user model folder.
+    """
+
+    trainingVolumes: list[vtkMRMLScalarVolumeNode]
+    dataFolder: str = ""
+    validationFolder: str = ""
+    baseModel: str = FROM_SCRATCH
+    iterations: Annotated[int, WithinRange(10, 1000000)] = 2000
+    batchSize: Annotated[int, WithinRange(1, 512)] = 16
+    learningRate: Annotated[float, WithinRange(0.0000001, 0.1)] = 0.0002
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    modelName: str = "my-healthy-model"
+
+
+#
+# SynomalyTrainingWidget
+#
+
+
+class SynomalyTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: data, settings, Train/Cancel, Resume, loss curve, user models."""
+
+    POLL_INTERVAL_MS = 500
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._timer = None
+        self._updatingGui = False
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SynomalyTraining.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SynomalyTrainingLogic()
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(self.POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onPoll)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.trainingVolumesComboBox.connect("checkedNodesChanged()", self.onTrainingVolumesChanged)
+        self.ui.baseModelComboBox.connect("currentIndexChanged(int)", self.onBaseModelChanged)
+        self.ui.browseDataFolderButton.connect("clicked(bool)", lambda: self._browseFolder("dataFolder"))
+        self.ui.browseValidationFolderButton.connect("clicked(bool)", lambda: self._browseFolder("validationFolder"))
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
+        self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
+        self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
+        self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
+        self.ui.progressBar.hide()
+
+        self.initializeParameterNode()
+        self.refreshModels()
+
+    def cleanup(self) -> None:
+        self._cancelJob()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self._cancelJob()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode: Optional[SynomalyTrainingParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._showCodeManagedParameters()
+            self._updateButtons()
+
+    # -------------------------------------------------------------- code-managed parameters
+
+    def _showCodeManagedParameters(self) -> None:
+        self._updatingGui = True
+        try:
+            checked = {node.GetID() for node in self._parameterNode.trainingVolumes if node}
+            combo = self.ui.trainingVolumesComboBox
+            for index in range(combo.nodeCount()):
+                node = combo.nodeFromIndex(index)
+                combo.setCheckState(node, qt.Qt.Checked if node.GetID() in checked else qt.Qt.Unchecked)
+            index = self.ui.baseModelComboBox.findData(self._parameterNode.baseModel)
+            self.ui.baseModelComboBox.currentIndex = max(index, 0)
+        finally:
+            self._updatingGui = False
+
+    def onTrainingVolumesChanged(self) -> None:
+        if self._parameterNode and not self._updatingGui:
+            self._parameterNode.trainingVolumes = list(self.ui.trainingVolumesComboBox.checkedNodes())
+
+    def onBaseModelChanged(self, index: int) -> None:
+        if self._parameterNode and not self._updatingGui:
+            self._parameterNode.baseModel = self.ui.baseModelComboBox.itemData(index) or FROM_SCRATCH
+
+    def _browseFolder(self, field: str) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Choose a folder of healthy scans"),
+                                                     getattr(self._parameterNode, field) or "")
+        if folder:
+            setattr(self._parameterNode, field, folder)
+
+    # -------------------------------------------------------------- user models
+
+    def refreshModels(self) -> None:
+        """Fill the base-model and user-model lists from the registry."""
+        models = self.logic.listModels()
+        self._updatingGui = True
+        try:
+            base = self.ui.baseModelComboBox
+            base.clear()
+            base.addItem(_("(none: train from scratch)"), FROM_SCRATCH)
+            for entry in models:
+                if "card" in entry:
+                    base.addItem(f"{entry['name']} ({entry.get('source', '')})", entry["name"])
+            user = self.ui.userModelsComboBox
+            user.clear()
+            for entry in models:
+                if entry.get("source") == "user":
+                    user.addItem(entry["name"], entry["name"])
+        finally:
+            self._updatingGui = False
+        if self._parameterNode:
+            self._showCodeManagedParameters()
+        self._updateButtons()
+
+    def onRemoveModel(self) -> None:
+        name = self.ui.userModelsComboBox.currentData
+        if not name:
+            return
+        if not slicer.util.confirmYesNoDisplay(_("Delete the model '{name}' from your user model folder?").format(name=name)):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not remove the model."), waitCursor=True):
+            self.logic.removeModel(name)
+        self.refreshModels()
+        _refreshDetectModule()
+
+    def onOpenModelsFolder(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("The model folder is not available yet."), waitCursor=True):
+            folder = self.logic.modelsFolder()
+            folder.mkdir(parents=True, exist_ok=True)
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
+
+    # -------------------------------------------------------------- train / cancel / resume
+
+    def _isRunning(self) -> bool:
+        return self._job is not None and self._job.state is runner.RunState.RUNNING
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        running = self._isRunning()
+        for section in (self.ui.dataCollapsibleButton, self.ui.settingsCollapsibleButton,
+                        self.ui.modelsCollapsibleButton):
+            section.enabled = not running
+        if running:
+            self.ui.trainButton.text = _("Cancel")
+            self.ui.trainButton.toolTip = _("Stop training; a checkpoint is kept so that you can resume")
+            self.ui.trainButton.enabled = True
+            self.ui.resumeButton.enabled = False
+            return
+        self.ui.trainButton.text = _("Train")
+        params = self._parameterNode
+        problem = None
+        if not params:
+            problem = _("No parameter node")
+        elif not params.trainingVolumes and not params.dataFolder:
+            problem = _("Choose healthy scans: volumes in the scene and/or a folder")
+        elif not jobs.valid_model_name(params.modelName):
+            problem = _("Give the model a name (letters, digits, '-', '_' and '.')")
+        self.ui.trainButton.enabled = problem is None
+        self.ui.trainButton.toolTip = problem or _("Train in the background")
+        canResume = problem is None and self.logic.checkpointExists(params.modelName)
+        self.ui.resumeButton.enabled = canResume
+        self.ui.resumeButton.toolTip = (_("Continue the interrupted training of this model") if canResume
+                                        else _("No interrupted training of this model to resume"))
+        self.ui.removeModelButton.enabled = self.ui.userModelsComboBox.count > 0
+
+    def onTrainButton(self) -> None:
+        if self._isRunning():
+            self._cancelJob()
+            self.ui.statusLabel.text = _("Cancelled. Resume continues from the last checkpoint.")
+            return
+        self._start(resume=False)
+
+    def onResumeButton(self) -> None:
+        self._start(resume=True)
+
+    def _start(self, resume: bool) -> None:
+        params = self._parameterNode
+        if not resume and self.logic.modelExists(params.modelName):
+            if not slicer.util.confirmYesNoDisplay(
+                    _("A user model named '{name}' exists. Replace it when training finishes?").format(name=params.modelName)):
+                return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
+            if engine.missing_packages():
+                self.logic.ensureDependencies()
+                self.refreshModels()
+            self._job = self.logic.startTraining(params, resume=resume)
+            self.ui.progressBar.maximum = 0
+            self.ui.progressBar.show()
+            self.ui.statusLabel.text = _("Preparing the training data...")
+            self._timer.start()
+        self._updateButtons()
+
+    def _cancelJob(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        if self._job is not None:
+            self._job.cancel()
+            self._job = None
+        self.ui.progressBar.hide()
+        self._updateButtons()
+
+    def onPoll(self) -> None:
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        for event in job.poll():
+            if event.total > 0:
+                self.ui.progressBar.maximum = event.total
+                self.ui.progressBar.value = event.done
+                self.ui.progressBar.format = f"{event.stage} %p%"
+            text = event.describe()
+            if "loss" in event.extra:
+                text += f"  loss {float(event.extra['loss']):.4g}"
+            if "it_per_s" in event.extra:
+                text += f"  ({float(event.extra['it_per_s']):.1f} it/s)"
+            self.ui.statusLabel.text = text
+        if job.state is runner.RunState.RUNNING:
+            return
+        self._timer.stop()
+        self._job = None
+        self.ui.progressBar.hide()
+        if job.state is runner.RunState.SUCCEEDED:
+            self.ui.statusLabel.text = _("Model '{name}' is trained, calibrated and installed.").format(name=job.options.name)
+            self.refreshModels()
+            _refreshDetectModule()
+        elif job.state is runner.RunState.FAILED:
+            self.ui.statusLabel.text = _("Training failed.")
+            slicer.util.errorDisplay(_("Training failed:\n\n{message}").format(message=job.error_message))
+        self._updateButtons()
+
+
+def _refreshDetectModule() -> None:
+    """Make Synomaly Detect list the current models (if its panel has been opened)."""
+    try:
+        widget = slicer.modules.synomalydetect.widgetRepresentation().self()
+    except Exception:
+        return
+    if hasattr(widget, "refreshModels"):
+        widget.refreshModels()
+
+
+#
+# SynomalyTrainingLogic
+#
+
+
+class SynomalyTrainingLogic(ScriptedLoadableModuleLogic):
+    """Training without the GUI: a TrainingJob from parameters, the loss chart, the user model folder."""
+
+    def __init__(self, runnerFactory=None, python=None, extraEnvironment=None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.runnerFactory = runnerFactory or runner.ProcessRunner
+        self.python = list(python) if python else runner.python_command()
+        self.extraEnvironment = dict(extraEnvironment or {})
+
+    def getParameterNode(self):
+        return SynomalyTrainingParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def ensureDependencies() -> None:
+        from SynomalyDetectLib import dependencies
+
+        dependencies.ensure_dependencies("SynomalyTraining")
+
+    def environment(self) -> dict:
+        env = engine.engine_environment()
+        env.update(self.extraEnvironment)
+        return env
+
+    @staticmethod
+    def listModels() -> list:
+        try:
+            return engine.list_models()
+        except engine.EngineUnavailable as exc:
+            logging.info(f"Synomaly model registry unavailable: {exc}")
+            return []
+
+    def modelsFolder(self):
+        """The user model folder (the engine's SYNOMALY_MODELS_DIR or per-user default)."""
+        override = self.extraEnvironment.get("SYNOMALY_MODELS_DIR")
+        return Path(override) if override else engine.user_models_dir()
+
+    def modelExists(self, name: str) -> bool:
+        try:
+            return (self.modelsFolder() / f"{name}.safetensors").exists()
+        except engine.EngineUnavailable:
+            return False
+
+    def checkpointPath(self, name: str):
+        return engine.checkpoint_path(name, self.modelsFolder())
+
+    def checkpointExists(self, name: str) -> bool:
+        try:
+            return jobs.valid_model_name(name) and self.checkpointPath(name).exists()
+        except engine.EngineUnavailable:
+            return False
+
+    def removeModel(self, name: str) -> None:
+        path = self.modelsFolder() / f"{name}.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"no user model named {name!r} in {self.modelsFolder()}")
+        path.unlink()
+
+    @staticmethod
+    def optionsFromParameters(params: SynomalyTrainingParameterNode) -> jobs.TrainingOptions:
+        return jobs.TrainingOptions(name=params.modelName.strip(), base=params.baseModel, iterations=params.iterations,
+                                    batch_size=params.batchSize, lr=params.learningRate, device=params.device)
+
+    def startTraining(self, params: SynomalyTrainingParameterNode, resume: bool = False, scene=None,
+                      showChart: bool = True) -> jobs.TrainingJob:
+        """Start training from the parameter node's data and settings; poll the returned job."""
+        options = self.optionsFromParameters(params)
+        return self.start(options, list(params.trainingVolumes), [params.dataFolder] if params.dataFolder else [],
+                          [params.validationFolder] if params.validationFolder else [], resume=resume,
+                          scene=scene, showChart=showChart)
+
+    def start(self, options: jobs.TrainingOptions, volumes=(), folders=(), validationFolders=(), resume=False,
+              scene=None, showChart: bool = True) -> jobs.TrainingJob:
+        scene = scene or slicer.mrmlScene
+        job = jobs.TrainingJob(scene, options, volumes, folders, validationFolders, python=self.python,
+                               env=self.environment(), temp_root=slicer.app.temporaryPath,
+                               checkpoint=self.checkpointPath(options.name), resume=resume,
+                               runner_factory=self.runnerFactory)
+        job.start()
+        if showChart:
+            chart = review.show_loss_chart(scene, job.loss_table, f"{options.name} training loss")
+            job.adopt(*review.chart_nodes(scene, chart))
+        return job
+
+    def train(self, options: jobs.TrainingOptions, volumes=(), folders=(), validationFolders=(), resume=False,
+              timeout: Optional[float] = None) -> jobs.TrainingJob:
+        """Train to the end (blocking; for scripts and tests)."""
+        job = self.start(options, volumes, folders, validationFolders, resume=resume, showChart=False)
+        state = job.wait(timeout)
+        if state is runner.RunState.RUNNING:
+            job.cancel()
+            raise TimeoutError("training did not finish in time")
+        if state is not runner.RunState.SUCCEEDED:
+            raise RuntimeError(job.error_message or f"training {state.value}")
+        return job
+
+
+#
+# SynomalyTrainingTest
+#
+
+
+class SynomalyTrainingTest(ScriptedLoadableModuleTest):
+    """Runs Testing/Python/SynomalyTrainingSelfTest.py (a stand-in engine; no torch or GPU needed)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        import importlib.util
+        import unittest
+
+        self.setUp()
+        path = os.path.join(os.path.dirname(__file__), "Testing", "Python", "SynomalyTrainingSelfTest.py")
+        spec = importlib.util.spec_from_file_location("SynomalyTrainingSelfTest", path)
+        selfTests = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(selfTests)
+        suite = unittest.defaultTestLoader.loadTestsFromModule(selfTests)
+        outcome = unittest.TextTestRunner(verbosity=2).run(suite)
+        self.assertTrue(outcome.wasSuccessful(), "Synomaly training self-tests failed; see the Python console")
+        self.delayDisplay("Test passed")

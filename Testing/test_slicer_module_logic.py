@@ -1,0 +1,186 @@
+"""Smoke tests of the module files' Logic classes outside the Slicer application.
+
+slicer-core provides MRML but not the application layer (Qt, ScriptedLoadableModule, the parameter
+node wrapper), so those are replaced here by minimal stand-ins; the MRML scene, the library and the
+engine processes are real. The widgets themselves can only be exercised inside Slicer (self-tests).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import sys
+import types
+import typing
+import unittest
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from slicer_support import ROOT, app_scene, fake_python, slicer
+
+from SynomalyDetectLib import bridge, jobs
+
+
+def _stub_parameter_node_wrapper():
+    module = types.ModuleType("slicer.parameterNodeWrapper")
+
+    class Choice:
+        def __init__(self, choices):
+            self.choices = list(choices)
+
+    class WithinRange:
+        def __init__(self, low, high):
+            self.low, self.high = low, high
+
+    def parameterNodeWrapper(cls):
+        annotations = typing.get_type_hints(cls, include_extras=True)
+
+        class Wrapped:
+            def __init__(self, node):
+                self.parameterNode = node
+                for name, annotation in annotations.items():
+                    base = typing.get_args(annotation)[0] if typing.get_origin(annotation) is typing.Annotated else annotation
+                    if hasattr(cls, name):
+                        value = copy.copy(getattr(cls, name))
+                    elif typing.get_origin(base) is list:
+                        value = []
+                    else:
+                        value = None
+                    setattr(self, name, value)
+
+        Wrapped.__name__ = Wrapped.__qualname__ = cls.__name__
+        Wrapped.fields = tuple(annotations)
+        return Wrapped
+
+    module.Choice, module.WithinRange, module.parameterNodeWrapper = Choice, WithinRange, parameterNodeWrapper
+    return module
+
+
+def _stub_scripted_loadable_module():
+    module = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            pass
+
+        def getParameterNode(self):
+            return slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        pass
+
+    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
+                ScriptedLoadableModuleTest):
+        setattr(module, cls.__name__, cls)
+    return module
+
+
+@pytest.fixture
+def slicer_app(monkeypatch, tmp_path):
+    """The application layer of Slicer replaced by stand-ins; a real MRML scene as slicer.mrmlScene."""
+    scene = app_scene()
+    app = types.SimpleNamespace(temporaryPath=str(tmp_path / "tmp"), cachePath=str(tmp_path / "cache"),
+                                connect=lambda *args: None)
+    os.makedirs(app.temporaryPath)
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    for name, module in (("qt", types.ModuleType("qt")), ("ctk", types.ModuleType("ctk")), ("slicer.i18n", i18n),
+                         ("slicer.ScriptedLoadableModule", _stub_scripted_loadable_module()),
+                         ("slicer.parameterNodeWrapper", _stub_parameter_node_wrapper())):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    monkeypatch.setattr(slicer.util, "resetSliceViews", lambda: None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # engine processes inherit Slicer's environment
+    for name in ("SynomalyDetect", "SynomalyTraining"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return scene
+
+
+def load_module(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / name / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def demo_volume(scene):
+    k, j, i = np.mgrid[:8, :32, :32].astype(np.float32)
+    array = np.where((i - 16) ** 2 + (j - 16) ** 2 < 144, 100.0, 0.0)
+    array[(i - 20) ** 2 + (j - 12) ** 2 + ((k - 4) * 3) ** 2 < 9] = 400.0
+    return bridge.add_volume_from_sitk(scene, sitk.GetImageFromArray(array.astype(np.float32)), "demo")
+
+
+def test_detect_module_parameter_node_defaults_and_options(slicer_app):
+    module = load_module("SynomalyDetect")
+    params = module.SynomalyDetectLogic(python=fake_python()).getParameterNode()
+    assert params.sensitivityMode == module.FPR_MODE and params.falsePositiveRate == 0.001
+    assert params.outputSegmentation is None and params.showResults is True
+    options = module.SynomalyDetectLogic.optionsFromParameters(params)
+    assert options.fpr == 0.001 and options.threshold is None and options.device == "auto"
+    params.sensitivityMode, params.threshold = module.THRESHOLD_MODE, 0.4
+    options = module.SynomalyDetectLogic.optionsFromParameters(params)
+    assert options.fpr is None and options.threshold == 0.4
+
+
+def test_detect_module_logic_runs_a_detection_and_reviews_it(slicer_app):
+    module = load_module("SynomalyDetect")
+    logic = module.SynomalyDetectLogic(python=fake_python())
+    params = logic.getParameterNode()
+    params.inputVolume = demo_volume(slicer_app)
+    job = logic.startDetection(params)
+    assert job.wait(60).value == "succeeded", job.error_message
+    result = logic.finishDetection(job, showResults=True)
+    assert len(result.created) == 4 and len(result.lesions) == 1
+    assert slicer_app.GetFirstNodeByClass("vtkMRMLLayoutNode").GetViewArrangement() == \
+        slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    lesion = logic.jumpToLesion(result.lesions[0], result.segmentation)
+    red = next(slicer_app.GetNthNodeByClass(i, "vtkMRMLSliceNode") for i in range(3)
+               if slicer_app.GetNthNodeByClass(i, "vtkMRMLSliceNode").GetLayoutName() == "Red")
+    assert red.GetSliceOffset() == pytest.approx(lesion.centroid_ras[2])
+
+
+def test_detect_module_logic_process_reports_engine_errors(slicer_app):
+    module = load_module("SynomalyDetect")
+    logic = module.SynomalyDetectLogic(python=fake_python(), extraEnvironment={"FAKE_SYNOMALY_FAIL": "2"})
+    with pytest.raises(RuntimeError, match="fake failure requested"):
+        logic.process(demo_volume(slicer_app), jobs.DetectionOptions(), timeout=60)
+
+
+def test_detect_module_lists_models_from_the_engine_registry(slicer_app, tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNOMALY_MODELS_DIR", str(tmp_path / "models"))
+    module = load_module("SynomalyDetect")
+    models = module.SynomalyDetectLogic.listModels()
+    assert isinstance(models, list)
+    assert all({"name", "path", "source"} <= set(m) for m in models)
+
+
+def test_training_module_logic_trains_installs_and_removes(slicer_app, tmp_path):
+    load_module("SynomalyDetect")
+    module = load_module("SynomalyTraining")
+    models = tmp_path / "models"
+    logic = module.SynomalyTrainingLogic(python=fake_python(), extraEnvironment={"SYNOMALY_MODELS_DIR": str(models)})
+    params = logic.getParameterNode()
+    assert params.trainingVolumes == [] and params.baseModel == ""
+    params.trainingVolumes = [demo_volume(slicer_app)]
+    params.modelName, params.iterations = "smoke", 10
+    job = logic.startTraining(params)
+    assert job.wait(60).value == "succeeded", job.error_message
+    assert logic.modelExists("smoke") and not logic.checkpointExists("smoke")
+    charts = slicer_app.GetNumberOfNodesByClass("vtkMRMLPlotChartNode")
+    assert charts == 1
+    logic.removeModel("smoke")
+    assert not logic.modelExists("smoke")
