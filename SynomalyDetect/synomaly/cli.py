@@ -447,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .datasets import add_prepare_parser
 
     add_prepare_parser(sub)
+
+    from .evaluate import add_evaluate_parser
+
+    add_evaluate_parser(sub)
     return p
 
 
