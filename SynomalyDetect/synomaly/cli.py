@@ -147,6 +147,7 @@ def cmd_detect(args) -> int:
         from .errors import OutputError
 
         raise OutputError(f"{out} already exists; choose another folder or pass --overwrite")
+    _check_writable(out)
     progress("read", 0, 1, f"reading {args.input}")
     image = read_image(args.input, series_id=args.series, color="reject")
     if args.expect == "volume" and (image.GetDimension() == 2 or min(image.GetSize()) == 1):
@@ -167,6 +168,21 @@ def cmd_detect(args) -> int:
         print(message)
         print(f"outputs in {out} (overview picture: {files['overview']})")
     return 0
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before a long detection if the results could not be written where asked."""
+    import tempfile
+
+    from .errors import OutputError
+
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write results in {parent}: {exc.strerror}") from exc
 
 
 def add_detection_arguments(d: argparse.ArgumentParser) -> None:

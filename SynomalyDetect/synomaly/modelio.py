@@ -104,19 +104,28 @@ def _read_header(path: Path) -> dict[str, Any]:
         raise ModelFileError(f"model file {path} is empty or truncated ({size} bytes)")
     with open(path, "rb") as fh:
         head = fh.read(8)
-        if head[:2] == b"\x80\x02" or head[:1] == b"\x80" or head[:2] == b"PK":
+        n = int.from_bytes(head, "little")
+        # a safetensors header is a JSON object right after its length; only if it is not there can the
+        # file be a pickle (a valid length may itself begin with the byte 0x80 or the letters PK)
+        plausible = 0 < n <= 100_000_000 and 8 + n <= size and fh.read(1) == b"{"
+        if not plausible and (head[:1] == b"\x80" or head[:2] == b"PK"):
             raise ModelFileError(
                 f"{path} is a pickled PyTorch checkpoint, not a safetensors model file; pickles can run code "
-                "when loaded and are refused (convert trusted checkpoints with `synomaly convert`)"
+                "when loaded and are refused"
             )
-        n = int.from_bytes(head, "little")
-        if n <= 0 or n > 100_000_000 or 8 + n > size:
+        if not plausible:
             raise ModelFileError(f"{path} is not a valid safetensors file (bad header length; truncated or another format)")
+        fh.seek(8)
         try:
             header = json.loads(fh.read(n).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelFileError(f"{path} has a corrupt safetensors header: {exc}") from exc
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise ModelFileError(f"{path} has a corrupt safetensors header (not a JSON object of tensors)")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path} has a corrupt safetensors header (a tensor without valid data_offsets)") from exc
     if 8 + n + end > size:
         raise ModelFileError(f"{path} is truncated: the header promises {8 + n + end} bytes, the file has {size}")
     return header
@@ -181,6 +190,7 @@ def save_model(path: str | Path, card: ModelCard, state_dict: dict[str, torch.Te
         save_file(tensors, str(tmp), metadata={CARD_KEY: card.to_json()})
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # safetensors creates its file private; a model file is meant to be shared
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -132,6 +132,14 @@ def overview_image(image: sitk.Image, counterfactual: sitk.Image, score: sitk.Im
     return np.concatenate(rows, axis=0)
 
 
+def _disk_nearly_full(folder: Path) -> bool:
+    """Whether less than 1 MiB is free where `folder` lies (ITK reports a full disk only as a failed write)."""
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
+
+
 def write_results(result, image: sitk.Image, outdir: str | Path, overwrite: bool = False) -> dict[str, str]:
     """Write all outputs atomically into `outdir`; refuses to replace an existing folder unless overwrite."""
     import imageio.v3 as iio
@@ -165,15 +173,23 @@ def write_results(result, image: sitk.Image, outdir: str | Path, overwrite: bool
         if outdir.exists():
             old = parent / f".{outdir.name}.old-{os.getpid()}"
             os.replace(outdir, old)
-            os.replace(tmp, outdir)
+            try:
+                os.replace(tmp, outdir)
+            except BaseException:
+                os.replace(old, outdir)  # put the earlier results back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, outdir)
     except BaseException as exc:
+        full = _disk_nearly_full(parent)  # before the temporary folder is removed and its space freed
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or (
+                full and isinstance(exc, (OSError, RuntimeError))):
             raise OutputError(f"disk full while writing results to {outdir}; nothing was written") from exc
         if isinstance(exc, RuntimeError) and "write" in str(exc).lower():
-            raise OutputError(f"cannot write results to {outdir}: {str(exc).splitlines()[0]}") from exc
+            from .prepare import _first_line
+
+            raise OutputError(f"cannot write results to {outdir}: {_first_line(exc)}") from exc
         raise
     return {k: str(outdir / v) for k, v in files.items()}

@@ -52,9 +52,48 @@ def _check_size(size: tuple[int, ...], components: int, path: str) -> None:
     if voxels > MAX_VOXELS or needed > 0.8 * _available_memory():
         raise ResourceError(
             f"{path}: image of {' x '.join(map(str, size))} voxels needs about {needed / 2**30:.1f} GiB "
-            f"to process, more than this machine has available ({_available_memory() / 2**30:.1f} GiB); "
+            f"of memory to process, more than this machine has available ({_available_memory() / 2**30:.1f} GiB); "
             "crop or downsample it first"
         )
+
+
+def _nifti_shortfall(path: Path) -> str | None:
+    """Why a NIfTI file holds fewer voxel bytes than its header promises, or None (ITK pads truncated data with zeros)."""
+    import gzip
+    import struct
+    import zlib
+
+    packed = path.name.lower().endswith(".nii.gz")
+    try:
+        with (gzip.open(path, "rb") if packed else open(path, "rb")) as fh:
+            head = fh.read(540)
+            for endian in "<>":
+                if len(head) >= 4 and struct.unpack(endian + "i", head[:4])[0] in (348, 540):
+                    break
+            else:
+                return None  # not a NIfTI-1/2 header: ITK judges
+            if struct.unpack(endian + "i", head[:4])[0] == 348:
+                dims = struct.unpack(endian + "8h", head[40:56])
+                bitpix = struct.unpack(endian + "h", head[72:74])[0]
+                offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            else:
+                dims = struct.unpack(endian + "8q", head[16:80])
+                bitpix = struct.unpack(endian + "h", head[14:16])[0]
+                offset = struct.unpack(endian + "q", head[168:176])[0]
+            if not 1 <= dims[0] <= 7:
+                return None
+            need = offset + int(np.prod([max(int(n), 1) for n in dims[1 : dims[0] + 1]], dtype=np.int64)) * bitpix // 8
+            if packed:
+                have = len(head)
+                while chunk := fh.read(1 << 22):
+                    have += len(chunk)
+            else:
+                have = path.stat().st_size
+    except gzip.BadGzipFile:
+        return None  # not gzip after all (e.g. plain NIfTI named .nii.gz): ITK judges
+    except (EOFError, zlib.error) as exc:
+        return f"its compressed data ends early ({exc})"
+    return None if have >= need else f"the header promises {need} bytes, the file holds {have}"
 
 
 def read_image(path: str | os.PathLike, series_id: str | None = None, color: str = "reject") -> sitk.Image:
@@ -85,6 +124,8 @@ def read_image(path: str | os.PathLike, series_id: str | None = None, color: str
             info.ReadImageInformation()
             _check_size(tuple(info.GetSize()[:2]) + (len(files),), info.GetNumberOfComponents(), str(p))
             image = reader.Execute()
+            for key in info.GetMetaDataKeys():  # modality, series description: checked against the model card
+                image.SetMetaData(key, info.GetMetaData(key))
         except RuntimeError as exc:
             raise InputError(f"{p}: cannot read the DICOM series: {_first_line(exc)}") from exc
     else:
@@ -97,6 +138,10 @@ def read_image(path: str | os.PathLike, series_id: str | None = None, color: str
         except RuntimeError as exc:
             raise InputError(f"{p}: not a readable image ({_first_line(exc)})") from exc
         _check_size(tuple(reader.GetSize()), reader.GetNumberOfComponents(), str(p))
+        if p.name.lower().endswith((".nii", ".nii.gz")):
+            short = _nifti_shortfall(p)
+            if short:
+                raise InputError(f"{p}: the file is truncated: {short}")
         try:
             image = reader.Execute()
         except RuntimeError as exc:
@@ -115,6 +160,7 @@ def _first_line(exc: Exception) -> str:
 
 def to_scalar(image: sitk.Image, name: str = "image", color: str = "reject") -> sitk.Image:
     """A 2D or 3D scalar float32 image; refuses 4D, true colour (unless color='luminance') and 1-voxel images."""
+    meta = {key: image.GetMetaData(key) for key in image.GetMetaDataKeys()}
     dim = image.GetDimension()
     if dim == 4:
         size = image.GetSize()
@@ -144,6 +190,8 @@ def to_scalar(image: sitk.Image, name: str = "image", color: str = "reject") -> 
         out.SetDirection(image.GetDirection())
         image = out
     image = sitk.Cast(image, sitk.sitkFloat32)
+    for key, value in meta.items():  # Cast and the colour conversion drop the metadata
+        image.SetMetaData(key, value)
     size = image.GetSize()
     inplane = sorted(size)[-2:]
     if min(inplane) < MIN_INPLANE:

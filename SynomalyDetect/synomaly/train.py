@@ -6,6 +6,7 @@ import copy
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,6 +92,32 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (conservative: True when unsure)."""
+    if sys.platform == "win32":  # os.kill(pid, 0) would terminate the process there
+        import ctypes
+
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if handle:
+            ctypes.windll.kernel32.CloseHandle(handle)
+        return bool(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the '.NAME.tmp-PID' files beside `path` that runs killed while writing left behind."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -265,6 +292,8 @@ def train(
 
     out = Path(out)
     checkpoint = Path(checkpoint) if checkpoint else out.with_suffix(".ckpt")
+    for target in (checkpoint, out):
+        _remove_stale_temporaries(target)
     progress("prepare", 0, 2, "reading training scans")
     tx, tm, n_train = prepare_images_for_training(train_paths, card)
     progress("prepare", 1, 2, f"{tx.shape[0]} training slices from {n_train} scans")
