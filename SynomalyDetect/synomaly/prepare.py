@@ -288,10 +288,9 @@ def foreground_mask(volume: np.ndarray) -> np.ndarray:
         otsu = (lo + hi) / 2
     level = lo + 0.5 * (otsu - lo)
     mask = volume > level
-    for z in range(mask.shape[0]):
-        if mask[z].any():
-            mask[z] = ndimage.binary_fill_holes(mask[z])
-    return mask
+    in_plane = np.zeros((3, 3, 3), dtype=bool)  # connects voxels within a slice only: holes filled per slice
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    return ndimage.binary_fill_holes(mask, structure=in_plane)
 
 
 def normalise(volume: np.ndarray, mask: np.ndarray, lower_pct: float, upper_pct: float) -> tuple[float, float]:
