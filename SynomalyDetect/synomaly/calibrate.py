@@ -14,6 +14,7 @@ from .progress import ProgressFn, null_progress
 log = logging.getLogger(__name__)
 
 DEFAULT_FPRS = (1e-2, 1e-3, 1e-4)
+FUSION_FPR = 1e-2  # stages keep healing where a stage-1 map flags 1 % of healthy voxels
 
 
 def _quantile(values: torch.Tensor, fpr: float) -> float:
@@ -24,11 +25,13 @@ def _quantile(values: torch.Tensor, fpr: float) -> float:
 
 def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequence[float] = DEFAULT_FPRS,
               t: Optional[int] = None, kernel: Optional[int] = None, max_stages: Optional[int] = None,
-              batch_size: int = 8, seed: int = 0, progress: ProgressFn = null_progress) -> dict[str, Any]:
+              fusion_fpr: float = FUSION_FPR, batch_size: int = 8, seed: int = 0,
+              progress: ProgressFn = null_progress) -> dict[str, Any]:
     """Thresholds giving each FPR on healthy slices (S, 1, G, G), for the multi-stage map.
 
-    The multi-stage map depends on the threshold used for fusion, so each threshold is found in two
-    passes: the stage-1 quantile seeds a multi-stage run whose final-map quantile is stored.
+    The stages keep healing where the map exceeds a fusion threshold: the stage-1 level that flags
+    `fusion_fpr` of healthy voxels. One multi-stage run with it gives the final maps, whose quantiles
+    are the thresholds for the requested rates.
     """
     from .detect import _fpr_key, run_stages
 
@@ -37,22 +40,25 @@ def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequenc
     kernel = int(kernel or card.detection.blur_kernel)
     max_stages = int(max_stages or card.detection.max_stages)
     fg = masks.bool()
+    progress("calibrate", 0, 2, "single-stage maps of healthy slices")
     first = run_stages(model, slices, masks, t=t, kernel=kernel, threshold=float("inf"), max_stages=1,
                        batch_size=batch_size, seed=seed)
+    fusion = _quantile(first.score[fg.to(first.score.device)], fusion_fpr)
+    progress("calibrate", 1, 2, "multi-stage maps of healthy slices")
+    res = run_stages(model, slices, masks, t=t, kernel=kernel, threshold=fusion, max_stages=max_stages,
+                     batch_size=batch_size, seed=seed)
+    values = res.score[fg.to(res.score.device)]
     thresholds: dict[str, float] = {}
     measured: dict[str, float] = {}
-    for i, fpr in enumerate(fprs):
-        progress("calibrate", i, len(fprs), f"FPR {fpr:g}")
-        seed_thr = _quantile(first.score[fg.to(first.score.device)], fpr)
-        res = run_stages(model, slices, masks, t=t, kernel=kernel, threshold=seed_thr, max_stages=max_stages,
-                         batch_size=batch_size, seed=seed)
-        values = res.score[fg.to(res.score.device)]
+    for fpr in fprs:
         thr = _quantile(values, fpr)
         thresholds[_fpr_key(fpr)] = round(thr, 5)
         measured[_fpr_key(fpr)] = float((values > thr).float().mean())
-    progress("calibrate", len(fprs), len(fprs), "calibrated")
+    progress("calibrate", 2, 2, "calibrated")
     return {
         "thresholds": thresholds,
+        "fusion_threshold": round(fusion, 5),
+        "fusion_fpr": fusion_fpr,
         "t": t,
         "blur_kernel": kernel,
         "max_stages": max_stages,

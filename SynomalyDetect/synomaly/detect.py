@@ -27,6 +27,7 @@ class DetectionSettings:
     blur_kernel: Optional[int] = None
     threshold: Optional[float] = None
     fpr: Optional[float] = None
+    fusion_threshold: Optional[float] = None  # where stages keep healing; None: the card's, else `threshold`
     min_lesion_mm3: float = 50.0
     max_stages: Optional[int] = None
     tolerance: float = 0.01
@@ -90,6 +91,20 @@ def resolve_settings(settings: DetectionSettings, card) -> tuple[int, int, int, 
         _warn_if_calibration_differs(cal, t, k, stages)
         return t, k, stages, float(thresholds[_fpr_key(1e-3)]), f"calibrated FPR {_fpr_key(1e-3)}"
     return t, k, stages, float(card.detection.threshold), "model default (uncalibrated)"
+
+
+def resolve_fusion_threshold(settings: DetectionSettings, card, t: int, k: int, threshold: float) -> float:
+    """The map level above which stages keep healing: explicit, else the card's calibrated one (when it was
+    calibrated with this t and blur), else the segmentation threshold itself (the original method).
+
+    Keeping it fixed while the reported threshold moves makes the sensitivity setting monotonic: a
+    stricter false-positive rate only removes voxels from the segmentation."""
+    if settings.fusion_threshold is not None:
+        return float(settings.fusion_threshold)
+    cal = card.calibration or {}
+    if "fusion_threshold" in cal and int(cal.get("t", t)) == t and int(cal.get("blur_kernel", k)) == k:
+        return float(cal["fusion_threshold"])
+    return threshold
 
 
 def _fpr_key(fpr: float) -> str:
@@ -302,12 +317,13 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     calls0, secs0 = model.calls, model.call_seconds
     warnings = check_compatibility(image, card, settings.allow_modality_mismatch)
     t, k, stages, threshold, source = resolve_settings(settings, card)
+    fusion = resolve_fusion_threshold(settings, card, t, k, threshold)
     progress("prepare", 0, 1, "reorienting, normalising and resampling slices")
     prep = prepare_scan(image, card, device=model.device)
     progress("prepare", 1, 1, f"{prep.slices.shape[0]} slices with foreground")
     t_prep = time.perf_counter()
     torch.manual_seed(settings.seed)
-    res = run_stages(model, prep.slices, prep.masks, t=t, kernel=k, threshold=threshold, max_stages=stages,
+    res = run_stages(model, prep.slices, prep.masks, t=t, kernel=k, threshold=fusion, max_stages=stages,
                      tolerance=settings.tolerance, batch_size=settings.batch_size, draws=settings.noise_draws,
                      seed=settings.seed, progress=progress)
     t_net = time.perf_counter()
@@ -331,6 +347,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
         "model_version": card.version,
         "settings": asdict(settings),
         "t": t, "blur_kernel": k, "max_stages": stages, "threshold": threshold, "threshold_source": source,
+        "fusion_threshold": fusion,
         "slices_total": int(g.oriented_shape[0]),
         "slices_analysed": int(prep.slices.shape[0]),
         "stages_per_slice_mean": round(float(res.stages.float().mean()), 3) if res.stages.numel() else 0.0,
