@@ -189,14 +189,11 @@ def br35h_data(limit: Optional[int] = None) -> EvalData:
         f"({len(files['val']['no'])}), tumour {rng('val', 'yes')} ({len(files['val']['yes'])})",
         f"- test: healthy {rng('test', 'no')} ({len(files['test']['no'])}), tumour {rng('test', 'yes')} "
         f"({len(files['test']['yes'])})" + (f"; at most {limit} per class and split, evenly spread" if limit else ""),
-        "- why this split: the shipped model trained on healthy 0-899 and computed its validation loss and card "
-        "calibration on healthy 900-1049, so only 900-1049 are healthy images it never trained on; they are split "
-        f"{_width('val', 'no')} validation / {_width('test', 'no')} test. No tumour image was used by any training "
-        "run. Numbers >= 1050 are reserved "
-        "for the final benchmark and are never listed or read.",
-        "- caveat: the card's calibration used healthy 900-1049, which includes the test healthy images; with "
-        "`--threshold-from card` the multi-stage fusion threshold therefore comes partly from test images "
-        "(healthy pixels only, no labels). `--threshold-from val` avoids this.",
+        "- why this split: the shipped model trained on healthy 0-899 and computed its validation loss on "
+        "healthy 900-1049, so only 900-1049 are healthy images it never trained on; they are split "
+        f"{_width('val', 'no')} validation / {_width('test', 'no')} test. Its card was calibrated on healthy "
+        "900-959 only (the validation part), so no test image reaches a threshold. No tumour image was used by "
+        "any training run. Numbers >= 1050 are reserved for the final benchmark and are never listed or read.",
     ]
     info = {split: {lab: [br35h_number(p) for p in files[split][lab]] for lab in files[split]} for split in files}
     return EvalData("br35h", parts["val"], parts["test"], False, desc, {"numbers": info, "limit": limit,
