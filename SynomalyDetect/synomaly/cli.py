@@ -52,6 +52,9 @@ def _install_signal_handlers() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    # A process started in the background by a non-interactive shell inherits SIGINT as ignored, and
+    # Python then leaves it ignored; a program (or a person) that interrupts us must still stop us.
+    signal.signal(signal.SIGINT, handler)
 
 
 def _progress(args) -> Any:
