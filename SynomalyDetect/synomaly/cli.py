@@ -161,7 +161,7 @@ def cmd_detect(args) -> int:
     model = load_model(args.model, device=args.device, precision=args.precision)
     result = detect(image, model, _detection_settings(args), progress=progress)
     progress("write", 0, 1, f"writing results to {out}")
-    files = write_results(result, image, out, overwrite=args.overwrite)
+    files = write_results(result, image, out, overwrite=args.overwrite, compress=args.compress)
     rep = result.report
     message = (f"{rep['lesion_count']} lesion(s), {rep['anomalous_volume_ml']:.2f} mL, threshold "
                f"{result.threshold:.3f} ({result.threshold_source}), {rep['seconds']['total']:.1f} s")
@@ -450,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --overwrite)")
     d.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     d.add_argument("--series", help="DICOM series UID when the folder holds several")
+    d.add_argument("--compress", action="store_true",
+                   help="gzip the counterfactual and map volumes (smaller files, about 0.6 s more per volume)")
     d.add_argument("--expect", default="any", choices=["any", "volume", "slice"],
                    help="refuse inputs that are not of this kind")
     add_detection_arguments(d)

@@ -140,8 +140,13 @@ def _disk_nearly_full(folder: Path) -> bool:
         return False
 
 
-def write_results(result, image: sitk.Image, outdir: str | Path, overwrite: bool = False) -> dict[str, str]:
-    """Write all outputs atomically into `outdir`; refuses to replace an existing folder unless overwrite."""
+def write_results(result, image: sitk.Image, outdir: str | Path, overwrite: bool = False,
+                  compress: bool = False) -> dict[str, str]:
+    """Write all outputs atomically into `outdir`; refuses to replace an existing folder unless overwrite.
+
+    The float volumes are written uncompressed by default: gzip costs about 0.6 s per 240 x 240 x 155
+    volume, a tenth of a whole detection on a CPU; `compress` trades that time for disk space.
+    """
     import imageio.v3 as iio
 
     outdir = Path(outdir)
@@ -162,8 +167,8 @@ def write_results(result, image: sitk.Image, outdir: str | Path, overwrite: bool
         "report": "report.json",
     }
     try:
-        sitk.WriteImage(result.counterfactual, str(tmp / files["counterfactual"]), useCompression=True, compressionLevel=1)
-        sitk.WriteImage(result.anomaly_map, str(tmp / files["anomaly_map"]), useCompression=True, compressionLevel=1)
+        sitk.WriteImage(result.counterfactual, str(tmp / files["counterfactual"]), useCompression=compress, compressionLevel=1)
+        sitk.WriteImage(result.anomaly_map, str(tmp / files["anomaly_map"]), useCompression=compress, compressionLevel=1)
         write_segmentation(result.segmentation, tmp / files["segmentation"])
         write_lesions_csv(result.lesions, tmp / files["lesions"])
         picture = overview_image(image, result.counterfactual, result.anomaly_map, result.segmentation,
