@@ -348,3 +348,45 @@ def test_training_after_kills_resumes_finishes_and_cleans_up_temporaries(killed_
     assert int(load_checkpoint(folder / "m.ckpt")["iteration"]) == 50
     assert load_model(folder / "m.safetensors", device="cpu").card.training["iterations"] == 50
     assert _temporaries(folder) == [], f"temporary files of killed runs were never removed: {_temporaries(folder)}"
+
+
+def test_gpu_out_of_memory_falls_back_to_the_cpu(monkeypatch, tiny_model_file):
+    """When even one slice per batch does not fit on the GPU, detection goes on on the CPU and says so.
+
+    No GPU here: the model claims to be on CUDA and the stage loop raises the out-of-memory error
+    there, as torch would; on the CPU the real stage loop runs.
+    """
+    import torch
+
+    import synomaly.detect as det
+    from synomaly.modelio import load_model
+
+    cpu_model = load_model(tiny_model_file, device="cpu")
+    real_run_stages = det.run_stages
+
+    class GpuModel:
+        card = cpu_model.card
+        device = torch.device("cuda")
+        calls = call_seconds = 0
+        dtype = None
+
+        def to(self, device):
+            assert str(device) == "cpu"
+            return cpu_model
+
+    def fake_run_stages(model, *args, **kwargs):
+        if model.device.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_run_stages(model, *args, **kwargs)
+
+    monkeypatch.setattr(det, "run_stages", fake_run_stages)
+    import synomaly.prepare as prep
+
+    real_prepare = prep.prepare_scan
+    monkeypatch.setattr(prep, "prepare_scan", lambda image, card, **kw: real_prepare(image, card, device="cpu"))
+    arr = np.zeros((6, 40, 40), np.float32)
+    arr[:, 8:32, 8:32] = 100.0 + np.arange(24, dtype=np.float32)[None, None, :] * 4  # tissue with contrast
+    image = sitk.GetImageFromArray(arr)
+    result = det.detect(image, GpuModel(), det.DetectionSettings(threshold=0.3))
+    assert any("out of memory" in w for w in result.report["warnings"])
+    assert result.anomaly_map.GetSize() == image.GetSize()

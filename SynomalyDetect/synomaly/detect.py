@@ -323,9 +323,21 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     progress("prepare", 1, 1, f"{prep.slices.shape[0]} slices with foreground")
     t_prep = time.perf_counter()
     torch.manual_seed(settings.seed)
-    res = run_stages(model, prep.slices, prep.masks, t=t, kernel=k, threshold=fusion, max_stages=stages,
-                     tolerance=settings.tolerance, batch_size=settings.batch_size, draws=settings.noise_draws,
-                     seed=settings.seed, progress=progress)
+    stage_args = dict(t=t, kernel=k, threshold=fusion, max_stages=stages, tolerance=settings.tolerance,
+                      batch_size=settings.batch_size, draws=settings.noise_draws, seed=settings.seed, progress=progress)
+    try:
+        res = run_stages(model, prep.slices, prep.masks, **stage_args)
+    except torch.cuda.OutOfMemoryError:
+        if model.device.type == "cpu":
+            raise
+        # run_stages already halved the batch down to one slice: the model itself does not fit
+        message = "GPU out of memory even with one slice per batch; continuing on the CPU (slower)"
+        log.warning(message)
+        warnings.append(message)
+        progress("detect", 0, 1, message)
+        torch.cuda.empty_cache()
+        model = model.to("cpu")
+        res = run_stages(model, prep.slices.cpu(), prep.masks.cpu(), **stage_args)
     t_net = time.perf_counter()
     progress("postprocess", 0, 1, "mapping back to the input grid, 3D components")
     g = prep.geometry
