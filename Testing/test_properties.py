@@ -109,7 +109,8 @@ def test_prepare_and_back_lands_exactly_on_the_input_grid(image, orientation):
     analysed = np.zeros(prep.oriented.shape[0], bool)
     analysed[prep.slice_index] = True
     inside = oriented[analysed]
-    assert ((inside >= -1) & (inside <= 1) | (inside == -7.0)).all()
+    tol = 1e-5  # bilinear weights sum to 1 only up to float32 rounding
+    assert ((inside >= -1 - tol) & (inside <= 1 + tol) | (inside == -7.0)).all(), float(inside[inside != -7.0].max())
     assert (oriented[~analysed] == -7.0).all()
     # the foreground mask comes back as a binary image on the grid as well
     mask = oriented_to_image(prep.foreground.astype(np.uint8), prep, sitk.sitkUInt8)
