@@ -9,22 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from synomaly.modelio import build_network, save_model
-from synomaly.train import new_card
 
 PY = [sys.executable, "-m", "synomaly.cli"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A random-weight model on a 32 x 32 grid: fast, fine for plumbing (not for detection quality)."""
-    import torch
-
-    torch.manual_seed(0)
-    card = new_card("tiny-cli", grid=32, channels=(32, 32))
-    path = tmp_path_factory.mktemp("models") / "tiny-cli.safetensors"
-    save_model(path, card, build_network(card).state_dict())
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +31,9 @@ def _run(args, env=None, **kw):
     return subprocess.run(PY + args, capture_output=True, text=True, env=e, timeout=300, **kw)
 
 
-def test_detect_writes_every_output_on_the_input_grid(tiny_model, volume, tmp_path):
+def test_detect_writes_every_output_on_the_input_grid(tiny_model_file, volume, tmp_path):
     out = tmp_path / "out"
-    r = _run(["detect", str(volume), "-o", str(out), "--model", str(tiny_model), "--progress", "json",
+    r = _run(["detect", str(volume), "-o", str(out), "--model", str(tiny_model_file), "--progress", "json",
               "--threshold", "0.2"])
     assert r.returncode == 0, r.stderr
     lines = [json.loads(ln) for ln in r.stdout.splitlines()]
@@ -68,19 +54,19 @@ def test_detect_writes_every_output_on_the_input_grid(tiny_model, volume, tmp_pa
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "no temporary folder left"
 
 
-def test_same_seed_same_output(tiny_model, volume, tmp_path):
+def test_same_seed_same_output(tiny_model_file, volume, tmp_path):
     maps = []
     for name in ("a", "b"):
-        r = _run(["detect", str(volume), "-o", str(tmp_path / name), "--model", str(tiny_model), "--seed", "7",
+        r = _run(["detect", str(volume), "-o", str(tmp_path / name), "--model", str(tiny_model_file), "--seed", "7",
                   "--progress", "none", "--device", "cpu"])
         assert r.returncode == 0, r.stderr
         maps.append(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / "anomaly_map.nrrd"))))
     assert np.array_equal(maps[0], maps[1])
 
 
-def test_models_registry_lists_user_models_by_name(tiny_model, tmp_path):
+def test_models_registry_lists_user_models_by_name(tiny_model_file, tmp_path):
     env = {"SYNOMALY_MODELS_DIR": str(tmp_path / "user")}
-    r = _run(["install-model", str(tiny_model), "--name", "my-site"], env=env)
+    r = _run(["install-model", str(tiny_model_file), "--name", "my-site"], env=env)
     assert r.returncode == 0, r.stderr
     r = _run(["models", "--json"], env=env)
     models = {m["name"]: m for m in json.loads(r.stdout)}
@@ -90,17 +76,17 @@ def test_models_registry_lists_user_models_by_name(tiny_model, tmp_path):
     assert "my-site" not in {m["name"] for m in json.loads(_run(["models", "--json"], env=env).stdout)}
 
 
-def test_unreadable_input_fails_cleanly(tiny_model, tmp_path):
+def test_unreadable_input_fails_cleanly(tiny_model_file, tmp_path):
     bad = tmp_path / "scan.nii.gz"
     bad.write_text("this is not an image")
     out = tmp_path / "out"
-    r = _run(["detect", str(bad), "-o", str(out), "--model", str(tiny_model), "--progress", "none"])
+    r = _run(["detect", str(bad), "-o", str(out), "--model", str(tiny_model_file), "--progress", "none"])
     assert r.returncode == 2
     assert r.stderr.startswith("synomaly: error:") and "scan.nii.gz" in r.stderr
     assert not out.exists()
 
 
-def test_missing_calibration_is_explained(tiny_model, volume, tmp_path):
-    r = _run(["detect", str(volume), "-o", str(tmp_path / "o"), "--model", str(tiny_model), "--fpr", "0.001"])
+def test_missing_calibration_is_explained(tiny_model_file, volume, tmp_path):
+    r = _run(["detect", str(volume), "-o", str(tmp_path / "o"), "--model", str(tiny_model_file), "--fpr", "0.001"])
     assert r.returncode == 3 and "calibrat" in r.stderr
     assert not (tmp_path / "o").exists()

@@ -64,7 +64,7 @@ def _batch_augment(x: torch.Tensor, m: torch.Tensor, settings: TrainingSettings,
     return x, m
 
 
-def training_targets(model: torch.nn.Module, x0: torch.Tensor, mask: torch.Tensor, card: ModelCard,
+def training_targets(x0: torch.Tensor, mask: torch.Tensor, card: ModelCard,
                      abar: torch.Tensor, gen: torch.Generator, settings: TrainingSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Network input, timesteps and target noise for one batch (all on x0's device)."""
     n = x0.shape[0]
@@ -172,9 +172,9 @@ class Trainer:
         s = self.settings
         start = time.perf_counter()
         idx = torch.randint(0, self.train_x.shape[0], (s.batch_size,), generator=self.cpu_gen)
-        x0, m = _batch_augment(self.train_x[idx.to(self.device)], self.train_m[idx.to(self.device)], s, self.cpu_gen_dev())
+        x0, m = _batch_augment(self.train_x[idx.to(self.device)], self.train_m[idx.to(self.device)], s, self.cpu_gen)
         t0 = time.perf_counter()
-        x_in, t, target = training_targets(self.model, x0, m, self.card, self.abar, self.dev_gen, s)
+        x_in, t, target = training_targets(x0, m, self.card, self.abar, self.dev_gen, s)
         self.noise_seconds += time.perf_counter() - t0
         if self.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
@@ -202,10 +202,6 @@ class Trainer:
         self.step_seconds += time.perf_counter() - start
         return value
 
-    def cpu_gen_dev(self) -> torch.Generator:
-        """Augmentation draws come from the CPU generator (cheap, device-independent)."""
-        return self.cpu_gen
-
     @torch.no_grad()
     def validation_loss(self) -> float:
         """Mean loss of the EMA model on a fixed draw over the validation slices."""
@@ -214,11 +210,10 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(12345)
         n = min(self.val_x.shape[0], self.settings.validation_slices)
         total, count = 0.0, 0
-        no_aug = copy.copy(self.settings)
         for i in range(0, n, self.settings.batch_size):
             x0 = self.val_x[i : i + self.settings.batch_size]
             m = self.val_m[i : i + self.settings.batch_size]
-            x_in, t, target = training_targets(self.ema, x0, m, self.card, self.abar, gen, no_aug)
+            x_in, t, target = training_targets(x0, m, self.card, self.abar, gen, self.settings)
             if self.channels_last:
                 x_in = x_in.contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.dtype):
@@ -351,7 +346,7 @@ def train(
         "fine_tuned_from": card.training.get("name_of_base") if base_state is not None else None,
         "loss_curve": [[int(i), round(v, 5)] for i, v in trainer.val_history],
     }
-    final.calibration = {} if base_state is None else {}
+    final.calibration = {}  # thresholds of the base (if any) do not hold for new weights
     save_model(out, final, trainer.ema.state_dict())
     return {
         "model": str(out),
