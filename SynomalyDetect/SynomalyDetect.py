@@ -174,6 +174,7 @@ class SynomalyDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
+        self.ui.addModelButton.connect("clicked(bool)", self.onAddModel)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.nextLesionButton.connect("clicked(bool)", lambda: self.onJumpLesion(+1))
         self.ui.previousLesionButton.connect("clicked(bool)", lambda: self.onJumpLesion(-1))
@@ -236,6 +237,28 @@ class SynomalyDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.addItem(label, entry["name"])
         combo.blockSignals(wasBlocked)
         self._selectModelInComboBox(self._parameterNode.modelName if self._parameterNode else "")
+
+    def onAddModel(self) -> None:
+        """Ask for a model file (ours, or the authors' .pt checkpoint), add it to the user models, select it."""
+        path = qt.QFileDialog.getOpenFileName(
+            slicer.util.mainWindow(), _("Add a Synomaly model"), "",
+            _("Model files (*.safetensors *.pt *.pth);;All files (*)"))
+        if not path:
+            return
+        name = engine.model_name_for_file(path)
+        overwrite = False
+        if any(m["name"] == name and m.get("source") == "user" for m in self._models):
+            if not slicer.util.confirmYesNoDisplay(_("A user model named '{name}' exists. Replace it?").format(name=name)):
+                return
+            overwrite = True
+        with slicer.util.tryWithErrorDisplay(_("The model could not be added."), waitCursor=True):
+            if engine.missing_packages():
+                self.logic.ensureDependencies()
+            slicer.util.showStatusMessage(_("Adding model {name}...").format(name=name))
+            added = self.logic.addModelFromFile(path, overwrite=overwrite)
+            self.refreshModels()
+            self._selectModelInComboBox(added)
+            slicer.util.showStatusMessage(_("Model {name} added").format(name=added), 3000)
 
     def _selectModelInComboBox(self, name: str) -> None:
         combo = self.ui.modelComboBox
@@ -406,6 +429,10 @@ class SynomalyDetectLogic(ScriptedLoadableModuleLogic):
         env = engine.engine_environment()
         env.update(self.extraEnvironment)
         return env
+
+    def addModelFromFile(self, path: str, overwrite: bool = False) -> str:
+        """Add our model file or convert the authors' checkpoint into the user model folder; its name."""
+        return engine.add_model_file(path, self.python, self.environment(), overwrite=overwrite)
 
     @staticmethod
     def listModels() -> list:

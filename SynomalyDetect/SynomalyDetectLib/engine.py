@@ -112,6 +112,47 @@ def model_summary(entry: Mapping[str, Any]) -> str:
     return "<br>".join(line for line in lines if line)
 
 
+#: File endings of the Synomaly authors' published checkpoints, converted by `synomaly import-upstream`.
+UPSTREAM_SUFFIXES = (".pt", ".pth")
+
+
+def model_name_for_file(path: str | Path) -> str:
+    """The registry name a model file gets when added: its file name without the ending, made safe."""
+    name = Path(path).name
+    for suffix in (".safetensors", *UPSTREAM_SUFFIXES):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "model"
+
+
+def add_model_file(path: str | Path, python: Sequence[str], env: Optional[Mapping[str, str]] = None,
+                   name: Optional[str] = None, overwrite: bool = False, timeout: float = 1800) -> str:
+    """Put a model file into the user model folder; returns its registry name.
+
+    Our own model files (.safetensors) are checked and copied (`synomaly install-model`); the
+    authors' checkpoints (.pt/.pth) are converted on the way (`synomaly import-upstream`), loaded
+    without executing code. Raises RuntimeError with the engine's message when the file is refused.
+    """
+    path = Path(path)
+    name = name or model_name_for_file(path)
+    if path.suffix.lower() in UPSTREAM_SUFFIXES:
+        args: list[Any] = ["import-upstream", path, "--name", name]
+        if overwrite:
+            args.append("--overwrite")
+    elif path.name.lower().endswith(".safetensors"):
+        args = ["install-model", path, "--name", name]
+    else:
+        raise RuntimeError(f"{path.name}: not a model file (expected .safetensors, or the authors' .pt checkpoint)")
+    done = subprocess.run(engine_command(python, *args), env=dict(env) if env is not None else None,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        errors = [line.split("error:", 1)[1].strip() for line in (done.stderr or "").splitlines() if "synomaly: error:" in line]
+        tail = [line for line in (done.stderr or "").splitlines() if line.strip()][-5:]
+        raise RuntimeError("\n".join(errors) or "the engine could not add the model:\n" + "\n".join(tail))
+    return name
+
+
 def calibrated_fprs(entry: Optional[Mapping[str, Any]]) -> list[float]:
     """False-positive rates the model is calibrated for, largest first."""
     if not entry or "card" not in entry:

@@ -10,6 +10,9 @@ from typing import Any
 CARD_FORMAT = "synomaly-model-card/1"
 ORIENTATIONS = ("axial", "coronal", "sagittal")
 POLARITIES = ("brighter", "darker", "both")
+ARCHITECTURES = ("monai.DiffusionModelUNet", "guided-diffusion.UNetModel")
+NORMALISATIONS = ("foreground-percentile", "slice-minmax")
+FRAMINGS = ("foreground-square", "whole-slice")
 
 
 class ModelCardError(ValueError):
@@ -31,17 +34,30 @@ class NoiseSettings:
 
 @dataclass
 class NormalisationSettings:
-    """Per-volume robust intensity normalisation: percentiles inside the foreground to [-1, 1]."""
+    """How intensities become model units in [-1, 1].
+
+    "foreground-percentile" (ours): per volume, the lower/upper percentiles inside the foreground
+    map to -1 / upper_value. "slice-minmax" (the Synomaly authors'): intensities are clipped to
+    [window_low, window_high] when given, else to the volume's lower/upper percentiles over all
+    voxels, then every slice is stretched from its own minimum (-1) to its maximum (+1).
+    """
 
     method: str = "foreground-percentile"
     lower_percentile: float = 1.0
     upper_percentile: float = 99.0
     upper_value: float = 0.8  # the upper percentile maps here, leaving head-room for hyperintensities
+    window_low: float | None = None  # slice-minmax only: fixed window in input units (e.g. CT HU)
+    window_high: float | None = None
 
 
 @dataclass
 class NetworkSettings:
-    """Configuration of MONAI's DiffusionModelUNet (2D, one channel in and out)."""
+    """The network (2D, one channel in and out): MONAI's DiffusionModelUNet, or the authors' UNet.
+
+    channels and attention_levels are per resolution level. For "guided-diffusion.UNetModel"
+    (imported from the authors' checkpoints) model_channels is the timestep-embedding width and
+    the base the level widths are multiples of; num_head_channels -1 means num_heads heads.
+    """
 
     architecture: str = "monai.DiffusionModelUNet"
     channels: tuple[int, ...] = (32, 64, 128)
@@ -49,6 +65,9 @@ class NetworkSettings:
     num_res_blocks: int = 1
     num_head_channels: int = 32
     norm_num_groups: int = 32
+    model_channels: int = 0  # guided-diffusion only
+    num_heads: int = 1  # guided-diffusion only, used when num_head_channels is -1
+    dropout: float = 0.0
 
 
 @dataclass
@@ -73,6 +92,7 @@ class ModelCard:
     orientation: str = "axial"
     grid_size: int = 64
     field_of_view: str = "foreground bounding square with a 4 % margin"
+    framing: str = "foreground-square"  # or "whole-slice": the full slice padded to a square
     normalisation: NormalisationSettings = field(default_factory=NormalisationSettings)
     network: NetworkSettings = field(default_factory=NetworkSettings)
     noise: NoiseSettings = field(default_factory=NoiseSettings)
@@ -154,6 +174,18 @@ class ModelCard:
             raise ModelCardError(f"timesteps {self.timesteps} is too small")
         if len(self.network.channels) != len(self.network.attention_levels):
             raise ModelCardError("network.channels and network.attention_levels differ in length")
+        if self.network.architecture not in ARCHITECTURES:
+            raise ModelCardError(f"network.architecture {self.network.architecture!r} is not one of {ARCHITECTURES}")
+        if self.network.architecture == "guided-diffusion.UNetModel":
+            if self.network.model_channels <= 0:
+                raise ModelCardError("network.model_channels must be positive for guided-diffusion.UNetModel")
+            if self.grid_size % 2 ** (len(self.network.channels) - 1):
+                raise ModelCardError(
+                    f"grid_size {self.grid_size} is not divisible by 2^{len(self.network.channels) - 1}, "
+                    "as the network's downsampling needs"
+                )
+        if self.framing not in FRAMINGS:
+            raise ModelCardError(f"framing {self.framing!r} is not one of {FRAMINGS}")
         if self.noise.kind not in ("synomaly", "gaussian", "coarse"):
             raise ModelCardError(f"noise.kind {self.noise.kind!r} is unknown")
         if self.noise.polarity not in POLARITIES:
@@ -161,6 +193,12 @@ class ModelCard:
         if not 0 < self.detection.t < self.timesteps:
             raise ModelCardError(f"detection.t {self.detection.t} must lie in (0, {self.timesteps})")
         n = self.normalisation
+        if n.method not in NORMALISATIONS:
+            raise ModelCardError(f"normalisation.method {n.method!r} is not one of {NORMALISATIONS}")
+        if (n.window_low is None) != (n.window_high is None) or (
+            n.window_low is not None and not float(n.window_low) < float(n.window_high)
+        ):
+            raise ModelCardError("normalisation window needs both window_low < window_high, or neither")
         if not 0 <= n.lower_percentile < n.upper_percentile <= 100:
             raise ModelCardError("normalisation percentiles must satisfy 0 <= lower < upper <= 100")
         if not -1.0 < n.upper_value <= 1.0:

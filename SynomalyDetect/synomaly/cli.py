@@ -257,6 +257,26 @@ def cmd_install_model(args) -> int:
     return 0
 
 
+def cmd_import_upstream(args) -> int:
+    """Convert one of the Synomaly authors' checkpoints (.pt) into a model file with a card."""
+    from .modelio import MODEL_SUFFIX, read_card, user_models_dir
+    from .upstream import import_checkpoint
+
+    src = Path(args.checkpoint)
+    name = args.name or (Path(args.output).name[: -len(MODEL_SUFFIX)] if args.output and args.output.endswith(MODEL_SUFFIX)
+                         else (Path(args.output).stem if args.output else f"upstream-{src.stem}"))
+    target = Path(args.output) if args.output else user_models_dir() / f"{name}{MODEL_SUFFIX}"
+    if target.exists() and not args.overwrite:
+        raise InputError(f"{target} exists; use --overwrite to replace it")
+    path = import_checkpoint(src, target, name=name, modality=args.modality, contrast=args.contrast,
+                             orientation=args.orientation)
+    print(f"imported {src} -> {path}")
+    print(read_card(path).summary())
+    print("not calibrated: it detects with the authors' threshold until you run "
+          f"'synomaly calibrate {path} --data HEALTHY_SCANS...'")
+    return 0
+
+
 def cmd_remove_model(args) -> int:
     """Delete a user model."""
     from .modelio import remove_model
@@ -475,6 +495,15 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("file")
     im.add_argument("--name", help="registry name (default: the card's name)")
     im.set_defaults(func=cmd_install_model)
+    iu = sub.add_parser("import-upstream", help="convert the Synomaly authors' checkpoint (.pt) into a model file")
+    iu.add_argument("checkpoint", help="the authors' torch.save checkpoint (e.g. best_model.pt)")
+    iu.add_argument("-o", "--output", help="model file to write (default: the user model folder, as NAME)")
+    iu.add_argument("--name", help="model name (default: from the output file name, else upstream-<checkpoint name>)")
+    iu.add_argument("--modality", help="override the modality the card states (default: from the checkpoint's dataset)")
+    iu.add_argument("--contrast", help="override the contrast the card states")
+    iu.add_argument("--orientation", choices=["axial", "coronal", "sagittal"], help="slice orientation of the training data")
+    iu.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    iu.set_defaults(func=cmd_import_upstream)
     rm = sub.add_parser("remove-model", help="delete a model from the user model folder")
     rm.add_argument("name")
     rm.set_defaults(func=cmd_remove_model)

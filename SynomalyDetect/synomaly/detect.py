@@ -343,7 +343,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     g = prep.geometry
     score_o = grid_to_oriented(res.score, prep) * prep.foreground
     delta_o = grid_to_oriented(res.healed - prep.slices.to(res.healed.device), prep)
-    cf_o = prep.oriented + delta_o * np.float32(1.0 / model_units_per_intensity(g))
+    cf_o = prep.oriented + delta_o * np.asarray(1.0 / model_units_per_intensity(g), dtype=np.float32)
     score_img = oriented_to_image(score_o, prep)
     cf_img = oriented_to_image(cf_o, prep)
     score_in = sitk.GetArrayViewFromImage(score_img)

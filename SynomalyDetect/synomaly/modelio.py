@@ -27,10 +27,23 @@ class ModelFileError(RuntimeError):
 
 
 def build_network(card: ModelCard) -> torch.nn.Module:
-    """MONAI DiffusionModelUNet for one-channel 2D slices, configured by the card."""
+    """The card's network for one-channel 2D slices: MONAI's DiffusionModelUNet, or the authors' UNet."""
+    net = card.network
+    if net.architecture == "guided-diffusion.UNetModel":
+        from .gdunet import GuidedDiffusionUNet
+
+        return GuidedDiffusionUNet(
+            model_channels=net.model_channels,
+            channel_mult=tuple(c / net.model_channels for c in net.channels),
+            num_res_blocks=net.num_res_blocks,
+            attention_levels=tuple(net.attention_levels),
+            num_heads=net.num_heads,
+            num_head_channels=net.num_head_channels,
+            dropout=net.dropout,
+            groups=net.norm_num_groups,
+        )
     from monai.networks.nets import DiffusionModelUNet
 
-    net = card.network
     return DiffusionModelUNet(
         spatial_dims=2,
         in_channels=1,
@@ -111,7 +124,8 @@ def _read_header(path: Path) -> dict[str, Any]:
         if not plausible and (head[:1] == b"\x80" or head[:2] == b"PK"):
             raise ModelFileError(
                 f"{path} is a pickled PyTorch checkpoint, not a safetensors model file; pickles can run code "
-                "when loaded and are refused"
+                "when loaded and are refused as model files. If it is one of the Synomaly authors' checkpoints, "
+                f"convert it with `synomaly import-upstream {path.name}` (which loads it without running code)"
             )
         if not plausible:
             raise ModelFileError(f"{path} is not a valid safetensors file (bad header length; truncated or another format)")
@@ -157,6 +171,15 @@ def load_model(path_or_name: str | Path = DEFAULT_MODEL, device: str | torch.dev
     except Exception as exc:  # safetensors raises its own error types
         raise ModelFileError(f"cannot read the weights in {path}: {exc}") from exc
     network = build_network(card)
+    check_weights(tensors, network, path)
+    network.load_state_dict(tensors)
+    return SynomalyModel(card, network, path, device, precision)
+
+
+def check_weights(tensors: dict[str, Any], network: torch.nn.Module, path: Path) -> None:
+    """Raise ModelFileError unless `tensors` has exactly the network's names and shapes, all finite."""
+    import torch
+
     expected = network.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -166,14 +189,14 @@ def load_model(path_or_name: str | Path = DEFAULT_MODEL, device: str | torch.dev
             f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})"
         )
     for key, value in expected.items():
+        if not isinstance(tensors[key], torch.Tensor):
+            raise ModelFileError(f"{path}: '{key}' is not a tensor")
         if tuple(tensors[key].shape) != tuple(value.shape):
             raise ModelFileError(
                 f"{path}: tensor '{key}' has shape {tuple(tensors[key].shape)} but the card's network needs {tuple(value.shape)}"
             )
         if not torch.isfinite(tensors[key].float()).all():
             raise ModelFileError(f"{path}: tensor '{key}' holds NaN or Inf values")
-    network.load_state_dict(tensors)
-    return SynomalyModel(card, network, path, device, precision)
 
 
 def save_model(path: str | Path, card: ModelCard, state_dict: dict[str, torch.Tensor]) -> Path:

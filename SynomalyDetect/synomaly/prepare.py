@@ -214,8 +214,8 @@ class ScanGeometry:
     flips: tuple[bool, bool, bool]  # flip of each oriented axis after transposing
     oriented_shape: tuple[int, int, int]
     box: tuple[int, int, int]  # (row0, col0, side) of the square crop in the oriented in-plane grid
-    lower: float  # intensity mapped to -1
-    upper: float  # intensity mapped to upper_value
+    lower: float | np.ndarray  # intensity mapped to -1 (per oriented slice, shape (Z,), for slice-minmax)
+    upper: float | np.ndarray  # intensity mapped to upper_value
     upper_value: float
     grid: int
 
@@ -311,9 +311,31 @@ def intensity_to_model(v: torch.Tensor, lower: float, upper: float, upper_value:
     return ((v - lower) * scale - 1.0).clamp_(-1.0, 1.0)
 
 
-def model_units_per_intensity(geometry: "ScanGeometry") -> float:
-    """How many model units one intensity unit is (to turn model-space differences into intensities)."""
-    return (geometry.upper_value + 1.0) / (geometry.upper - geometry.lower)
+def model_units_per_intensity(geometry: "ScanGeometry") -> float | np.ndarray:
+    """How many model units one intensity unit is: a number, or (Z, 1, 1) per slice for slice-minmax."""
+    span = np.asarray(geometry.upper, dtype=np.float64) - np.asarray(geometry.lower, dtype=np.float64)
+    units = (geometry.upper_value + 1.0) / span
+    return units[:, None, None] if units.ndim else float(units)
+
+
+def slice_minmax(oriented: np.ndarray, n) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The authors' normalisation: clip (window or volume percentiles), then each slice min -> -1, max -> +1.
+
+    Returns the clipped volume and the per-slice minimum and maximum (shape (Z,)); a constant slice
+    gets a span of 1 so it maps to -1 instead of dividing by zero.
+    """
+    if n.window_low is not None:
+        lo, hi = float(n.window_low), float(n.window_high)
+    else:
+        sample = oriented.reshape(-1)[:: max(1, oriented.size // 2_000_000)]
+        lo, hi = (float(v) for v in np.percentile(sample, [n.lower_percentile, n.upper_percentile]))
+    if not hi > lo:
+        raise InputError("the image has no contrast inside the normalisation window")
+    clipped = np.clip(oriented, lo, hi)
+    smin = clipped.min(axis=(1, 2)).astype(np.float64)
+    smax = clipped.max(axis=(1, 2)).astype(np.float64)
+    smax = np.where(smax > smin, smax, smin + 1.0)
+    return clipped, smin, smax
 
 
 def _resize(x: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
@@ -348,22 +370,34 @@ def prepare_scan(
         raise InputError("the image is constant (every voxel has the same value): nothing to detect")
     fg = foreground_mask(oriented)
     n = card.normalisation
-    lo, hi = normalise(oriented, fg, n.lower_percentile, n.upper_percentile)
     z, h, w = oriented.shape
     area = fg.reshape(z, -1).sum(axis=1)
     keep = np.nonzero(area >= max(16, min_foreground_fraction * h * w))[0]
+    if n.method == "slice-minmax":
+        clipped, lo, hi = slice_minmax(oriented, n)
+        upper_value = 1.0
+    else:
+        lo, hi = normalise(oriented, fg, n.lower_percentile, n.upper_percentile)
+        upper_value = n.upper_value
     if keep.size == 0:
         raise InputError("no slice has enough foreground to analyse")
-    rows = np.nonzero(fg[keep].any(axis=(0, 2)))[0]
-    cols = np.nonzero(fg[keep].any(axis=(0, 1)))[0]
-    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    side = int(np.ceil(max(r1 - r0, c1 - c0) * 1.08)) + 2
-    row0 = int((r0 + r1) // 2 - side // 2)
-    col0 = int((c0 + c1) // 2 - side // 2)
+    if getattr(card, "framing", "foreground-square") == "whole-slice":
+        side = max(h, w)  # the whole slice, padded to a square around its centre
+        row0, col0 = (h - side) // 2, (w - side) // 2
+    else:
+        rows = np.nonzero(fg[keep].any(axis=(0, 2)))[0]
+        cols = np.nonzero(fg[keep].any(axis=(0, 1)))[0]
+        r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        side = int(np.ceil(max(r1 - r0, c1 - c0) * 1.08)) + 2
+        row0 = int((r0 + r1) // 2 - side // 2)
+        col0 = int((c0 + c1) // 2 - side // 2)
     grid = int(card.grid_size)
-    geometry = ScanGeometry(image, is_2d, transpose, flips, (z, h, w), (row0, col0, side), lo, hi, n.upper_value, grid)
-    vol = torch.from_numpy(oriented[keep])
-    vol = intensity_to_model(vol, lo, hi, n.upper_value)
+    geometry = ScanGeometry(image, is_2d, transpose, flips, (z, h, w), (row0, col0, side), lo, hi, upper_value, grid)
+    if n.method == "slice-minmax":
+        span = torch.from_numpy((hi - lo)[keep]).float().view(-1, 1, 1)
+        vol = (torch.from_numpy(clipped[keep]) - torch.from_numpy(lo[keep]).float().view(-1, 1, 1)) * (2.0 / span) - 1.0
+    else:
+        vol = intensity_to_model(torch.from_numpy(oriented[keep]), lo, hi, upper_value)
     crop = _crop_square(vol, row0, col0, side, fill=-1.0)
     mcrop = _crop_square(torch.from_numpy(fg[keep]).float(), row0, col0, side, fill=0.0)
     dev = torch.device(device)
