@@ -281,6 +281,10 @@ class SynomalyDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                             "(synomaly install-model).")
         if self._parameterNode and entry and self._parameterNode.modelName != entry["name"]:
             self._parameterNode.modelName = entry["name"]
+            fallback = engine.uncalibrated_threshold(entry)
+            if fallback is not None:  # e.g. an imported model: use its card's threshold rather than refuse to run
+                self._parameterNode.sensitivityMode = THRESHOLD_MODE
+                self._parameterNode.threshold = fallback
         self._checkCanApply()
 
     # -------------------------------------------------------------- apply / cancel

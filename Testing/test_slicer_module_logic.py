@@ -184,3 +184,45 @@ def test_training_module_logic_trains_installs_and_removes(slicer_app, tmp_path)
     assert charts == 1
     logic.removeModel("smoke")
     assert not logic.modelExists("smoke")
+
+
+def test_add_model_from_file_converts_the_authors_checkpoint_and_installs_ours(slicer_app, tmp_path, tiny_model_file):
+    """'Add model from file...': the real engine converts a .pt in the authors' format, copies our .safetensors,
+    refuses code in a pickle and files that are no models, and an uncalibrated model gets its card's threshold."""
+    from test_upstream import SMALL_ARGS, write_authors_checkpoint
+
+    from SynomalyDetectLib import engine
+
+    module = load_module("SynomalyDetect")
+    models = tmp_path / "models"
+    logic = module.SynomalyDetectLogic(python=[sys.executable], extraEnvironment={"SYNOMALY_MODELS_DIR": str(models),
+                                                                                  "OMP_NUM_THREADS": "1"})
+    ckpt = tmp_path / "best_model.pt"
+    write_authors_checkpoint(ckpt, dict(SMALL_ARGS, dataset="brats23"))
+    assert logic.addModelFromFile(str(ckpt)) == "best_model"
+    with pytest.raises(RuntimeError, match="--overwrite"):
+        logic.addModelFromFile(str(ckpt))
+    assert logic.addModelFromFile(str(ckpt), overwrite=True) == "best_model"
+    assert logic.addModelFromFile(str(tiny_model_file)) == "tiny"
+
+    os.environ["SYNOMALY_MODELS_DIR"] = str(models)
+    try:
+        entries = {m["name"]: m for m in module.SynomalyDetectLogic.listModels()}
+    finally:
+        del os.environ["SYNOMALY_MODELS_DIR"]
+    imported = entries["best_model"]
+    assert imported["source"] == "user" and imported["card"]["network"]["architecture"] == "guided-diffusion.UNetModel"
+    assert engine.uncalibrated_threshold(imported) == 0.25
+    assert engine.uncalibrated_threshold(entries["brain-mri-axial"]) is None  # calibrated: FPR mode stays
+
+    marker = tmp_path / "code-was-run"
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(b"\x80\x02cos\nsystem\nX" + len(f"touch {marker}").to_bytes(4, "little") + f"touch {marker}".encode()
+                     + b"\x85R.")
+    with pytest.raises(RuntimeError):
+        logic.addModelFromFile(str(evil))
+    assert not marker.exists(), "adding a model executed code"
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(RuntimeError, match="not a model file"):
+        logic.addModelFromFile(str(tmp_path / "notes.txt"))
+    assert sorted(p.name for p in models.glob("*.safetensors")) == ["best_model.safetensors", "tiny.safetensors"]

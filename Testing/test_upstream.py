@@ -237,6 +237,10 @@ def test_import_then_detect_and_fine_tune_on_the_command_line(tmp_path, phantom,
     assert cf.GetSize() == img.GetSize() and cf.GetSpacing() == img.GetSpacing()
     assert np.isfinite(sitk.GetArrayFromImage(cf)).all()
 
+    r = synomaly_run(["calibrate", "authors-small", "--data", scan, "--progress", "none"], env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert set(read_card(models / "authors-small.safetensors").calibration["thresholds"]) >= {"0.01", "0.001"}
+
     tuned = tmp_path / "tuned.safetensors"
     r = synomaly_run(["train", "--data", scan, "--base", "authors-small", "-o", tuned, "--iterations", "2",
                       "--batch-size", "2", "--no-calibrate", "--progress", "none"], env=env, timeout=300)

@@ -153,6 +153,16 @@ def add_model_file(path: str | Path, python: Sequence[str], env: Optional[Mappin
     return name
 
 
+def uncalibrated_threshold(entry: Optional[Mapping[str, Any]]) -> Optional[float]:
+    """For a usable model without calibration, the threshold its card recommends; else None."""
+    if not entry or "card" not in entry or calibrated_fprs(entry):
+        return None
+    try:
+        return float((entry["card"].get("detection") or {})["threshold"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def calibrated_fprs(entry: Optional[Mapping[str, Any]]) -> list[float]:
     """False-positive rates the model is calibrated for, largest first."""
     if not entry or "card" not in entry:

@@ -368,6 +368,8 @@ def cmd_bench(args) -> int:
         sitk.WriteImage(vol, str(vol_path))
         model = load_model(args.model, device=args.device, precision=args.precision)
         settings = _detection_settings(args)
+        if args.all_stages:
+            settings.tolerance = -1.0  # no slice stops early (unless nothing is anomalous): the worst case
         results = []
         for run in range(args.repeat + 1):
             model.calls, model.call_seconds = 0, 0.0
@@ -521,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time a 155-slice 240 x 240 volume end to end")
     b.add_argument("--repeat", type=int, default=2, help="timed runs after one warm-up run")
+    b.add_argument("--all-stages", action="store_true",
+                   help="worst case: every slice runs all stages (with --threshold 0 even an untrained model does)")
     add_detection_arguments(b)
     b.set_defaults(func=cmd_bench)
 
