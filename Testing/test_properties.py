@@ -203,3 +203,16 @@ def test_lesion_table_agrees_with_the_segmentation(case):
             assert a - tol <= c <= b + tol, f"centroid index {index} outside the box {lo}..{hi}"
         if dim == 2:
             assert r["bbox_k0"] == r["bbox_k1"] == 0 and r["centroid_s"] == 0
+
+
+@SETTINGS
+@given(shape=st.tuples(st.integers(1, 4), st.integers(1, 24), st.integers(1, 24)), density=st.floats(0.2, 0.9),
+       seed=st.integers(0, 2**16), smooth=st.booleans())
+def test_hole_filling_equals_two_dimensional_fill_holes_of_every_slice(shape, density, seed, smooth):
+    from synomaly.prepare import fill_holes_per_slice
+
+    mask = np.random.default_rng(seed).random(shape) < density
+    if smooth:
+        mask = ndimage.binary_opening(mask, structure=np.ones((1, 2, 2), bool))
+    expected = np.stack([ndimage.binary_fill_holes(s) for s in mask])  # default 2D structure: 4-connected
+    assert np.array_equal(fill_holes_per_slice(mask), expected)

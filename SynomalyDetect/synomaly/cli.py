@@ -375,9 +375,13 @@ def cmd_bench(args) -> int:
             model.calls, model.call_seconds = 0, 0.0
             t0 = time.perf_counter()
             image = read_image(vol_path)
+            t1 = time.perf_counter()
             result = detect(image, model, settings)
+            t2 = time.perf_counter()
             write_results(result, image, Path(tmp) / f"out{run}")
             wall = time.perf_counter() - t0
+            result.report["seconds"].update(read=round(t1 - t0, 3), detect_call=round(t2 - t1, 3),
+                                            write=round(time.perf_counter() - t2, 3))
             if run > 0 or args.repeat == 0:
                 results.append((wall, model.calls, model.call_seconds, result.report))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

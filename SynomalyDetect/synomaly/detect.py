@@ -234,19 +234,23 @@ def postprocess(score: np.ndarray, threshold: float, spacing: tuple[float, ...],
     from scipy import ndimage
 
     binary = score > threshold
-    structure = np.ones((3,) * score.ndim, dtype=bool)
-    labels, n = ndimage.label(binary, structure=structure)
-    if n == 0:
+    labels = np.zeros(score.shape, dtype=np.int32)
+    hits = [np.nonzero(binary.any(axis=tuple(a for a in range(score.ndim) if a != axis)))[0] for axis in range(score.ndim)]
+    if hits[0].size == 0:
         return binary, labels
+    # label inside the bounding box of the above-threshold voxels only: lesions are small, volumes large
+    box = tuple(slice(int(h[0]), int(h[-1]) + 1) for h in hits)
+    structure = np.ones((3,) * score.ndim, dtype=bool)
+    inner, n = ndimage.label(binary[box], structure=structure)
     voxel_mm3 = float(np.prod(spacing))
-    counts = np.bincount(labels.ravel(), minlength=n + 1)
-    small = counts * voxel_mm3 < min_mm3
-    small[0] = False
-    if small.any():
-        labels[small[labels]] = 0
-        binary = labels > 0
-        labels, n = ndimage.label(binary, structure=structure)
-    return binary, labels
+    counts = np.bincount(inner.ravel(), minlength=n + 1)
+    keep = counts * voxel_mm3 >= min_mm3
+    keep[0] = False
+    if not keep[1:].all():  # renumber the components kept 1..m (removing components never joins others)
+        renumber = np.where(keep, np.cumsum(keep), 0).astype(np.int32)
+        inner = renumber[inner]
+    labels[box] = inner
+    return labels > 0, labels
 
 
 def lesion_table(labels: np.ndarray, score: np.ndarray, image: sitk.Image) -> list[dict[str, Any]]:

@@ -288,9 +288,25 @@ def foreground_mask(volume: np.ndarray) -> np.ndarray:
         otsu = (lo + hi) / 2
     level = lo + 0.5 * (otsu - lo)
     mask = volume > level
-    in_plane = np.zeros((3, 3, 3), dtype=bool)  # connects voxels within a slice only: holes filled per slice
+    return fill_holes_per_slice(mask)
+
+
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """Fill the holes of every slice of a (Z, Y, X) mask: background not 4-connected to the slice's edge.
+
+    Labels the background once (in-plane connectivity) instead of ndimage.binary_fill_holes, whose
+    iterative propagation takes about 0.5 s on a 240 x 240 x 155 volume, a tenth of it here.
+    """
+    from scipy import ndimage
+
+    in_plane = np.zeros((3, 3, 3), dtype=bool)  # connects voxels within a slice only
     in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    return ndimage.binary_fill_holes(mask, structure=in_plane)
+    labels, count = ndimage.label(~mask, structure=in_plane)
+    outside = np.zeros(count + 1, dtype=bool)
+    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        outside[edge] = True
+    outside[0] = True  # label 0 is the mask itself
+    return mask | ~outside[labels]
 
 
 def normalise(volume: np.ndarray, mask: np.ndarray, lower_pct: float, upper_pct: float) -> tuple[float, float]:
@@ -438,7 +454,8 @@ def oriented_to_image(volume: np.ndarray, prep: PreparedScan, pixel_type=sitk.si
     g = prep.geometry
     arr = volume[0] if g.is_2d else unorient_array(volume, g.transpose, g.flips)
     out = sitk.GetImageFromArray(np.ascontiguousarray(arr))
-    out = sitk.Cast(out, pixel_type)
+    if out.GetPixelID() != pixel_type:
+        out = sitk.Cast(out, pixel_type)
     out.CopyInformation(g.reference)
     return out
 
