@@ -212,6 +212,7 @@ class ModelCard:
             f"{self.name} (version {self.version}): {self.description}".rstrip(": "),
             f"  modality {self.modality}, contrast {self.contrast}, {self.orientation} slices, "
             f"grid {self.grid_size} x {self.grid_size}, noise {self.noise.kind}",
+            f"  network {self.network.architecture}; intensities {self.normalisation.method}, framing {self.framing}",
             f"  calibrated thresholds: {cal_text or 'none'}",
             f"  {self.intended_use}",
         ]
