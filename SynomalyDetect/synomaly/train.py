@@ -300,7 +300,11 @@ def train(
     trainer = Trainer(card, tx, tm, vx, vm, settings, base_state)
     if resume:
         state = load_checkpoint(resume)
-        if state.get("card") != card.to_json():
+        try:  # compare as parsed cards: a card written before a field was added reads with its default
+            same = ModelCard.from_json(state.get("card") or "").to_json() == card.to_json()
+        except Exception:  # noqa: BLE001 - an unreadable card simply differs
+            same = False
+        if not same:
             log.warning("resuming with a card that differs from the checkpoint's; the checkpoint's network is used")
         trainer.load_state(state)
         log.info("resumed at iteration %d", trainer.iteration)
