@@ -62,8 +62,8 @@ def implant_lesion(image, centre_mm=None, radii_mm=(12.0, 9.0, 10.0), contrast: 
     """A copy of a healthy SimpleITK image with a smooth ellipsoidal lesion, and the lesion mask.
 
     contrast: amplitude as a fraction of the foreground's 1st-99th percentile range (negative: darker).
-    centre_mm: physical LPS point (default: a point in the right hemisphere's white matter, offset from
-    the image centre). The mask is where the added intensity exceeds half its peak.
+    centre_mm: physical LPS point (default: offset from the image centre by -12 %, -8 %, +10 % of the
+    size along i, j, k; in the MNI152 template that is the left hemisphere's white matter). The mask is where the added intensity exceeds half its peak.
     """
     import numpy as np
     import SimpleITK as sitk
