@@ -87,10 +87,15 @@ def remove_model(name: str) -> Path:
     return _modelio().remove_model(name)
 
 
+def _file_safe(text: str) -> str:
+    """`text` with every character other than letters, digits, '-', '_' and '.' replaced by '_'."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
 def checkpoint_path(name: str, models_dir: Optional[Path] = None) -> Path:
     """The training checkpoint kept for model `name` (next to the user model folder), for resuming."""
     base = Path(models_dir) if models_dir is not None else user_models_dir()
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
+    safe = _file_safe(name) or "model"
     return base.parent / "checkpoints" / f"{safe}.ckpt"
 
 
@@ -123,7 +128,7 @@ def model_name_for_file(path: str | Path) -> str:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "model"
+    return _file_safe(name).strip("._") or "model"
 
 
 def add_model_file(path: str | Path, python: Sequence[str], env: Optional[Mapping[str, str]] = None,
@@ -147,8 +152,11 @@ def add_model_file(path: str | Path, python: Sequence[str], env: Optional[Mappin
     done = subprocess.run(engine_command(python, *args), env=dict(env) if env is not None else None,
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
-        errors = [line.split("error:", 1)[1].strip() for line in (done.stderr or "").splitlines() if "synomaly: error:" in line]
-        tail = [line for line in (done.stderr or "").splitlines() if line.strip()][-5:]
+        from .runner import ERROR_PREFIX
+
+        lines = (done.stderr or "").splitlines()
+        errors = [line[len(ERROR_PREFIX):].strip() for line in lines if line.startswith(ERROR_PREFIX)]
+        tail = [line for line in lines if line.strip()][-5:]
         raise RuntimeError("\n".join(errors) or "the engine could not add the model:\n" + "\n".join(tail))
     return name
 

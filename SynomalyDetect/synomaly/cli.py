@@ -263,12 +263,11 @@ def cmd_import_upstream(args) -> int:
     from .upstream import import_checkpoint
 
     src = Path(args.checkpoint)
-    name = args.name or (Path(args.output).name[: -len(MODEL_SUFFIX)] if args.output and args.output.endswith(MODEL_SUFFIX)
-                         else (Path(args.output).stem if args.output else f"upstream-{src.stem}"))
-    target = Path(args.output) if args.output else user_models_dir() / f"{name}{MODEL_SUFFIX}"
+    # without --name the model is named after the file it is written to (import_checkpoint's rule)
+    target = Path(args.output) if args.output else user_models_dir() / f"{args.name or 'upstream-' + src.stem}{MODEL_SUFFIX}"
     if target.exists() and not args.overwrite:
         raise InputError(f"{target} exists; use --overwrite to replace it")
-    path = import_checkpoint(src, target, name=name, modality=args.modality, contrast=args.contrast,
+    path = import_checkpoint(src, target, name=args.name, modality=args.modality, contrast=args.contrast,
                              orientation=args.orientation)
     print(f"imported {src} -> {path}")
     print(read_card(path).summary())

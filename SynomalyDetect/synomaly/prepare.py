@@ -321,8 +321,10 @@ def normalise(volume: np.ndarray, mask: np.ndarray, lower_pct: float, upper_pct:
     return float(lo), float(hi)
 
 
-def intensity_to_model(v: torch.Tensor, lower: float, upper: float, upper_value: float) -> torch.Tensor:
-    """Linear map of intensities, lower -> -1 and upper -> upper_value, clamped to [-1, 1]."""
+def intensity_to_model(v: torch.Tensor, lower: float | torch.Tensor, upper: float | torch.Tensor,
+                       upper_value: float) -> torch.Tensor:
+    """Linear map of intensities, lower -> -1 and upper -> upper_value, clamped to [-1, 1] (bounds may be
+    tensors broadcasting over v, e.g. (S, 1, 1) per slice)."""
     scale = (upper_value + 1.0) / (upper - lower)
     return ((v - lower) * scale - 1.0).clamp_(-1.0, 1.0)
 
@@ -389,15 +391,16 @@ def prepare_scan(
     z, h, w = oriented.shape
     area = fg.reshape(z, -1).sum(axis=1)
     keep = np.nonzero(area >= max(16, min_foreground_fraction * h * w))[0]
-    if n.method == "slice-minmax":
-        clipped, lo, hi = slice_minmax(oriented, n)
+    if n.method == "slice-minmax":  # lo, hi per oriented slice, shape (Z,)
+        source, lo, hi = slice_minmax(oriented, n)
         upper_value = 1.0
     else:
+        source = oriented
         lo, hi = normalise(oriented, fg, n.lower_percentile, n.upper_percentile)
         upper_value = n.upper_value
     if keep.size == 0:
         raise InputError("no slice has enough foreground to analyse")
-    if getattr(card, "framing", "foreground-square") == "whole-slice":
+    if card.framing == "whole-slice":
         side = max(h, w)  # the whole slice, padded to a square around its centre
         row0, col0 = (h - side) // 2, (w - side) // 2
     else:
@@ -409,11 +412,10 @@ def prepare_scan(
         col0 = int((c0 + c1) // 2 - side // 2)
     grid = int(card.grid_size)
     geometry = ScanGeometry(image, is_2d, transpose, flips, (z, h, w), (row0, col0, side), lo, hi, upper_value, grid)
-    if n.method == "slice-minmax":
-        span = torch.from_numpy((hi - lo)[keep]).float().view(-1, 1, 1)
-        vol = (torch.from_numpy(clipped[keep]) - torch.from_numpy(lo[keep]).float().view(-1, 1, 1)) * (2.0 / span) - 1.0
-    else:
-        vol = intensity_to_model(torch.from_numpy(oriented[keep]), lo, hi, upper_value)
+    def kept(v):  # a per-slice bound, as (S, 1, 1) over the slices kept; a volume bound as it is
+        return torch.from_numpy(v[keep]).float().view(-1, 1, 1) if isinstance(v, np.ndarray) else v
+
+    vol = intensity_to_model(torch.from_numpy(source[keep]), kept(lo), kept(hi), upper_value)
     crop = _crop_square(vol, row0, col0, side, fill=-1.0)
     mcrop = _crop_square(torch.from_numpy(fg[keep]).float(), row0, col0, side, fill=0.0)
     dev = torch.device(device)

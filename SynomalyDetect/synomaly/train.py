@@ -302,7 +302,7 @@ def train(
         state = load_checkpoint(resume)
         try:  # compare as parsed cards: a card written before a field was added reads with its default
             same = ModelCard.from_json(state.get("card") or "").to_json() == card.to_json()
-        except Exception:  # noqa: BLE001 - an unreadable card simply differs
+        except (ValueError, TypeError):  # an unreadable card (ModelCardError is a ValueError) simply differs
             same = False
         if not same:
             log.warning("resuming with a card that differs from the checkpoint's; the checkpoint's network is used")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .card import DetectionDefaults, ModelCard, NetworkSettings, NoiseSettings, NormalisationSettings
-from .modelio import ModelFileError, build_network, check_weights, save_model
+from .modelio import MODEL_SUFFIX, ModelFileError, build_network, check_weights, save_model
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def import_checkpoint(checkpoint: str | Path, output: str | Path, *, name: str |
     """Convert the authors' checkpoint into our model file (safetensors + card); returns its path."""
     data = load_checkpoint(checkpoint)
     output = Path(output)
-    stem = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.stem
+    stem = output.name[: -len(MODEL_SUFFIX)] if output.name.endswith(MODEL_SUFFIX) else output.stem
     card = card_from_args(data["args"], name=name or stem, modality=modality, contrast=contrast,
                           orientation=orientation, epochs=data.get("n_epoch"))
     state = data["model_state_dict"]
