@@ -53,6 +53,9 @@ Train a Synomaly anomaly-detection model from scratch, or fine-tune an installed
 only (volumes in the scene and/or a folder). Training runs in the background with a live loss curve;
 it can be cancelled and resumed. When done, the model is calibrated on held-out healthy scans and
 installed into your user model folder, where Synomaly Detect finds it.
+"Tune on these healthy scans" adapts an installed model to your site without training: it implants
+synthetic lesions into your healthy volumes, chooses the detection settings that find them best,
+calibrates the thresholds on the untouched volumes, and installs the result under the model name.
 See the <a href="https://github.com/synomaly/SynomalyExtension#readme">documentation</a>.
 """)
         self.parent.acknowledgementText = _("""
@@ -128,6 +131,7 @@ class SynomalyTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.browseValidationFolderButton.connect("clicked(bool)", lambda: self._browseFolder("validationFolder"))
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
         self.ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
+        self.ui.tuneButton.connect("clicked(bool)", self.onTuneButton)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
         self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
         self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
@@ -256,6 +260,7 @@ class SynomalyTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.trainButton.toolTip = _("Stop training; a checkpoint is kept so that you can resume")
             self.ui.trainButton.enabled = True
             self.ui.resumeButton.enabled = False
+            self.ui.tuneButton.enabled = False
             return
         self.ui.trainButton.text = _("Train")
         params = self._parameterNode
@@ -272,6 +277,12 @@ class SynomalyTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resumeButton.enabled = canResume
         self.ui.resumeButton.toolTip = (_("Continue the interrupted training of this model") if canResume
                                         else _("No interrupted training of this model to resume"))
+        canTune = problem is None and bool(params.baseModel)
+        self.ui.tuneButton.enabled = canTune
+        self.ui.tuneButton.toolTip = (
+            _("Choose the base model's detection settings on synthetic lesions in these healthy volumes (not used "
+              "in its training), calibrate, and install the result as the model name") if canTune
+            else problem or _("Choose the model to tune as the base model"))
         self.ui.removeModelButton.enabled = self.ui.userModelsComboBox.count > 0
 
     def onTrainButton(self) -> None:
@@ -284,17 +295,20 @@ class SynomalyTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onResumeButton(self) -> None:
         self._start(resume=True)
 
-    def _start(self, resume: bool) -> None:
+    def onTuneButton(self) -> None:
+        self._start(resume=False, tune=True)
+
+    def _start(self, resume: bool, tune: bool = False) -> None:
         params = self._parameterNode
         if not resume and self.logic.modelExists(params.modelName):
             if not slicer.util.confirmYesNoDisplay(
-                    _("A user model named '{name}' exists. Replace it when training finishes?").format(name=params.modelName)):
+                    _("A user model named '{name}' exists. Replace it when the run finishes?").format(name=params.modelName)):
                 return
-        with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Failed to start."), waitCursor=True):
             if engine.missing_packages():
                 self.logic.ensureDependencies()
                 self.refreshModels()
-            self._job = self.logic.startTraining(params, resume=resume)
+            self._job = (self.logic.startTuning(params) if tune else self.logic.startTraining(params, resume=resume))
             self.ui.progressBar.maximum = 0
             self.ui.progressBar.show()
             self.ui.statusLabel.text = _("Preparing the training data...")
@@ -332,12 +346,14 @@ class SynomalyTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self.ui.progressBar.hide()
         if job.state is runner.RunState.SUCCEEDED:
-            self.ui.statusLabel.text = _("Model '{name}' is trained, calibrated and installed.").format(name=job.options.name)
+            done = _("tuned") if isinstance(job, jobs.TuningJob) else _("trained")
+            self.ui.statusLabel.text = _("Model '{name}' is {done}, calibrated and installed.").format(
+                name=job.options.name, done=done)
             self.refreshModels()
             _refreshDetectModule()
         elif job.state is runner.RunState.FAILED:
-            self.ui.statusLabel.text = _("Training failed.")
-            slicer.util.errorDisplay(_("Training failed:\n\n{message}").format(message=job.error_message))
+            self.ui.statusLabel.text = _("Failed.")
+            slicer.util.errorDisplay(_("The run failed:\n\n{message}").format(message=job.error_message))
         self._updateButtons()
 
 
@@ -425,6 +441,15 @@ class SynomalyTrainingLogic(ScriptedLoadableModuleLogic):
         return self.start(options, list(params.trainingVolumes), [params.dataFolder] if params.dataFolder else [],
                           [params.validationFolder] if params.validationFolder else [], resume=resume,
                           scene=scene, showChart=showChart)
+
+    def startTuning(self, params: SynomalyTrainingParameterNode, scene=None) -> jobs.TuningJob:
+        """Tune the base model on the parameter node's healthy volumes and install it as the model name."""
+        options = self.optionsFromParameters(params)
+        job = jobs.TuningJob(scene or slicer.mrmlScene, options, list(params.trainingVolumes),
+                             [params.dataFolder] if params.dataFolder else [], python=self.python,
+                             env=self.environment(), temp_root=slicer.app.temporaryPath,
+                             checkpoint=self.checkpointPath(options.name), runner_factory=self.runnerFactory)
+        return job.start()
 
     def start(self, options: jobs.TrainingOptions, volumes=(), folders=(), validationFolders=(), resume=False,
               scene=None, showChart: bool = True) -> jobs.TrainingJob:

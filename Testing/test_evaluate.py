@@ -280,36 +280,42 @@ def test_implanted_lesions_are_deterministic_varied_and_inside(template):
     from synomaly.evaldata import find_template, implant_case
 
     t = find_template(str(template))
-    a = [implant_case(t, "test", i, seed=0) for i in range(6)]
-    b = [implant_case(t, "test", i, seed=0) for i in range(6)]
+    a = [implant_case(t, "test", i, seed=0) for i in range(4)]
+    b = [implant_case(t, "test", i, seed=0) for i in range(4)]
+    head = sitk.GetArrayFromImage(sitk.ReadImage(str(template))) > 0
     for (ia, ta, ma), (ib, tb, mb) in zip(a, b):
         assert np.array_equal(sitk.GetArrayViewFromImage(ia), sitk.GetArrayViewFromImage(ib))
         assert np.array_equal(ta, tb) and ma == mb
-        assert ta.any() and ta.shape == sitk.GetArrayViewFromImage(ia).shape
-        assert sitk.GetArrayViewFromImage(ia)[ta].min() != 0, "the lesion lies in tissue"
-        assert ia.GetSpacing()[2] == pytest.approx(3.0), "every 2nd 1.5 mm slice"
-        assert (~ta).reshape(ta.shape[0], -1).all(axis=1).any(), "the slab has lesion-free slices"
-    assert {m["polarity"] for _, _, m in a} == {"brighter", "darker"}
-    assert len({m["lesion_ml"] for _, _, m in a}) == 6
+        assert ta.any() and ta.shape == head.shape
+        assert not (ta & ~head).any(), "every lesion voxel lies in tissue"
+        assert all(3.0 <= d <= 30.0 for d in ma["diameters_mm"]) and ma["lobes"] == 2
+    contrasts = [c for _, _, m in a for c in m["contrasts"]]
+    assert min(contrasts) < 0 < max(contrasts), "brighter and darker lesions"
+    assert len({m["lesion_ml"] for _, _, m in a}) == 4
     val = implant_case(t, "val", 0, seed=0)
     assert val[2]["centre_mm"] != a[0][2]["centre_mm"], "validation and test lesions differ"
-    healthy = implant_case(t, "test", 3, seed=0, healthy=True)
+    healthy = implant_case(t, "test", 2, seed=0, healthy=True)
     assert not healthy[1].any()
+    assert np.array_equal(sitk.GetArrayViewFromImage(healthy[0]), sitk.GetArrayViewFromImage(sitk.ReadImage(str(template))))
+    thick = implant_case(t, "test", 0, seed=0, form="thick")
+    assert max(thick[0].GetSpacing()) in (5.0, 6.5) and thick[1].shape == sitk.GetArrayViewFromImage(thick[0]).shape
+    assert thick[1].any(), "the truth mask follows the volume into its thick-slice form"
 
 
 def test_implanted_volumes_end_to_end(models, template, tmp_path):
     out = tmp_path / "report"
     assert _evaluate(["--method", f"s={models['synomaly']}:2", "--data", "implanted", "--templates", template,
-                      "--cases", "4", "--val-cases", "2", "-o", out, "--bootstrap", "50"]) == 0
+                      "--val-templates", template, "--forms", "native", "thick", "--cases", "3", "--val-cases", "2",
+                      "-o", out, "--bootstrap", "50"]) == 0
     summary = json.loads((out / "evaluation.json").read_text())
     assert [t["name"] for t in summary["data"]["templates"]] == ["head"]
     rows = _rows(out / "per_case.csv")
     volumes = [r for r in rows if r["level"] == "volume"]
-    assert len(volumes) == 4 and sum(r["label"] == "1" for r in volumes) == 3  # every 4th volume is healthy
+    assert len(volumes) == 6 and sum(r["label"] == "1" for r in volumes) == 4  # every 3rd volume is lesion-free
     slices = [r for r in rows if r["level"] == "image"]
     assert all(r["slice"] != "" for r in slices) and {r["label"] for r in slices} == {"0", "1"}
     md = (out / "report.md").read_text()
-    assert "Dice/volume" in md and "head" in md
+    assert "Dice/volume" in md and "head" in md and "max mL healthy" in md
 
 
 def test_method_names_and_specs(models):

@@ -249,3 +249,33 @@ def test_training_options_become_engine_arguments():
     args = jobs.TrainingOptions("m", base="brain-mri-axial", iterations=500, batch_size=8, lr=1e-5).cli_args()
     assert args == ["--name", "m", "--iterations", "500", "--batch-size", "8", "--lr", "1e-05", "--device", "auto",
                     "--seed", "0", "--base", "brain-mri-axial"]
+
+
+def test_tuning_installs_the_tuned_model_without_touching_a_training_checkpoint(tmp_path):
+    scene = app_scene()
+    models = tmp_path / "models"
+    checkpoint = engine.checkpoint_path("site-t", models)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_text('{"iteration": 3}')  # an interrupted training run of the same name
+    volumes = [scan(scene, "healthy-1", lesion=False), scan(scene, "healthy-2", lesion=False)]
+    before = node_ids(scene)
+    job = jobs.TuningJob(scene, jobs.TrainingOptions("site-t", base="brain-mri-axial"), volumes,
+                         python=fake_python(), env=quiet_env(SYNOMALY_MODELS_DIR=str(models)), checkpoint=checkpoint)
+    events = []
+    job.start()
+    deadline = time.monotonic() + 60
+    while job.state is RunState.RUNNING and time.monotonic() < deadline:
+        events += job.poll()
+        time.sleep(0.02)
+    assert job.state is RunState.SUCCEEDED, job.error_message
+    assert (models / "site-t.safetensors").read_bytes() == b"fake tuned model brain-mri-axial 2"
+    assert any(e.stage == "tune" for e in events) and events[-1].stage == "done"
+    assert checkpoint.exists(), "tuning must not delete another run's checkpoint"
+    assert job.loss_table is None and not job.can_resume and not job.temp_dir.exists()
+    assert node_ids(scene) == before  # no chart or table for tuning
+
+
+def test_tuning_needs_a_model_to_tune(tmp_path):
+    scene = app_scene()
+    with pytest.raises(jobs.JobError, match="choose the model to tune"):
+        jobs.TuningJob(scene, jobs.TrainingOptions("site-u"), [scan(scene, lesion=False)], python=fake_python())

@@ -89,3 +89,34 @@ def test_calibrated_thresholds_hold_on_other_healthy_data(healthy, tmp_path):
     fpr = float((res.score[test_m] > thr).float().mean())
     # other healthy images: the rate is about the target (a factor of three either way)
     assert 0.01 / 3 < fpr < 0.01 * 3, fpr
+
+
+def test_contrast_remap_keeps_the_background_and_the_normalised_range():
+    from synomaly.train import remap_contrast
+
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    m = ((yy**2 + xx**2) < 0.6).float().expand(6, 1, 32, 32)
+    x = torch.where(m.bool(), (xx * 0.9).expand(6, 1, 32, 32), torch.full_like(m, -1.0))
+    out = remap_contrast(x, m, torch.Generator().manual_seed(1))
+    again = remap_contrast(x, m, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again) and out.device == x.device
+    assert torch.equal(out[~m.bool()], x[~m.bool()]), "the background stays at -1"
+    fg = out[m.bool()]
+    assert fg.min() >= -1.0 - 1e-6 and fg.max() <= 0.8 + 1e-6
+    # some curves are not monotonic: the order of intensities changes (as between T1 and T2)
+    corr = [float(torch.corrcoef(torch.stack([x[i][m[i].bool()], out[i][m[i].bool()]]))[0, 1]) for i in range(6)]
+    assert min(corr) < 0.9
+
+
+def test_training_noise_levels_stay_below_t_max():
+    from synomaly.schedule import cosine_alphas_cumprod
+    from synomaly.train import training_targets
+
+    card = _card()
+    x0 = torch.zeros(64, 1, 32, 32)
+    m = torch.ones_like(x0)
+    gen = torch.Generator().manual_seed(0)
+    _, t, _ = training_targets(x0, m, card, cosine_alphas_cumprod(1000), gen, _settings(t_max=300))
+    assert int(t.max()) < 300 and int(t.min()) >= 0
+    _, t_all, _ = training_targets(x0, m, card, cosine_alphas_cumprod(1000), gen, _settings())
+    assert int(t_all.max()) >= 300, "without t_max the whole schedule is sampled"

@@ -343,6 +343,19 @@ class TrainingJob:
         self._state = RunState.NOT_STARTED
         self._error = ""
 
+    trains = True  # a training run: a loss curve and a resumable checkpoint
+
+    def _engine_args(self, data: list[str]) -> list[Any]:
+        """The engine command of the first phase, for these data files and folders."""
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        args = ["train", "--data", *data, "-o", self.model_file, "--checkpoint", self.checkpoint,
+                *self.options.cli_args(), "--progress", "json"]
+        if self.validation_folders:
+            args += ["--val-data", *self.validation_folders]
+        if self.resume:
+            args += ["--resume", self.checkpoint]
+        return args
+
     @property
     def model_file(self) -> Path:
         """The model file the training run writes (inside the temporary folder)."""
@@ -358,15 +371,8 @@ class TrainingJob:
                 path = self.temp_dir / "data" / f"{index:03d}_{_safe_name(volume.GetName())}.nrrd"
                 data.append(str(bridge.write_volume(volume, path)))
             data += self.folders
-            self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            args = ["train", "--data", *data, "-o", self.model_file, "--checkpoint", self.checkpoint,
-                    *self.options.cli_args(), "--progress", "json"]
-            if self.validation_folders:
-                args += ["--val-data", *self.validation_folders]
-            if self.resume:
-                args += ["--resume", self.checkpoint]
-            command = engine_command(self.python, *args)
-            if self.loss_table is None:
+            command = engine_command(self.python, *self._engine_args(data))
+            if self.trains and self.loss_table is None:
                 self.loss_table = bridge.new_loss_table(self.scene, f"{self.options.name} training loss")
                 self.created.append(self.loss_table)
             self.runner = self.runner_factory(command, env=self.env)
@@ -412,7 +418,8 @@ class TrainingJob:
             elif self.phase == "install":
                 self.phase = "done"
                 self._state = RunState.SUCCEEDED
-                self.checkpoint.unlink(missing_ok=True)
+                if self.trains:
+                    self.checkpoint.unlink(missing_ok=True)
                 self._cleanup_temp()
                 events.append(Progress("done", 1, 1, f"{self.options.name} is installed"))
         return events
@@ -467,3 +474,25 @@ class TrainingJob:
     def _cleanup_temp(self) -> None:
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+class TuningJob(TrainingJob):
+    """Tune an installed model on healthy volumes (`synomaly tune`: synthetic lesions, a sweep of detection
+    settings, calibration; no labels) and install the result under `options.name`. The same phases, progress
+    and cancel as training; no checkpoint and no loss curve."""
+
+    trains = False
+
+    def __init__(self, scene, options: TrainingOptions, volumes: Sequence[Any] = (), folders: Sequence[str] = (),
+                 **kwargs: Any) -> None:
+        if not options.base:
+            raise JobError("choose the model to tune (the base model)")
+        super().__init__(scene, options, volumes, folders, **kwargs)
+
+    def _engine_args(self, data: list[str]) -> list[Any]:
+        return ["tune", self.options.base, "--data", *data, "-o", self.model_file, "--device",
+                self.options.device or "auto", "--progress", "json"]
+
+    @property
+    def can_resume(self) -> bool:
+        return False

@@ -23,43 +23,68 @@ def _quantile(values: torch.Tensor, fpr: float) -> float:
     return float(np.quantile(v, 1.0 - fpr)) if v.size else float("nan")
 
 
-def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequence[float] = DEFAULT_FPRS,
-              t: Optional[int] = None, kernel: Optional[int] = None, max_stages: Optional[int] = None,
-              fusion_fpr: float = FUSION_FPR, batch_size: int = 8, seed: int = 0,
-              progress: ProgressFn = null_progress) -> dict[str, Any]:
-    """Thresholds giving each FPR on healthy slices (S, 1, G, G), for the multi-stage map.
+def calibration_maps(model, slices: torch.Tensor, masks: torch.Tensor, *, ts: tuple[int, ...], kernel: int,
+                     max_stages: int, draws: int = 1, fusion_fpr: float = FUSION_FPR, batch_size: int = 8,
+                     seed: int = 0, progress: ProgressFn = null_progress):
+    """The fusion threshold (the stage-1 level that flags `fusion_fpr` of healthy foreground voxels) and the
+    multi-stage result on healthy slices (S, 1, G, G) run with it."""
+    from .detect import run_stages
 
-    The stages keep healing where the map exceeds a fusion threshold: the stage-1 level that flags
-    `fusion_fpr` of healthy voxels. One multi-stage run with it gives the final maps, whose quantiles
-    are the thresholds for the requested rates.
-    """
-    from .detect import _fpr_key, run_stages
-
-    card = model.card
-    t = int(t or card.detection.t)
-    kernel = int(kernel or card.detection.blur_kernel)
-    max_stages = int(max_stages or card.detection.max_stages)
     fg = masks.bool()
     progress("calibrate", 0, 2, "single-stage maps of healthy slices")
-    first = run_stages(model, slices, masks, t=t, kernel=kernel, threshold=float("inf"), max_stages=1,
-                       batch_size=batch_size, seed=seed)
+    first = run_stages(model, slices, masks, t=ts, kernel=kernel, threshold=float("inf"), max_stages=1,
+                       batch_size=batch_size, draws=draws, seed=seed)
     fusion = _quantile(first.score[fg.to(first.score.device)], fusion_fpr)
     progress("calibrate", 1, 2, "multi-stage maps of healthy slices")
-    res = run_stages(model, slices, masks, t=t, kernel=kernel, threshold=fusion, max_stages=max_stages,
-                     batch_size=batch_size, seed=seed)
-    values = res.score[fg.to(res.score.device)]
+    res = run_stages(model, slices, masks, t=ts, kernel=kernel, threshold=fusion, max_stages=max_stages,
+                     batch_size=batch_size, draws=draws, seed=seed)
+    return fusion, res
+
+
+def thresholds_at_fprs(values: torch.Tensor, fprs: Sequence[float]) -> tuple[dict[str, float], dict[str, float]]:
+    """Thresholds exceeded by each fraction of healthy scores, and the rate each gives on those scores."""
+    from .detect import _fpr_key
+
     thresholds: dict[str, float] = {}
     measured: dict[str, float] = {}
     for fpr in fprs:
         thr = _quantile(values, fpr)
         thresholds[_fpr_key(fpr)] = round(thr, 5)
         measured[_fpr_key(fpr)] = float((values > thr).float().mean())
+    return thresholds, measured
+
+
+def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequence[float] = DEFAULT_FPRS,
+              t: Optional[int | Sequence[int]] = None, draws: Optional[int] = None,
+              kernel: Optional[int] = None, max_stages: Optional[int] = None,
+              fusion_fpr: float = FUSION_FPR, batch_size: int = 8, seed: int = 0,
+              progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Thresholds giving each FPR on healthy slices (S, 1, G, G), for the multi-stage map.
+
+    The stages keep healing where the map exceeds a fusion threshold: the stage-1 level that flags
+    `fusion_fpr` of healthy voxels. One multi-stage run with it gives the final maps, whose quantiles
+    are the thresholds for the requested rates. t, blur, stages and draws default to the card's.
+    """
+    card = model.card
+    if t is None:
+        ts = tuple(int(v) for v in card.detection.t_ensemble) or (int(card.detection.t),)
+    else:
+        ts = (int(t),) if isinstance(t, int) else tuple(int(v) for v in t)
+    draws = int(draws or card.detection.noise_draws)
+    kernel = int(kernel or card.detection.blur_kernel)
+    max_stages = int(max_stages or card.detection.max_stages)
+    fg = masks.bool()
+    fusion, res = calibration_maps(model, slices, masks, ts=ts, kernel=kernel, max_stages=max_stages, draws=draws,
+                                   fusion_fpr=fusion_fpr, batch_size=batch_size, seed=seed, progress=progress)
+    thresholds, measured = thresholds_at_fprs(res.score[fg.to(res.score.device)], fprs)
     progress("calibrate", 2, 2, "calibrated")
     return {
         "thresholds": thresholds,
         "fusion_threshold": round(fusion, 5),
         "fusion_fpr": fusion_fpr,
-        "t": t,
+        "t": ts[0],
+        "t_ensemble": list(ts) if len(ts) > 1 else [],
+        "noise_draws": draws,
         "blur_kernel": kernel,
         "max_stages": max_stages,
         "slices": int(slices.shape[0]),

@@ -78,6 +78,9 @@ class DetectionDefaults:
     blur_kernel: int = 5
     threshold: float = 0.25
     max_stages: int = 5
+    t_ensemble: tuple[int, ...] = ()  # several noise levels whose healed images are averaged (overrides t)
+    noise_draws: int = 1  # noise draws averaged per noise level
+    fpr: float = 1e-3  # the calibrated false-positive rate used when none is asked for
 
 
 @dataclass
@@ -102,6 +105,7 @@ class ModelCard:
     detection: DetectionDefaults = field(default_factory=DetectionDefaults)
     calibration: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    tuning: dict[str, Any] = field(default_factory=dict)  # `synomaly tune`: data, sweep table, choice
     intended_use: str = "Research use only. Not for diagnosis or treatment decisions."
     licence: str = "Apache-2.0 (weights); see training data licences"
     format: str = CARD_FORMAT
@@ -159,6 +163,7 @@ class ModelCard:
         card = cls(**kwargs)
         card.network.channels = tuple(int(c) for c in card.network.channels)
         card.network.attention_levels = tuple(bool(a) for a in card.network.attention_levels)
+        card.detection.t_ensemble = tuple(int(t) for t in card.detection.t_ensemble)
         card.validate()
         return card
 
@@ -192,6 +197,10 @@ class ModelCard:
             raise ModelCardError(f"noise.polarity {self.noise.polarity!r} is not one of {POLARITIES}")
         if not 0 < self.detection.t < self.timesteps:
             raise ModelCardError(f"detection.t {self.detection.t} must lie in (0, {self.timesteps})")
+        if any(not 0 < int(t) < self.timesteps for t in self.detection.t_ensemble):
+            raise ModelCardError(f"detection.t_ensemble {list(self.detection.t_ensemble)} must lie in (0, {self.timesteps})")
+        if int(self.detection.noise_draws) < 1 or not 0 < float(self.detection.fpr) < 1:
+            raise ModelCardError("detection.noise_draws must be >= 1 and detection.fpr in (0, 1)")
         n = self.normalisation
         if n.method not in NORMALISATIONS:
             raise ModelCardError(f"normalisation.method {n.method!r} is not one of {NORMALISATIONS}")
@@ -204,6 +213,13 @@ class ModelCard:
         if not -1.0 < n.upper_value <= 1.0:
             raise ModelCardError("normalisation.upper_value must lie in (-1, 1]")
 
+    def detection_text(self) -> str:
+        """The card's detection setting in one phrase ('t 50+100+200, blur 3, 5 stages, FPR 0.001')."""
+        d = self.detection
+        t = "+".join(str(v) for v in d.t_ensemble) if d.t_ensemble else str(d.t)
+        draws = f", {d.noise_draws} draws" if d.noise_draws > 1 else ""
+        return f"t {t}, blur {d.blur_kernel}, up to {d.max_stages} stages{draws}, FPR {d.fpr:g}"
+
     def summary(self) -> str:
         """A few human lines: what the model is for and what it expects."""
         cal = self.calibration.get("thresholds", {})
@@ -214,6 +230,7 @@ class ModelCard:
             f"grid {self.grid_size} x {self.grid_size}, noise {self.noise.kind}",
             f"  network {self.network.architecture}; intensities {self.normalisation.method}, framing {self.framing}",
             f"  calibrated thresholds: {cal_text or 'none'}",
+            f"  detection: {self.detection_text()}" + (" (tuned)" if self.tuning.get("chosen") else ""),
             f"  {self.intended_use}",
         ]
         return "\n".join(lines)

@@ -17,14 +17,16 @@ log = logging.getLogger("synomaly")
 
 DATA_SPEC_HELP = (
     "files, folders (DICOM series or images), .txt lists, or sample specs: "
-    "'br35h:no:LO:HI' (Br35H healthy numbers LO <= n < HI, HI <= 1050), 'mni152' (MNI152 T1 template)"
+    "'br35h:no:LO:HI' (Br35H healthy numbers LO <= n < HI, HI <= 1050), 'mni152' (MNI152 T1 template), a healthy volume's name "
+    "(mni152, brainles, brainles-brain, pydeface, mni2020-brain, oasis, ch2, robex, itk-t1) or 'healthy:ROLE' "
+    "(every installed volume of the role train, tune or eval)"
 )
 
 
 def resolve_data(items: list[str]) -> list[str]:
     """Expand data arguments (including sample specs) into a list of input paths."""
     from .prepare import expand_inputs
-    from .sampledata import br35h_images, mni152_t1
+    from .sampledata import HEALTHY_VOLUMES, br35h_images, healthy_volume, healthy_volumes, mni152_t1
 
     out: list[str] = []
     plain: list[str] = []
@@ -39,6 +41,14 @@ def resolve_data(items: list[str]) -> list[str]:
                 raise InputError(str(exc)) from exc
         elif item == "mni152":
             out.append(str(mni152_t1()))
+        elif item in HEALTHY_VOLUMES:
+            out.append(str(healthy_volume(item)[0]))
+        elif item.startswith("healthy:"):  # every installed healthy volume of one role: healthy:train
+            role = item.split(":", 1)[1]
+            names = healthy_volumes(role)
+            if not names:
+                raise InputError(f"bad sample spec {item!r}: use healthy:train, healthy:tune or healthy:eval")
+            out.extend(str(healthy_volume(n)[0]) for n in names)
         else:
             plain.append(item)
     out.extend(expand_inputs(plain))
@@ -83,7 +93,7 @@ def cmd_train(args) -> int:
     settings = TrainingSettings(
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, precision=args.precision, checkpoint_every=args.checkpoint_every,
-        validate_every=args.checkpoint_every,
+        validate_every=args.checkpoint_every, contrast_remap=args.contrast_remap, t_max=args.t_max,
     )
     base_state = None
     if args.base:
@@ -113,7 +123,11 @@ def cmd_train(args) -> int:
     description = args.data_description or f"{len(paths)} training and {len(val_paths)} validation scans"
     summary = train(card, paths, val_paths, args.output, settings, base_state=base_state, resume=args.resume,
                     checkpoint=args.checkpoint, progress=_progress(args), data_description=description)
-    if not args.no_calibrate and val_paths:
+    if args.tune_data:  # label-free tuning on healthy volumes, then calibration under the chosen setting
+        from .tune import tune_model
+
+        tune_model(args.output, args.tune_data, progress=_progress(args))
+    elif not args.no_calibrate and val_paths:
         from .calibrate import calibrate_model
 
         calibrate_model(args.output, val_paths, progress=_progress(args))
@@ -198,7 +212,7 @@ def add_detection_arguments(d: argparse.ArgumentParser) -> None:
     sens.add_argument("--fpr", type=float, help="calibrated per-voxel false-positive rate: 0.01, 0.001 or 0.0001")
     d.add_argument("--blur", type=int, help="Gaussian blur kernel of the map, odd, model-grid pixels")
     d.add_argument("--min-size", type=float, default=50.0, help="smallest lesion kept, mm^3 (default 50)")
-    d.add_argument("--draws", type=int, default=1, help="noise draws averaged per stage (default 1)")
+    d.add_argument("--draws", type=int, default=None, help="noise draws averaged per stage and noise level (default: the model card's)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--batch-size", type=int, default=8, help="slices per network call")
     d.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -246,6 +260,32 @@ def cmd_calibrate(args) -> int:
     for key, value in cal["thresholds"].items():
         print(f"FPR {key}: threshold {value:.4f} (measured {cal['measured_fpr_on_calibration_data'][key]:.2g})")
     print(f"calibration stored in {target}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    """Choose the detection setting and operating point on synthetic lesions in healthy volumes."""
+    from .tune import TuneGrid, TuneOptions, tune_model
+
+    grid = TuneGrid()
+    if args.quick:
+        grid = TuneGrid(ts=(25, 50, 100, 200), blurs=(1, 3, 5), ensembles=((25, 50, 100),), multi_top=1)
+    if args.t:
+        grid.ts = tuple(args.t)
+    if args.blur:
+        grid.blurs = tuple(args.blur)
+    opts = TuneOptions(forms=tuple(args.forms), lesions_per_volume=args.lesions, seed=args.seed,
+                       batch_size=args.batch_size, grid=grid, max_healthy_ml=args.max_healthy_ml)
+    rec = tune_model(args.model, args.data, output=args.output, options=opts, device=args.device,
+                     description=args.data_description or "", progress=_progress(args))
+    out = args.output or args.model
+    best = rec["chosen"]
+    print(f"tuned {out} on {rec['lesion_cases']} volumes with {rec['lesions']} implanted lesions "
+          f"({rec['seconds']['total']:.0f} s): t {best['t']}, blur {best['blur']}, {best['stages']} stage(s), "
+          f"pooled pixel AUPRC {best['auprc']:.3f}; default FPR {rec['chosen_fpr']}")
+    for p in rec["points"]:
+        print(f"  FPR {p['fpr']}: threshold {p['threshold']:.4f}, mean Dice {p['dice_mean']:.3f}, "
+              f"at most {p['healthy_ml_max']:.2f} mL flagged in a lesion-free volume")
     return 0
 
 
@@ -453,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    t.add_argument("--contrast-remap", type=float, default=0.0, metavar="P",
+                   help="share of training images given a random contrast curve, so that T2/FLAIR-like "
+                        "intensities are seen (0-1; default 0)")
+    t.add_argument("--t-max", type=int, default=0,
+                   help="train on noise levels below this only, around those detection uses (default: all)")
     t.add_argument("--name", help="model name (default: output file name)")
     t.add_argument("--description", default="")
     t.add_argument("--data-description", help="what the training data is (no patient identifiers)")
@@ -467,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--contrast", default="any")
     t.add_argument("--orientation", default="axial", choices=["axial", "coronal", "sagittal"])
     t.add_argument("--no-calibrate", action="store_true", help="skip threshold calibration after training")
+    t.add_argument("--tune-data", nargs="+", metavar="HEALTHY",
+                   help="after training, tune detection settings on these healthy 3D volumes (see `synomaly tune`) "
+                        "instead of only calibrating on the validation scans")
     t.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])
     t.set_defaults(func=cmd_train)
 
@@ -495,6 +543,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto")
     c.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])
     c.set_defaults(func=cmd_calibrate)
+
+    tu = sub.add_parser("tune", help="choose detection settings on synthetic lesions in healthy volumes "
+                        "(no labels), then calibrate")
+    tu.add_argument("model", help="model name or file")
+    tu.add_argument("--data", nargs="+", required=True,
+                    help="healthy 3D volumes not used in training: files, folders, .txt lists, or healthy-volume "
+                         "names (oasis, ...; 'healthy:tune' for every installed tuning volume)")
+    tu.add_argument("-o", "--output", help="write the tuned model here (default: update MODEL in place)")
+    tu.add_argument("--forms", nargs="+", default=["native", "brain", "oblique", "thick", "scaled"],
+                    choices=["native", "brain", "oblique", "thick", "scaled"],
+                    help="forms of each volume to tune on (brain: skull-stripped, for volumes with a mask)")
+    tu.add_argument("--lesions", type=int, default=3, help="lesions implanted per volume and form (default 3)")
+    tu.add_argument("--t", type=int, nargs="+", help="noise levels to try (default 10 25 50 100 150 200 300 400)")
+    tu.add_argument("--blur", type=int, nargs="+", help="blur kernels to try (default 1 3 5 7)")
+    tu.add_argument("--quick", action="store_true", help="a small grid (about a quarter of the time)")
+    tu.add_argument("--max-healthy-ml", type=float, default=1.0,
+                    help="the default FPR may flag at most this many mL in a lesion-free volume (default 1)")
+    tu.add_argument("--data-description", help="what the tuning volumes are (for the card)")
+    tu.add_argument("--seed", type=int, default=0)
+    tu.add_argument("--batch-size", type=int, default=8)
+    tu.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    tu.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])
+    tu.set_defaults(func=cmd_tune)
 
     im = sub.add_parser("install-model", help="copy a model file into the user model folder")
     im.add_argument("file")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,7 +31,7 @@ class DetectionSettings:
     min_lesion_mm3: float = 50.0
     max_stages: Optional[int] = None
     tolerance: float = 0.01
-    noise_draws: int = 1
+    noise_draws: Optional[int] = None  # None: the card's
     seed: int = 0
     batch_size: int = 8
     device: str = "auto"
@@ -63,11 +63,16 @@ class DetectionResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_settings(settings: DetectionSettings, card) -> tuple[int, int, int, float, str]:
-    """t, blur kernel, stages, threshold and where the threshold came from (explicit, calibrated, card)."""
-    t = int(settings.t if settings.t is not None else card.detection.t)
-    if not 0 < t < card.timesteps:
-        raise ValueError(f"t must lie between 1 and {card.timesteps - 1}, got {t}")
+def resolve_settings(settings: DetectionSettings, card) -> tuple[tuple[int, ...], int, int, float, str]:
+    """Noise levels, blur kernel, stages, threshold and where the threshold came from (explicit, calibrated,
+    card). An explicit t replaces the card's (possibly tuned) ensemble of noise levels."""
+    if settings.t is not None:
+        ts = (int(settings.t),)
+    else:
+        ts = tuple(int(v) for v in card.detection.t_ensemble) or (int(card.detection.t),)
+    for t in ts:
+        if not 0 < t < card.timesteps:
+            raise ValueError(f"t must lie between 1 and {card.timesteps - 1}, got {t}")
     k = int(settings.blur_kernel if settings.blur_kernel is not None else card.detection.blur_kernel)
     if k > 1 and k % 2 == 0:
         raise ValueError(f"blur kernel must be odd, got {k}")
@@ -75,7 +80,7 @@ def resolve_settings(settings: DetectionSettings, card) -> tuple[int, int, int, 
     if stages < 1:
         raise ValueError("stages must be at least 1")
     if settings.threshold is not None:
-        return t, k, stages, float(settings.threshold), "explicit"
+        return ts, k, stages, float(settings.threshold), "explicit"
     cal = card.calibration or {}
     thresholds = cal.get("thresholds", {})
     fpr = settings.fpr
@@ -85,15 +90,16 @@ def resolve_settings(settings: DetectionSettings, card) -> tuple[int, int, int, 
             have = ", ".join(sorted(thresholds)) or "none"
             raise ModelError(f"model {card.name!r} has no threshold calibrated for FPR {fpr:g} (has: {have}); "
                              "run `synomaly calibrate` or give --threshold")
-        _warn_if_calibration_differs(cal, t, k, stages)
-        return t, k, stages, float(thresholds[key]), f"calibrated FPR {key}"
-    if _fpr_key(1e-3) in thresholds:
-        _warn_if_calibration_differs(cal, t, k, stages)
-        return t, k, stages, float(thresholds[_fpr_key(1e-3)]), f"calibrated FPR {_fpr_key(1e-3)}"
-    return t, k, stages, float(card.detection.threshold), "model default (uncalibrated)"
+        _warn_if_calibration_differs(cal, ts, k, stages)
+        return ts, k, stages, float(thresholds[key]), f"calibrated FPR {key}"
+    default = _fpr_key(getattr(card.detection, "fpr", 1e-3))
+    if default in thresholds:
+        _warn_if_calibration_differs(cal, ts, k, stages)
+        return ts, k, stages, float(thresholds[default]), f"calibrated FPR {default}"
+    return ts, k, stages, float(card.detection.threshold), "model default (uncalibrated)"
 
 
-def resolve_fusion_threshold(settings: DetectionSettings, card, t: int, k: int, threshold: float) -> float:
+def resolve_fusion_threshold(settings: DetectionSettings, card, ts: tuple[int, ...], k: int, threshold: float) -> float:
     """The map level above which stages keep healing: explicit, else the card's calibrated one (when it was
     calibrated with this t and blur), else the segmentation threshold itself (the original method).
 
@@ -102,7 +108,7 @@ def resolve_fusion_threshold(settings: DetectionSettings, card, t: int, k: int, 
     if settings.fusion_threshold is not None:
         return float(settings.fusion_threshold)
     cal = card.calibration or {}
-    if "fusion_threshold" in cal and int(cal.get("t", t)) == t and int(cal.get("blur_kernel", k)) == k:
+    if "fusion_threshold" in cal and _calibrated_ts(cal, ts) == ts and int(cal.get("blur_kernel", k)) == k:
         return float(cal["fusion_threshold"])
     return threshold
 
@@ -112,29 +118,43 @@ def _fpr_key(fpr: float) -> str:
     return f"{float(fpr):g}" if float(fpr) >= 1e-4 else f"{float(fpr):.0e}"
 
 
-def _warn_if_calibration_differs(cal: dict, t: int, k: int, stages: int) -> None:
+def _calibrated_ts(cal: dict, default: tuple[int, ...]) -> tuple[int, ...]:
+    """The noise levels a calibration was measured with (older cards store one 't')."""
+    if "t_ensemble" in cal and cal["t_ensemble"]:
+        return tuple(int(v) for v in cal["t_ensemble"])
+    return (int(cal["t"]),) if "t" in cal else default
+
+
+def _warn_if_calibration_differs(cal: dict, ts: tuple[int, ...], k: int, stages: int) -> None:
     """Calibrated thresholds hold only for the settings they were measured with."""
-    for name, value in (("t", t), ("blur_kernel", k), ("max_stages", stages)):
+    have = _calibrated_ts(cal, ts)
+    if have != ts:
+        log.warning("threshold was calibrated with t=%s but t=%s is used; its false-positive rate will differ",
+                    "+".join(map(str, have)), "+".join(map(str, ts)))
+    for name, value in (("blur_kernel", k), ("max_stages", stages)):
         if name in cal and int(cal[name]) != value:
             log.warning("threshold was calibrated with %s=%s but %s=%s is used; its false-positive rate will differ",
                         name, cal[name], name, value)
 
 
-def _denoise(model, x: torch.Tensor, t: int, draws: int, gen: torch.Generator) -> torch.Tensor:
-    """One stage for a batch (B, 1, G, G): noise to level t, predict x0 in one call, average `draws`."""
-    tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+def _denoise(model, x: torch.Tensor, ts: int | Sequence[int], draws: int, gen: torch.Generator) -> torch.Tensor:
+    """One stage for a batch (B, 1, G, G): noise to each level in `ts`, predict x0 in one call per level
+    and draw, and average the predictions (one level and one draw: the original method)."""
+    levels = (int(ts),) if isinstance(ts, int) else tuple(int(t) for t in ts)
     out = torch.zeros_like(x)
-    for _ in range(draws):
-        noise = torch.randn(x.shape, generator=gen, device=x.device)
-        if model.card.noise.kind == "coarse":
-            # denoising autoencoder: the input itself is the corrupted image; predict its noise at t = 0
-            eps = model.predict_noise(x, torch.zeros_like(tt))
-            out += (x - eps).clamp(-1, 1)
-        else:
-            xt = q_sample(x, tt, noise, model.abar)
-            eps = model.predict_noise(xt, tt)
-            out += predict_x0(xt, tt, eps, model.abar)
-    return out / draws
+    for t in levels:
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        for _ in range(draws):
+            noise = torch.randn(x.shape, generator=gen, device=x.device)
+            if model.card.noise.kind == "coarse":
+                # denoising autoencoder: the input itself is the corrupted image; predict its noise at t = 0
+                eps = model.predict_noise(x, torch.zeros_like(tt))
+                out += (x - eps).clamp(-1, 1)
+            else:
+                xt = q_sample(x, tt, noise, model.abar)
+                eps = model.predict_noise(xt, tt)
+                out += predict_x0(xt, tt, eps, model.abar)
+    return out / (draws * len(levels))
 
 
 def anomaly_score(x0: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -142,7 +162,7 @@ def anomaly_score(x0: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor, ker
     return (blur_kernel(x0, kernel) - blur_kernel(x_hat, kernel)).abs() * mask
 
 
-def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int, kernel: int, threshold: float,
+def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int | Sequence[int], kernel: int, threshold: float,
                max_stages: int, tolerance: float = 0.01, batch_size: int = 8, draws: int = 1, seed: int = 0,
                progress: ProgressFn = null_progress) -> StageResult:
     """Multi-stage healing of S slices (S, 1, G, G): each stage noises the fused image, denoises it in one
@@ -179,7 +199,7 @@ def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int, kernel: i
                     torch.cuda.empty_cache()
                     continue
                 raise
-            calls += draws
+            calls += draws * (1 if isinstance(t, int) else len(t))
             d = anomaly_score(x0[idx], xh, mask[idx], kernel)
             m = (d > threshold).float()
             area[start : start + idx.numel()] = m.sum(dim=(1, 2, 3))
@@ -320,15 +340,18 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     t0 = time.perf_counter()
     calls0, secs0 = model.calls, model.call_seconds
     warnings = check_compatibility(image, card, settings.allow_modality_mismatch)
-    t, k, stages, threshold, source = resolve_settings(settings, card)
-    fusion = resolve_fusion_threshold(settings, card, t, k, threshold)
+    ts, k, stages, threshold, source = resolve_settings(settings, card)
+    fusion = resolve_fusion_threshold(settings, card, ts, k, threshold)
+    draws = int(settings.noise_draws if settings.noise_draws is not None else card.detection.noise_draws)
+    if draws < 1:
+        raise ValueError(f"noise draws must be at least 1, got {draws}")
     progress("prepare", 0, 1, "reorienting, normalising and resampling slices")
     prep = prepare_scan(image, card, device=model.device)
     progress("prepare", 1, 1, f"{prep.slices.shape[0]} slices with foreground")
     t_prep = time.perf_counter()
     torch.manual_seed(settings.seed)
-    stage_args = dict(t=t, kernel=k, threshold=fusion, max_stages=stages, tolerance=settings.tolerance,
-                      batch_size=settings.batch_size, draws=settings.noise_draws, seed=settings.seed, progress=progress)
+    stage_args = dict(t=ts, kernel=k, threshold=fusion, max_stages=stages, tolerance=settings.tolerance,
+                      batch_size=settings.batch_size, draws=draws, seed=settings.seed, progress=progress)
     try:
         res = run_stages(model, prep.slices, prep.masks, **stage_args)
     except torch.cuda.OutOfMemoryError:
@@ -362,7 +385,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
         "model": card.name,
         "model_version": card.version,
         "settings": asdict(settings),
-        "t": t, "blur_kernel": k, "max_stages": stages, "threshold": threshold, "threshold_source": source,
+        "t": ts[0] if len(ts) == 1 else list(ts), "noise_draws": draws, "blur_kernel": k, "max_stages": stages, "threshold": threshold, "threshold_source": source,
         "fusion_threshold": fusion,
         "slices_total": int(g.oriented_shape[0]),
         "slices_analysed": int(prep.slices.shape[0]),

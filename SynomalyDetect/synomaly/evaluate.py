@@ -64,6 +64,9 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "pixel_auroc_volume": ("pixel", "AUROC/volume", "AUROC of the map per volume with an anomaly, mean"),
     "healthy_fp_fraction": ("healthy", "FP share healthy", "share of the foreground flagged anomalous (after "
                             "post-processing) in healthy images (slices), mean"),
+    "healthy_ml_volume": ("healthy", "mL flagged healthy", "volume flagged anomalous (after post-processing) in "
+                          "each lesion-free 3D volume, mL, mean over such volumes"),
+    "healthy_ml_max": ("healthy", "max mL healthy", "the largest volume flagged in any lesion-free 3D volume, mL"),
     "image_auroc": ("image", "image AUROC", f"healthy vs anomalous images; image score = {IMAGE_SCORE}"),
     "image_auprc": ("image", "image AUPRC", "average precision of the image score (anomalous = positive)"),
     "image_balanced_accuracy": ("image", "bal. accuracy", "mean of sensitivity and specificity of the image score "
@@ -72,7 +75,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
                           "(volume time / its slices), mean; includes preparation and post-processing"),
 }
 MEAN_METRICS = ("dice_image", "dice_volume", "pixel_auprc_image", "pixel_auroc_image", "pixel_auprc_volume",
-                "pixel_auroc_volume", "healthy_fp_fraction", "seconds_per_image")
+                "pixel_auroc_volume", "healthy_fp_fraction", "healthy_ml_volume", "seconds_per_image")
 HIST_BINS = 16384  # pooled pixel metrics: scores in [0, 2] binned on a square-root scale (fine near 0)
 
 
@@ -429,6 +432,8 @@ def run_cases(model, cases: Sequence[EvalCase], stages: int, threshold: float, s
         if case.unit not in units:
             units[case.unit] = UnitAgg(len(units))
         u = units[case.unit]
+        if case.label == 0 and image.GetDimension() == 3:
+            u.add("healthy_ml_volume", float(result.report["anomalous_volume_ml"]))
         if vol_buf and vol_buf["volume"] != case.volume:
             close_volume()
         if not vol_buf:
@@ -658,6 +663,15 @@ def _mean_metric(key: str) -> Callable[[Sequence[UnitAgg]], float]:
     return fn
 
 
+def _max_metric(key: str) -> Callable[[Sequence[UnitAgg]], float]:
+    """The largest single value of a per-item metric (units hold one value each, as 3D volumes do)."""
+    def fn(units: Sequence[UnitAgg]) -> float:
+        values = [u.sums[key][0] / u.sums[key][1] for u in units if key in u.sums and u.sums[key][1]]
+        return max(values) if values else math.nan
+
+    return fn
+
+
 def _pooled_metric(key: str, all_units: Sequence[UnitAgg]) -> Callable[[Sequence[UnitAgg]], float]:
     hp = np.stack([u.hist_pos for u in all_units]).astype(np.float64)
     hn = np.stack([u.hist_neg for u in all_units]).astype(np.float64)
@@ -694,6 +708,8 @@ def metric_function(key: str, units: Sequence[UnitAgg],
     """A function of a (resampled) list of units giving metric `key`."""
     if key in MEAN_METRICS:
         return _mean_metric(key)
+    if key == "healthy_ml_max":
+        return _max_metric("healthy_ml_volume")
     if key in ("pixel_auroc", "pixel_auprc"):
         return _pooled_metric(key, units)
     return _image_metric(key, image_thr)
@@ -779,8 +795,9 @@ def evaluate_methods(methods: Sequence[Method], data: EvalData, s: EvalSettings,
         model = models[m.model]
         card = model.card
         stages = int(m.stages or card.detection.max_stages)
-        t, k, _, _, _ = resolve_settings(DetectionSettings(t=s.t, blur_kernel=s.blur, max_stages=stages,
-                                                           threshold=0.0), card)
+        ts, k, _, _, _ = resolve_settings(DetectionSettings(t=s.t, blur_kernel=s.blur, max_stages=stages,
+                                                            threshold=0.0), card)
+        t = ts[0] if len(ts) == 1 else "+".join(str(v) for v in ts)
         t0 = time.perf_counter()
         thr = choose_threshold(model, m, stages, data.val, s, progress)  # the test split is not passed
         run = run_cases(model, data.test, stages, thr["threshold"], s, gallery=Gallery(s.gallery_k),
@@ -1065,8 +1082,10 @@ def _json_default(v: Any) -> Any:
 
 def run_evaluation(methods: Sequence[Method], data_spec: str, out: str | Path, s: EvalSettings, *,
                    command: str = "", overwrite: bool = False, limit: Optional[int] = None,
-                   templates: Sequence[str] = ("ch2", "oasis"), cases: int = 16, val_cases: int = 8,
-                   slice_step: int = 2, progress: ProgressFn = null_progress) -> dict[str, Any]:
+                   templates: Sequence[str] = ("ch2", "robex", "itk-t1"), cases: int = 3, val_cases: int = 2,
+                   forms: Sequence[str] = ("native", "brain", "oblique", "thick", "scaled"),
+                   val_templates: Sequence[str] = ("oasis",),
+                   progress: ProgressFn = null_progress) -> dict[str, Any]:
     """Load the data, evaluate every method, write the report; returns file paths and the metrics."""
     from .device import resolve_device
     from .evaldata import load_eval_data
@@ -1082,7 +1101,7 @@ def run_evaluation(methods: Sequence[Method], data_spec: str, out: str | Path, s
         raise OutputError(f"{out} already exists; choose another folder or pass --overwrite")
     progress("data", 0, 1, f"loading {data_spec}")
     data = load_eval_data(data_spec, limit=limit, templates=templates, cases=cases, val_cases=val_cases,
-                          seed=s.seed, slice_step=slice_step)
+                          seed=s.seed, forms=forms, val_templates=val_templates)
     progress("data", 1, 1, f"{len(data.val)} validation and {len(data.test)} test cases")
     results = evaluate_methods(methods, data, s, progress)
     import torch
@@ -1116,8 +1135,8 @@ def command_line(args) -> str:
         if value is not None:
             parts += [flag, str(value)]
     if args.data == "implanted":
-        parts += ["--templates", *args.templates, "--cases", str(args.cases), "--val-cases", str(args.val_cases),
-                  "--slice-step", str(args.slice_step)]
+        parts += ["--templates", *args.templates, "--val-templates", *args.val_templates, "--cases", str(args.cases),
+                  "--val-cases", str(args.val_cases), "--forms", *args.forms]
     if args.device != "auto":
         parts += ["--device", args.device]
     return shlex.join(parts)
@@ -1156,11 +1175,17 @@ def add_evaluate_parser(subparsers) -> None:
     e.add_argument("--seed", type=int, default=0, help="seed of detection noise, implanted lesions and bootstrap")
     e.add_argument("--limit", type=int, help="at most N images per split (br35h: per class; implanted: volumes per "
                                              "template), for quick runs")
-    e.add_argument("--templates", nargs="+", default=["ch2", "oasis"],
-                   help="implanted: templates ch2, ch2bet, oasis, mni152 or volume files (default ch2 oasis)")
-    e.add_argument("--cases", type=int, default=16, help="implanted: test volumes per template (default 16)")
-    e.add_argument("--val-cases", type=int, default=8, help="implanted: validation volumes per template (default 8)")
-    e.add_argument("--slice-step", type=int, default=2, help="implanted: keep every Nth 1 mm slice (default 2)")
+    e.add_argument("--templates", nargs="+", default=["ch2", "robex", "itk-t1"],
+                   help="implanted: healthy volumes for the test split (default: those held out for evaluation, "
+                        "ch2 robex itk-t1) or volume files; validation uses the tuning volume oasis")
+    e.add_argument("--val-templates", nargs="+", default=["oasis"],
+                   help="implanted: healthy volumes for the validation split (default: the tuning volume oasis)")
+    e.add_argument("--cases", type=int, default=3,
+                   help="implanted: test volumes per template and form, every 3rd lesion-free (default 3)")
+    e.add_argument("--val-cases", type=int, default=2, help="implanted: validation volumes per form (default 2)")
+    e.add_argument("--forms", nargs="+", default=["native", "brain", "oblique", "thick", "scaled"],
+                   choices=["native", "brain", "oblique", "thick", "scaled"],
+                   help="implanted: forms of each volume (default all five)")
     e.add_argument("--gallery", type=int, default=2, help="best and worst cases per method in the gallery")
     e.add_argument("--batch-size", type=int, default=8, help="slices per network call")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -1183,7 +1208,7 @@ def cmd_evaluate(args) -> int:
     progress = make_progress(args.progress)
     out = run_evaluation(methods, args.data, args.output, s, command=command_line(args), overwrite=args.overwrite,
                          limit=args.limit, templates=args.templates, cases=args.cases, val_cases=args.val_cases,
-                         slice_step=args.slice_step, progress=progress)
+                         forms=args.forms, val_templates=args.val_templates, progress=progress)
     lines = []
     for name, m in out["methods"].items():
         key = "dice_image" if "dice_image" in m["metrics"] else "image_auroc"

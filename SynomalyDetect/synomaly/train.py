@@ -42,24 +42,47 @@ class TrainingSettings:
     noise_in_foreground: bool = True
     flip: bool = True
     intensity_augment: float = 0.1
+    contrast_remap: float = 0.0  # share of training images given a random contrast curve (remap_contrast)
+    t_max: int = 0  # sample training noise levels uniformly below t_max (0: the whole schedule)
     checkpoint_every: int = 250
     validate_every: int = 250
     validation_slices: int = 256
     validation_fraction: float = 0.1
 
 
+def remap_contrast(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator, points: int = 5) -> torch.Tensor:
+    """A random, not necessarily monotonic, piecewise-linear intensity curve per image, applied inside the
+    foreground (N, 1, G, G): tissue classes trade places as between T1, T2, FLAIR and post-contrast
+    scans, while the background stays at -1. The foreground is stretched back to [-1, 0.8] (the
+    detection normalisation's range). Draws use `gen`, which lives on x's device."""
+    n = x.shape[0]
+    ys = torch.rand(n, points, generator=gen, device=x.device)  # curve values at evenly spaced inputs
+    lo, hi = ys.min(dim=1, keepdim=True).values, ys.max(dim=1, keepdim=True).values
+    ys = (ys - lo) / (hi - lo).clamp_min(1e-3) * 1.8 - 1.0
+    pos = ((x.clamp(-1, 1) + 1) / 2 * (points - 1)).view(n, -1)  # position along the curve's knots
+    i0 = pos.floor().clamp(0, points - 2).long()
+    w = pos - i0
+    y = torch.gather(ys, 1, i0) * (1 - w) + torch.gather(ys, 1, i0 + 1) * w
+    return torch.where(m.bool(), y.view_as(x), x)
+
+
 def _batch_augment(x: torch.Tensor, m: torch.Tensor, settings: TrainingSettings,
                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random left-right flips and a small gamma/contrast change that keeps the background at -1."""
+    """Random left-right flips, a random contrast curve for a share of the images, and a small
+    gamma/contrast change that keeps the background at -1. Every draw is on x's device (`gen` too)."""
     n = x.shape[0]
+    dev = x.device
     if settings.flip:
-        flip = torch.rand(n, generator=gen) < 0.5
+        flip = torch.rand(n, generator=gen, device=dev) < 0.5
         x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
         m = torch.where(flip.view(n, 1, 1, 1), m.flip(-1), m)
+    if settings.contrast_remap > 0:
+        chosen = (torch.rand(n, generator=gen, device=dev) < settings.contrast_remap).view(n, 1, 1, 1)
+        x = torch.where(chosen, remap_contrast(x, m, gen), x)
     a = settings.intensity_augment
     if a > 0:
-        gamma = torch.exp((torch.rand(n, generator=gen) * 2 - 1) * a).view(n, 1, 1, 1)
-        scale = (1 + (torch.rand(n, generator=gen) * 2 - 1) * a).view(n, 1, 1, 1)
+        gamma = torch.exp((torch.rand(n, generator=gen, device=dev) * 2 - 1) * a).view(n, 1, 1, 1)
+        scale = (1 + (torch.rand(n, generator=gen, device=dev) * 2 - 1) * a).view(n, 1, 1, 1)
         x = ((((x + 1) / 2).clamp_min(0) ** gamma) * scale * 2 - 1).clamp(-1, 1)
     return x, m
 
@@ -75,7 +98,8 @@ def training_targets(x0: torch.Tensor, mask: torch.Tensor, card: ModelCard,
     if card.noise.kind == "coarse":
         t = torch.zeros(n, dtype=torch.long, device=dev)
         return x0 + noise, t, noise
-    t = torch.randint(0, card.timesteps, (n,), generator=gen, device=dev)
+    t_max = settings.t_max if 0 < settings.t_max <= card.timesteps else card.timesteps
+    t = torch.randint(0, t_max, (n,), generator=gen, device=dev)
     return q_sample(x0, t, noise, abar), t, noise
 
 
@@ -157,6 +181,7 @@ class Trainer:
         self.val_x, self.val_m = val_x.to(self.device), val_m.to(self.device)
         self.cpu_gen = torch.Generator().manual_seed(settings.seed)
         self.dev_gen = torch.Generator(device=self.device).manual_seed(settings.seed + 1)
+        self.aug_gen = torch.Generator(device=self.device).manual_seed(settings.seed + 2)  # augmentation draws
         self.iteration = 0
         self.history: list[list[float]] = []  # [iteration, train loss]
         self.val_history: list[list[float]] = []  # [iteration, validation loss]
@@ -171,8 +196,8 @@ class Trainer:
         """One optimisation step; returns the batch loss."""
         s = self.settings
         start = time.perf_counter()
-        idx = torch.randint(0, self.train_x.shape[0], (s.batch_size,), generator=self.cpu_gen)
-        x0, m = _batch_augment(self.train_x[idx.to(self.device)], self.train_m[idx.to(self.device)], s, self.cpu_gen)
+        idx = torch.randint(0, self.train_x.shape[0], (s.batch_size,), generator=self.cpu_gen).to(self.device)
+        x0, m = _batch_augment(self.train_x[idx], self.train_m[idx], s, self.aug_gen)
         t0 = time.perf_counter()
         x_in, t, target = training_targets(x0, m, self.card, self.abar, self.dev_gen, s)
         self.noise_seconds += time.perf_counter() - t0
@@ -235,6 +260,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "cpu_gen": self.cpu_gen.get_state(),
             "dev_gen": self.dev_gen.get_state().cpu(),
+            "aug_gen": self.aug_gen.get_state().cpu(),
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
             "val_history": self.val_history,
@@ -249,6 +275,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.cpu_gen.set_state(state["cpu_gen"])
         self.dev_gen.set_state(state["dev_gen"].to(self.dev_gen.get_state().device))
+        if "aug_gen" in state:  # checkpoints written before augmentation had its own device stream
+            self.aug_gen.set_state(state["aug_gen"].to(self.aug_gen.get_state().device))
         torch.set_rng_state(state["torch_rng"])
         self.iteration = int(state["iteration"])
         self.history = [list(h) for h in state["history"]]

@@ -154,6 +154,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    if args.fail:
+        return error("fake tuning failure requested", args.fail)
+    for i, t in enumerate((25, 50, 100), start=1):
+        time.sleep(DELAY)
+        progress("tune", i, 3, f"single-stage predictions at t = {t}")
+    Path(args.output).write_bytes(b"fake tuned model " + args.model.encode() + b" " + str(len(args.data)).encode())
+    return 0
+
+
 def cmd_install(args) -> int:
     folder = Path(os.environ.get("SYNOMALY_MODELS_DIR", tempfile.gettempdir()))
     folder.mkdir(parents=True, exist_ok=True)
@@ -197,6 +207,12 @@ def main(argv=None) -> int:
     for flag in ("--base", "--resume", "--checkpoint", "--batch-size", "--lr", "--device", "--name", "--progress",
                  "--seed"):
         t.add_argument(flag)
+    u = sub.add_parser("tune")
+    u.add_argument("model")
+    u.add_argument("--data", nargs="+", required=True)
+    u.add_argument("-o", "--output", required=True)
+    for flag in ("--device", "--progress"):
+        u.add_argument(flag)
     i = sub.add_parser("install-model")
     i.add_argument("file")
     i.add_argument("--name")
@@ -206,7 +222,7 @@ def main(argv=None) -> int:
     args.fail = int(os.environ.get("FAKE_SYNOMALY_FAIL", "0"))
     signal.signal(signal.SIGTERM, _on_term)
     try:
-        return {"detect": cmd_detect, "train": cmd_train, "install-model": cmd_install,
+        return {"detect": cmd_detect, "train": cmd_train, "tune": cmd_tune, "install-model": cmd_install,
                 "demo-data": cmd_demo}[args.command](args)
     except (Interrupted, KeyboardInterrupt):
         print("synomaly: interrupted; nothing was written", file=sys.stderr)

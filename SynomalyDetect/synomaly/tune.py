@@ -1,0 +1,358 @@
+"""Label-free tuning on healthy volumes: choose a model's detection setting and operating point.
+
+Synthetic lesions (lesions.implant_random_lesions) are implanted into healthy volumes that the model
+did not train on, each volume is also turned into the forms a site may send (lesions.scan_form), and
+detection runs over a grid of settings: noise level t, blur kernel, single or multi-stage, and
+ensembles of noise levels. The setting with the best pooled pixel AUPRC on the implanted lesions
+(on each scan's own grid, inside its foreground) wins; ties go to the cheaper one. Thresholds are then
+calibrated on the untouched volumes under that setting, and the default false-positive rate is the
+one with the best mean Dice on the implanted lesions that flags at most `max_healthy_ml` in every
+lesion-free volume. Everything, the whole sweep table included, goes into the model card.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import InputError
+from .progress import ProgressFn, null_progress
+
+log = logging.getLogger(__name__)
+
+AUPRC_TIE = 0.005  # settings within this pooled AUPRC of the best count as tied; the cheaper one wins
+
+
+@dataclass
+class TuneGrid:
+    """The settings tried. Blur kernels in model-grid pixels; ensembles average the healed images of
+    several noise levels; the `multi_top` best single-stage settings are also tried multi-stage."""
+
+    ts: tuple[int, ...] = (10, 25, 50, 100, 150, 200, 300, 400)
+    blurs: tuple[int, ...] = (1, 3, 5, 7)
+    ensembles: tuple[tuple[int, ...], ...] = ((25, 50, 100), (50, 100, 200), (100, 200, 300))
+    max_stages: int = 5
+    multi_top: int = 2  # the best settings so far also tried multi-stage
+    draws: int = 1
+    more_draws: int = 3  # the best single-stage setting is also tried with this many noise draws (1: not)
+
+
+@dataclass
+class TuneOptions:
+    """What data the tuning builds and how it decides."""
+
+    forms: tuple[str, ...] = ("native", "brain", "oblique", "thick", "scaled")
+    lesions_per_volume: int = 3
+    fprs: tuple[float, ...] = (1e-2, 1e-3, 1e-4)
+    max_healthy_ml: float = 1.0  # the default FPR flags at most this much in every lesion-free volume
+    min_lesion_mm3: float = 50.0
+    seed: int = 0
+    batch_size: int = 8
+    max_pixels: int = 4_000_000  # pixels sampled for the pooled AUPRC
+    grid: TuneGrid = field(default_factory=TuneGrid)
+
+
+@dataclass
+class TuneVolume:
+    """A healthy 3D volume for tuning, with where lesions may lie."""
+
+    name: str
+    image: sitk.Image
+    brain: np.ndarray  # numpy order bool
+    has_mask: bool  # the brain mask came with the data (so a skull-stripped form can be made)
+    source: str
+
+
+@dataclass
+class TuneCase:
+    """One detection input prepared once: its model-grid slices and its truth on the oriented grid."""
+
+    name: str
+    prep: Any  # prepare.PreparedScan
+    truth: Optional[np.ndarray]  # oriented (Z, Y, X) bool, None for an untouched volume
+    spacing: tuple[float, ...]  # the scan's voxel spacing, mm
+    meta: dict[str, Any]
+
+
+def load_tune_volumes(items: Sequence[str]) -> list[TuneVolume]:
+    """Healthy volumes by name (see sampledata.HEALTHY_VOLUMES) or path; 2D images are refused."""
+    from .prepare import expand_inputs, read_image
+    from .lesions import brain_mask
+    from .sampledata import HEALTHY_VOLUMES, healthy_volume
+
+    vols: list[TuneVolume] = []
+    paths: list[tuple[str, str, Optional[str]]] = []
+    for item in items:
+        if item in HEALTHY_VOLUMES:
+            v = HEALTHY_VOLUMES[item]
+            if v.role == "eval":
+                raise InputError(f"healthy volume {item!r} is reserved for evaluation; tune on other scans")
+            path, mask = healthy_volume(item)
+            paths.append((item, str(path), str(mask) if mask else None))
+        else:
+            paths.extend((Path(p).name.split(".")[0], p, None) for p in expand_inputs([item]))
+    for name, path, mask in paths:
+        image = sitk.Cast(read_image(path), sitk.sitkFloat32)
+        if image.GetDimension() != 3:
+            log.warning("skipping %s: tuning implants 3D lesions and needs volumes", path)
+            continue
+        vols.append(TuneVolume(name, image, brain_mask(image, mask), mask is not None, path))
+    if not vols:
+        raise InputError("tuning needs at least one healthy 3D volume")
+    return vols
+
+
+def _prepare(image: sitk.Image, truth: Optional[np.ndarray], card, name: str, meta: dict) -> TuneCase:
+    """Prepare a scan as detection does and orient its truth mask the same way."""
+    from .prepare import orient_array, prepare_scan
+
+    prep = prepare_scan(image, card)
+    g = prep.geometry
+    t_o = None if truth is None else np.ascontiguousarray(orient_array(truth, g.transpose, g.flips))
+    return TuneCase(name, prep, t_o, tuple(image.GetSpacing()), meta)
+
+
+def build_cases(volumes: Sequence[TuneVolume], card, opts: TuneOptions,
+                progress: ProgressFn = null_progress) -> tuple[list[TuneCase], list[TuneCase]]:
+    """Lesion cases (every volume in every form, with implanted lesions) and the same forms untouched."""
+    from .lesions import FORMS, implant_random_lesions, scan_form
+
+    lesion_cases: list[TuneCase] = []
+    healthy_cases: list[TuneCase] = []
+    plan = [(vi, v, f) for vi, v in enumerate(volumes) for f in opts.forms if f != "brain" or v.has_mask]
+    for n, (vi, vol, form) in enumerate(plan):
+        progress("tune", n, len(plan), f"preparing {vol.name} ({form})")
+        rng = np.random.default_rng([opts.seed, vi, FORMS.index(form)])
+        lesioned, truth, lesions = implant_random_lesions(vol.image, vol.brain, rng, count=opts.lesions_per_volume)
+        form_seed = int(rng.integers(1 << 30))
+        img_f, truth_f, meta = scan_form(lesioned, truth, vol.brain, form, np.random.default_rng(form_seed))
+        meta = {**meta, "volume": vol.name, "lesions": [asdict(x) for x in lesions]}
+        lesion_cases.append(_prepare(img_f, truth_f, card, f"{vol.name}-{form}-lesions", meta))
+        healthy_f, _, hmeta = scan_form(vol.image, None, vol.brain, form, np.random.default_rng(form_seed))
+        healthy_cases.append(_prepare(healthy_f, None, card, f"{vol.name}-{form}", {**hmeta, "volume": vol.name}))
+    progress("tune", len(plan), len(plan), f"{len(plan)} lesion and {len(plan)} lesion-free volumes prepared")
+    return lesion_cases, healthy_cases
+
+
+def _oriented_map(score: torch.Tensor, case: TuneCase) -> np.ndarray:
+    """A model-grid map of one case (S, 1, G, G) on its oriented input grid, zero outside the foreground."""
+    from .prepare import grid_to_oriented
+
+    return grid_to_oriented(score, case.prep) * case.prep.foreground
+
+
+def _pooled_auprc(maps: list[np.ndarray], cases: Sequence[TuneCase], opts: TuneOptions) -> float:
+    """Pixel AUPRC pooled over the cases' foreground voxels."""
+    from .metrics import pixel_auprc
+
+    return pixel_auprc(maps, [c.truth for c in cases], [c.prep.foreground for c in cases],
+                       max_pixels=opts.max_pixels, seed=opts.seed)
+
+
+def _split(t: torch.Tensor, cases: Sequence[TuneCase]) -> list[torch.Tensor]:
+    """Split a concatenation of the cases' slices back into one tensor per case."""
+    return list(torch.split(t, [c.prep.slices.shape[0] for c in cases]))
+
+
+def _label(ts: Sequence[int]) -> str:
+    return "+".join(str(int(v)) for v in ts)
+
+
+def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
+          progress: ProgressFn = null_progress) -> list[dict[str, Any]]:
+    """Pooled pixel AUPRC of the grid's settings on the lesion cases, one row per setting: every noise
+    level and ensemble with every blur, single stage; the best of those again with more noise draws; the
+    best so far multi-stage."""
+    from .calibrate import _quantile
+    from .detect import anomaly_score, run_stages
+
+    g = opts.grid
+    x0 = torch.cat([c.prep.slices for c in cases])
+    masks = torch.cat([c.prep.masks for c in cases])
+    fmask = masks.float()
+    levels = sorted(set(g.ts) | {t for e in g.ensembles for t in e})
+    healed: dict[tuple[int, int], torch.Tensor] = {}
+    steps = len(levels) + 1 + g.multi_top
+    done = 0
+
+    def predictions(ts: tuple[int, ...], draws: int) -> torch.Tensor:
+        nonlocal done
+        for t in ts:
+            if (t, draws) not in healed:
+                progress("tune", done, steps, f"single-stage predictions at t = {t}, {draws} draw(s)")
+                start = time.perf_counter()
+                healed[(t, draws)] = run_stages(model, x0, masks, t=t, kernel=1, threshold=float("inf"),
+                                                max_stages=1, batch_size=opts.batch_size, draws=draws,
+                                                seed=opts.seed + 7919 * t + draws).healed
+                log.info("t = %d, %d draws: %.1f s for %d slices", t, draws, time.perf_counter() - start, x0.shape[0])
+                done += 1
+        return torch.stack([healed[(t, draws)] for t in ts]).mean(0)
+
+    def score_row(ts: tuple[int, ...], k: int, draws: int, score: torch.Tensor, stages: int, mean_stages: float):
+        maps = [_oriented_map(s, c) for s, c in zip(_split(score, cases), cases)]
+        return {"t": _label(ts), "blur": k, "stages": stages, "draws": draws,
+                "auprc": round(_pooled_auprc(maps, cases, opts), 4),
+                "cost": round(len(ts) * draws * mean_stages, 2), "stages_mean": round(mean_stages, 2)}
+
+    rows: list[dict[str, Any]] = []
+    for ts in [(t,) for t in g.ts] + [tuple(e) for e in g.ensembles]:
+        xh = predictions(ts, g.draws)
+        for k in g.blurs:
+            rows.append(score_row(ts, k, g.draws, anomaly_score(x0, xh, fmask, k), 1, 1.0))
+    best = max(rows, key=lambda r: r["auprc"])
+    if g.more_draws > g.draws:
+        ts = tuple(int(v) for v in best["t"].split("+"))
+        xh = predictions(ts, g.more_draws)
+        rows.append(score_row(ts, best["blur"], g.more_draws, anomaly_score(x0, xh, fmask, best["blur"]), 1, 1.0))
+    if g.max_stages > 1:
+        lesion = torch.cat([_grid_truth(c) for c in cases])
+        healthy = masks.bool() & ~lesion
+        for row in sorted(rows, key=lambda r: -r["auprc"])[: g.multi_top]:
+            ts = tuple(int(v) for v in row["t"].split("+"))
+            progress("tune", done, steps, f"multi-stage at t = {row['t']}, blur {row['blur']}, {row['draws']} draw(s)")
+            first = anomaly_score(x0, predictions(ts, row["draws"]), fmask, row["blur"])
+            fusion = _quantile(first[healthy], 1e-2)  # stage-1 level flagging 1 % of lesion-free voxels
+            res = run_stages(model, x0, masks, t=ts, kernel=row["blur"], threshold=fusion, max_stages=g.max_stages,
+                             batch_size=opts.batch_size, draws=row["draws"], seed=opts.seed)
+            rows.append(score_row(ts, row["blur"], row["draws"], res.score, g.max_stages,
+                                  float(res.stages.float().mean())))
+            done += 1
+    progress("tune", steps, steps, f"{len(rows)} settings scored")
+    return rows
+
+
+def _grid_truth(case: TuneCase) -> torch.Tensor:
+    """The truth of a case on its model grid (S, 1, G, G) bool, dilated by a pixel (lesion edges are soft)."""
+    from .prepare import _crop_square, _resize
+
+    g = case.prep.geometry
+    row0, col0, side = g.box
+    t = torch.from_numpy(case.truth[case.prep.slice_index].astype(np.float32))
+    crop = _crop_square(t, row0, col0, side, fill=0.0)
+    small = _resize(crop[:, None], g.grid) > 0.05
+    return torch.nn.functional.max_pool2d(small.float(), 3, stride=1, padding=1) > 0
+
+
+def choose(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The best pooled AUPRC; settings within AUPRC_TIE of it count as tied and the cheapest wins."""
+    best = max(r["auprc"] for r in rows if not math.isnan(r["auprc"]))
+    tied = [r for r in rows if r["auprc"] >= best - AUPRC_TIE]
+    return min(tied, key=lambda r: (r["cost"], -r["auprc"]))
+
+
+def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Sequence[TuneCase],
+                     setting: dict[str, Any], opts: TuneOptions,
+                     progress: ProgressFn = null_progress) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Calibrate on the untouched volumes under `setting`, then score every calibrated FPR: mean Dice on
+    the lesion cases and the volume flagged in each lesion-free one (after the minimum lesion size)."""
+    from .calibrate import calibration_maps, thresholds_at_fprs
+    from .detect import postprocess, run_stages
+    from .metrics import dice
+
+    ts = tuple(int(v) for v in setting["t"].split("+"))
+    k, stages, draws = int(setting["blur"]), int(setting["stages"]), int(setting["draws"])
+    hx = torch.cat([c.prep.slices for c in healthy_cases])
+    hm = torch.cat([c.prep.masks for c in healthy_cases])
+    fusion, hres = calibration_maps(model, hx, hm, ts=ts, kernel=k, max_stages=stages, draws=draws,
+                                    batch_size=opts.batch_size, seed=opts.seed, progress=progress)
+    thresholds, measured = thresholds_at_fprs(hres.score[hm.bool()], opts.fprs)
+    cal = {"thresholds": thresholds, "fusion_threshold": round(fusion, 5), "fusion_fpr": 1e-2, "t": ts[0],
+           "t_ensemble": list(ts) if len(ts) > 1 else [], "noise_draws": draws, "blur_kernel": k,
+           "max_stages": stages, "slices": int(hx.shape[0]), "foreground_voxels": int(hm.sum()),
+           "measured_fpr_on_calibration_data": measured, "unit": "per foreground voxel of the model grid"}
+    lx = torch.cat([c.prep.slices for c in lesion_cases])
+    lm = torch.cat([c.prep.masks for c in lesion_cases])
+    lres = run_stages(model, lx, lm, t=ts, kernel=k, threshold=fusion, max_stages=stages,
+                      batch_size=opts.batch_size, draws=draws, seed=opts.seed)
+    lmaps = [_oriented_map(s, c) for s, c in zip(_split(lres.score, lesion_cases), lesion_cases)]
+    hmaps = [_oriented_map(s, c) for s, c in zip(_split(hres.score, healthy_cases), healthy_cases)]
+    points = []
+    for key, thr in thresholds.items():
+        dices = []
+        for m, c in zip(lmaps, lesion_cases):
+            binary, _ = postprocess(m, thr, c.spacing, opts.min_lesion_mm3)
+            dices.append(dice(binary, c.truth))
+        flagged = []
+        for m, c in zip(hmaps, healthy_cases):
+            binary, _ = postprocess(m, thr, c.spacing, opts.min_lesion_mm3)
+            flagged.append(float(binary.sum()) * float(np.prod(c.spacing)) / 1000.0)
+        points.append({"fpr": key, "threshold": thr, "dice_mean": round(float(np.mean(dices)), 4),
+                       "dice_per_case": [round(d, 3) for d in dices],
+                       "healthy_ml_max": round(max(flagged), 3), "healthy_ml_per_case": [round(f, 3) for f in flagged]})
+    return cal, points
+
+
+def choose_fpr(points: Sequence[dict[str, Any]], max_healthy_ml: float) -> dict[str, Any]:
+    """The best mean Dice among the rates that flag at most `max_healthy_ml` in every lesion-free volume
+    (if none does, the rate that flags least)."""
+    ok = [p for p in points if p["healthy_ml_max"] <= max_healthy_ml]
+    if not ok:
+        return min(points, key=lambda p: p["healthy_ml_max"])
+    return max(ok, key=lambda p: (p["dice_mean"], -float(p["fpr"])))
+
+
+def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Path | None = None,
+               options: Optional[TuneOptions] = None, device: str = "auto", description: str = "",
+               progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Tune a model file on healthy volumes and write the chosen setting, the calibrated thresholds and the
+    sweep table into its card (atomically, in place unless `output` is given). Returns the tuning record."""
+    from .modelio import load_model, save_model
+
+    opts = options or TuneOptions()
+    start = time.perf_counter()
+    model = load_model(model_path, device=device)
+    volumes = load_tune_volumes(data)
+    lesion_cases, healthy_cases = build_cases(volumes, model.card, opts, progress)
+    t_cases = time.perf_counter()
+    rows = sweep(model, lesion_cases, opts, progress)
+    chosen = choose(rows)
+    t_sweep = time.perf_counter()
+    progress("tune", 0, 1, f"chosen: t {chosen['t']}, blur {chosen['blur']}, {chosen['stages']} stage(s); "
+             "calibrating on the lesion-free volumes")
+    cal, points = operating_points(model, lesion_cases, healthy_cases, chosen, opts, progress)
+    op = choose_fpr(points, opts.max_healthy_ml)
+    ts = [int(v) for v in chosen["t"].split("+")]
+    card = model.card.copy()
+    card.detection.t = ts[0]
+    card.detection.t_ensemble = tuple(ts) if len(ts) > 1 else ()
+    card.detection.blur_kernel = int(chosen["blur"])
+    card.detection.max_stages = int(chosen["stages"])
+    card.detection.noise_draws = int(chosen["draws"])
+    card.detection.fpr = float(op["fpr"])
+    what = description or ", ".join(f"{v.name} ({v.source})" for v in volumes)
+    cal["data"] = f"the lesion-free forms of: {what}"
+    cal["scans"] = len(healthy_cases)
+    card.calibration = cal
+    seconds = time.perf_counter() - start
+    record = {
+        "data": what,
+        "volumes": [v.name for v in volumes],
+        "forms": list(opts.forms),
+        "lesions_per_volume": opts.lesions_per_volume,
+        "lesion_cases": len(lesion_cases),
+        "lesions": sum(len(c.meta["lesions"]) for c in lesion_cases),
+        "metric": "pooled pixel AUPRC of the anomaly map on implanted lesions, each scan's own grid, foreground",
+        "grid": asdict(opts.grid),
+        "table": rows,
+        "chosen": chosen,
+        "operating_points": [{k: v for k, v in p.items() if not k.endswith("per_case")} for p in points],
+        "chosen_fpr": op["fpr"],
+        "max_healthy_ml": opts.max_healthy_ml,
+        "seed": opts.seed,
+        "seconds": {"prepare": round(t_cases - start, 1), "sweep": round(t_sweep - t_cases, 1),
+                    "calibrate": round(time.perf_counter() - t_sweep, 1), "total": round(seconds, 1)},
+        "device": str(model.device),
+    }
+    card.tuning = record
+    state = {k: v.detach().cpu() for k, v in model.network.state_dict().items()}
+    save_model(output or model.path, card, state)
+    progress("tune", 1, 1, f"tuned in {seconds:.0f} s: {card.detection_text()}")
+    return {**record, "points": points}

@@ -1,0 +1,149 @@
+"""Label-free tuning: synthetic lesions, scan forms, the settings sweep, and what ends up in the card."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from synomaly import tune
+from synomaly.lesions import FORMS, LesionSpec, brain_mask, implant_random_lesions, scan_form, tissue_range
+from synomaly.modelio import load_model, read_card
+
+
+def _head(size=(48, 56, 40), spacing=(1.5, 1.5, 2.0), seed=0, direction=None) -> sitk.Image:
+    """A head-like volume with texture: an ellipsoid of tissue on a dark background (ITK size order)."""
+    k, j, i = np.mgrid[: size[2], : size[1], : size[0]].astype(np.float32)
+    c = [(n - 1) / 2 for n in size]
+    body = ((i - c[0]) / (0.42 * size[0])) ** 2 + ((j - c[1]) / (0.42 * size[1])) ** 2 + ((k - c[2]) / (0.45 * size[2])) ** 2 < 1
+    rng = np.random.default_rng(seed)
+    arr = np.where(body, 100 + 10 * np.sin(i / 3) + 4 * rng.standard_normal(body.shape), 0).astype(np.float32)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    img.SetOrigin((-30.0, -40.0, -35.0))
+    if direction is not None:
+        img.SetDirection(direction)
+    return img
+
+
+def test_lesions_lie_in_tissue_follow_the_spec_and_are_reproducible():
+    img = _head()
+    tissue = brain_mask(img, depth_mm=6.0)
+    spec = LesionSpec(diameter_mm=(8.0, 20.0), contrast=(0.4, 0.9), polarity="darker")
+    a, ta, la = implant_random_lesions(img, tissue, np.random.default_rng(5), count=3, spec=spec)
+    b, tb, lb = implant_random_lesions(img, tissue, np.random.default_rng(5), count=3, spec=spec)
+    assert np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b)) and np.array_equal(ta, tb)
+    assert la == lb and len(la) == 3
+    assert ta.any() and not (ta & ~tissue).any(), "the truth lies inside the tissue mask"
+    diff = sitk.GetArrayFromImage(a) - sitk.GetArrayFromImage(img)
+    assert (diff[~tissue] == 0).all(), "nothing changes outside the tissue"
+    lo, hi = tissue_range(sitk.GetArrayFromImage(img), tissue)
+    assert diff[ta].mean() < -0.2 * (hi - lo), "darker lesions are darker, by at least half the lowest contrast"
+    for lesion in la:
+        assert 8.0 <= lesion.diameter_mm <= 20.0 and -0.9 <= lesion.contrast <= -0.4
+    assert a.GetSpacing() == img.GetSpacing() and a.GetDirection() == img.GetDirection()
+
+
+def test_every_form_keeps_the_truth_on_the_new_grid():
+    img = _head()
+    tissue = brain_mask(img, depth_mm=6.0)
+    lesioned, truth, _ = implant_random_lesions(img, tissue, np.random.default_rng(1), count=2,
+                                                spec=LesionSpec(diameter_mm=(12.0, 18.0)))
+    voxel = np.prod(img.GetSpacing())
+    for form in FORMS:
+        out, t_out, meta = scan_form(lesioned, truth, tissue, form, np.random.default_rng(2))
+        assert meta["form"] == form
+        assert t_out.shape == sitk.GetArrayViewFromImage(out).shape
+        ml_in, ml_out = truth.sum() * voxel, t_out.sum() * np.prod(out.GetSpacing())
+        assert ml_out == pytest.approx(ml_in, rel=0.35), f"{form}: the lesion keeps its volume"
+        healthy, _, _ = scan_form(img, None, tissue, form, np.random.default_rng(2))
+        change = np.abs(sitk.GetArrayFromImage(out) - sitk.GetArrayFromImage(healthy))
+        assert change[t_out].mean() > 5 * change[~t_out].mean(), f"{form}: the lesion is where the truth says"
+    oblique, _, meta = scan_form(lesioned, truth, tissue, "oblique", np.random.default_rng(3))
+    d = np.array(oblique.GetDirection()).reshape(3, 3)
+    assert not np.allclose(np.abs(d), np.eye(3), atol=0.05) and sorted(oblique.GetSpacing())[-1] == 3.0
+    scaled, _, meta = scan_form(lesioned, truth, tissue, "scaled", np.random.default_rng(3))
+    ratio = sitk.GetArrayFromImage(scaled)[truth].std() / sitk.GetArrayFromImage(lesioned)[truth].std()
+    assert ratio == pytest.approx(meta["scale"], rel=5e-3)  # the card rounds the scale to 3 decimals
+    with pytest.raises(ValueError, match="brain mask"):
+        scan_form(lesioned, truth, None, "brain", np.random.default_rng(0))
+
+
+def test_choice_prefers_the_cheaper_of_tied_settings_and_the_fpr_respects_healthy_volumes():
+    rows = [{"t": "100", "blur": 3, "stages": 5, "draws": 1, "auprc": 0.300, "cost": 4.5},
+            {"t": "50", "blur": 3, "stages": 1, "draws": 1, "auprc": 0.298, "cost": 1.0},
+            {"t": "25+50+100", "blur": 5, "stages": 1, "draws": 1, "auprc": 0.250, "cost": 3.0},
+            {"t": "10", "blur": 1, "stages": 1, "draws": 1, "auprc": math.nan, "cost": 1.0}]
+    assert tune.choose(rows)["t"] == "50"
+    rows[1]["auprc"] = 0.2
+    assert tune.choose(rows)["t"] == "100"
+    points = [{"fpr": "0.01", "dice_mean": 0.5, "healthy_ml_max": 12.0},
+              {"fpr": "0.001", "dice_mean": 0.4, "healthy_ml_max": 0.8},
+              {"fpr": "0.0001", "dice_mean": 0.2, "healthy_ml_max": 0.0}]
+    assert tune.choose_fpr(points, 1.0)["fpr"] == "0.001"
+    assert tune.choose_fpr(points, 0.5)["fpr"] == "0.0001"
+    assert tune.choose_fpr(points, 0.0)["fpr"] == "0.0001"
+    assert tune.choose_fpr(points[:1], 1.0)["fpr"] == "0.01", "none qualifies: the rate that flags least"
+
+
+def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file, tmp_path):
+    from synomaly.detect import DetectionSettings, detect, resolve_settings
+
+    vol = tmp_path / "healthy.nii.gz"
+    sitk.WriteImage(_head(seed=4), str(vol))
+    out = tmp_path / "tuned.safetensors"
+    grid = tune.TuneGrid(ts=(50, 200), blurs=(1, 3), ensembles=((50, 200),), max_stages=2, multi_top=1, more_draws=2)
+    opts = tune.TuneOptions(forms=("native", "thick"), lesions_per_volume=2, grid=grid, seed=1)
+    record = tune.tune_model(tiny_model_file, [str(vol)], output=out, options=opts, device="cpu")
+    card = read_card(out)
+    table = card.tuning["table"]
+    assert len(table) == 3 * 2 + 1 + 1  # 3 level settings x 2 blurs, one with more draws, one multi-stage
+    assert {r["t"] for r in table} >= {"50", "200", "50+200"} and any(r["draws"] == 2 for r in table)
+    chosen = card.tuning["chosen"]
+    assert chosen in table and chosen["auprc"] >= max(r["auprc"] for r in table) - tune.AUPRC_TIE
+    ts = [int(v) for v in chosen["t"].split("+")]
+    assert list(card.detection.t_ensemble or [card.detection.t]) == ts
+    assert card.detection.blur_kernel == chosen["blur"] and card.detection.max_stages == chosen["stages"]
+    assert card.detection.noise_draws == chosen["draws"]
+    assert f"{card.detection.fpr:g}" == card.tuning["chosen_fpr"]
+    cal = card.calibration
+    assert set(cal["thresholds"]) == {"0.01", "0.001", "0.0001"}
+    assert cal["thresholds"]["0.01"] < cal["thresholds"]["0.001"] < cal["thresholds"]["0.0001"]
+    assert cal["scans"] == 2 and cal["blur_kernel"] == chosen["blur"]
+    assert record["lesions"] == 4 and card.tuning["seconds"]["total"] > 0
+    assert read_card(tiny_model_file).tuning == {}, "the input model file is left as it was"
+    model = load_model(out, device="cpu")
+    got_ts, k, stages, thr, source = resolve_settings(DetectionSettings(), model.card)
+    assert list(got_ts) == ts and k == chosen["blur"] and stages == chosen["stages"]
+    assert source == f"calibrated FPR {card.tuning['chosen_fpr']}"
+    result = detect(_head(seed=9), model, DetectionSettings(device="cpu"))
+    assert result.report["t"] == (ts[0] if len(ts) == 1 else ts) and result.threshold == pytest.approx(thr)
+    # an explicit t replaces the tuned ensemble
+    assert resolve_settings(DetectionSettings(t=77), model.card)[0] == (77,)
+
+
+def test_tuning_refuses_evaluation_volumes_and_2d_images(tiny_model_file, tmp_path):
+    from synomaly.errors import InputError
+
+    with pytest.raises(InputError, match="reserved for evaluation"):
+        tune.load_tune_volumes(["ch2"])
+    png = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((20, 20), np.float32)), str(png))
+    with pytest.raises(InputError, match="3D volume"):
+        tune.load_tune_volumes([str(png)])
+
+
+def test_an_ensemble_of_noise_levels_averages_the_healed_images(tiny_model_file):
+    from synomaly.detect import _denoise
+
+    model = load_model(tiny_model_file, device="cpu")
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    g1 = torch.Generator().manual_seed(0)
+    both = _denoise(model, x, (50, 300), 1, g1)
+    g2 = torch.Generator().manual_seed(0)
+    a = _denoise(model, x, 50, 1, g2)
+    b = _denoise(model, x, 300, 1, g2)
+    assert torch.allclose(both, (a + b) / 2, atol=1e-5)
