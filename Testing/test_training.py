@@ -120,3 +120,19 @@ def test_training_noise_levels_stay_below_t_max():
     assert int(t.max()) < 300 and int(t.min()) >= 0
     _, t_all, _ = training_targets(x0, m, card, cosine_alphas_cumprod(1000), gen, _settings())
     assert int(t_all.max()) >= 300, "without t_max the whole schedule is sampled"
+
+
+def test_a_slim_checkpoint_is_smaller_and_training_resumes_from_it(healthy, tmp_path):
+    from synomaly.train import slim_checkpoint
+
+    tr, va = healthy
+    summary = train(_card(), tr, va, tmp_path / "a.safetensors", _settings(iterations=10))
+    full = tmp_path / "a.ckpt"
+    slim = slim_checkpoint(summary["checkpoint"], tmp_path / "slim.ckpt")
+    assert slim.stat().st_size < 0.7 * full.stat().st_size
+    state = load_checkpoint(slim)
+    assert state["iteration"] == 10 and not state["optimizer"]
+    resumed = train(_card(), tr, va, tmp_path / "b.safetensors", _settings(iterations=14), resume=slim,
+                    checkpoint=tmp_path / "b.ckpt")
+    assert resumed["iterations"] == 14
+    assert read_card(tmp_path / "b.safetensors").training["iterations"] == 14

@@ -14,26 +14,28 @@ __all__ = [
     "load_model",
     "list_models",
     "read_image",
+    "tune_model",
     "__version__",
 ]
 
 
+_HOMES = {
+    "DetectionSettings": ".detect", "detect": ".detect", "DetectionResult": ".detect",
+    "load_model": ".modelio", "list_models": ".modelio", "save_model": ".modelio",
+    "TrainingSettings": ".train", "read_image": ".prepare", "tune_model": ".tune",
+}
+
+
 def __getattr__(name: str):
-    """Lazy access to the public API."""
-    if name in ("DetectionSettings", "detect", "DetectionResult"):
-        from . import detect as _detect
+    """Lazy access to the public API.
 
-        return getattr(_detect, name)
-    if name in ("load_model", "list_models", "save_model"):
-        from . import modelio
+    `synomaly.detect` is the function, although a submodule has the same name: importing the submodule
+    binds the module to the package attribute, so the function is bound again right after."""
+    import importlib
 
-        return getattr(modelio, name)
-    if name == "TrainingSettings":
-        from .train import TrainingSettings
-
-        return TrainingSettings
-    if name == "read_image":
-        from .prepare import read_image
-
-        return read_image
-    raise AttributeError(f"module 'synomaly' has no attribute {name!r}")
+    if name not in _HOMES:
+        raise AttributeError(f"module 'synomaly' has no attribute {name!r}")
+    module = importlib.import_module(_HOMES[name], __name__)
+    if _HOMES[name] == ".detect":
+        globals()["detect"] = module.detect
+    return getattr(module, name)

@@ -289,6 +289,29 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_volumes(args) -> int:
+    """List the healthy volumes that ship inside packages, their role, and whether they are installed here."""
+    from .sampledata import HEALTHY_VOLUMES, healthy_volume
+
+    for name, v in HEALTHY_VOLUMES.items():
+        try:
+            where = str(healthy_volume(name)[0])
+        except InputError:
+            where = f"not installed ({v.install})"
+        print(f"{name:14s} {v.role:6s} {v.what}: {where}")
+    return 0
+
+
+def cmd_slim_checkpoint(args) -> int:
+    """Write a checkpoint without optimizer state (small enough to keep in a repository)."""
+    from .train import load_checkpoint, slim_checkpoint
+
+    out = slim_checkpoint(args.checkpoint, args.output)
+    state = load_checkpoint(out)
+    print(f"{out}: iteration {state['iteration']}, {out.stat().st_size / 1e6:.1f} MB (no optimizer state)")
+    return 0
+
+
 def cmd_install_model(args) -> int:
     """Copy a model file into the user model folder."""
     from .modelio import install_model
@@ -566,6 +589,14 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     tu.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])
     tu.set_defaults(func=cmd_tune)
+
+    vo = sub.add_parser("volumes", help="the healthy volumes inside packages: role (train, tune, eval) and where")
+    vo.set_defaults(func=cmd_volumes)
+
+    sc = sub.add_parser("slim-checkpoint", help="copy a training checkpoint without its optimizer state")
+    sc.add_argument("checkpoint")
+    sc.add_argument("-o", "--output", required=True)
+    sc.set_defaults(func=cmd_slim_checkpoint)
 
     im = sub.add_parser("install-model", help="copy a model file into the user model folder")
     im.add_argument("file")

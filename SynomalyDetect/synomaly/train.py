@@ -270,7 +270,10 @@ class Trainer:
         """Restore a checkpoint taken by `state()`."""
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["optimizer"])
+        if state.get("optimizer"):
+            self.opt.load_state_dict(state["optimizer"])
+        else:  # a slim checkpoint (slim_checkpoint): the weights continue, AdamW's moments start afresh
+            log.warning("the checkpoint holds no optimizer state; AdamW's moment estimates restart from zero")
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.cpu_gen.set_state(state["cpu_gen"])
@@ -281,6 +284,17 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.history = [list(h) for h in state["history"]]
         self.val_history = [list(h) for h in state["val_history"]]
+
+
+def slim_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """A copy of a checkpoint without the optimizer state (half the size: weights, EMA, RNG streams and
+    history), written atomically; training resumes from it with fresh AdamW moments."""
+    state = load_checkpoint(src)
+    state["optimizer"] = {}
+    state["scaler"] = {}
+    dst = Path(dst)
+    _save_checkpoint(dst, state)
+    return dst
 
 
 def split_scans(paths: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
