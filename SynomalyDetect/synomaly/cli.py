@@ -120,6 +120,8 @@ def cmd_train(args) -> int:
             card.noise.tau = args.tau
         if args.offset is not None:
             card.noise.offset = args.offset
+    if args.model_version:
+        card.version = args.model_version
     description = args.data_description or f"{len(paths)} training and {len(val_paths)} validation scans"
     summary = train(card, paths, val_paths, args.output, settings, base_state=base_state, resume=args.resume,
                     checkpoint=args.checkpoint, progress=_progress(args), data_description=description)
@@ -269,7 +271,8 @@ def cmd_tune(args) -> int:
 
     grid = TuneGrid()
     if args.quick:
-        grid = TuneGrid(ts=(25, 50, 100, 200), blurs=(1, 3, 5), ensembles=((25, 50, 100),), multi_top=1)
+        grid = TuneGrid(ts=(10, 25, 50, 100, 200), blurs=(3, 5, 7), ensembles=((10, 25, 50),), multi_top=1,
+                        more_draws=3)
     if args.t:
         grid.ts = tuple(args.t)
     if args.blur:
@@ -398,6 +401,17 @@ def cmd_demo(args) -> int:
             rep = result.report
             print(f"{name}: {rep['lesion_count']} lesion(s), {rep['anomalous_volume_ml']:.2f} mL, "
                   f"{rep['seconds']['total']:.1f} s -> {files['overview']}")
+            if path == str(img_path):  # the implanted lesion's truth is known: say whether it was found
+                import numpy as np
+                import SimpleITK as sitk
+
+                from .metrics import dice
+
+                truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_path))) > 0
+                seg = sitk.GetArrayFromImage(result.segmentation) > 0
+                hit = int((seg & truth).sum())
+                print(f"  implanted lesion: {'FOUND' if hit else 'MISSED'} ({hit} of {int(truth.sum())} lesion voxels "
+                      f"segmented, Dice {dice(seg, truth):.2f}; {int((seg & ~truth).sum())} voxels flagged elsewhere)")
     print(f"demo outputs in {out}; open the overview.png pictures (input | counterfactual | map | outline)")
     return 0
 
@@ -523,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on noise levels below this only, around those detection uses (default: all)")
     t.add_argument("--name", help="model name (default: output file name)")
     t.add_argument("--description", default="")
+    t.add_argument("--model-version", help="version written into the card (default: the base model's, or 0.1.0)")
     t.add_argument("--data-description", help="what the training data is (no patient identifiers)")
     t.add_argument("--grid", type=int, default=64, help="in-plane model grid (pixels)")
     t.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
@@ -578,8 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=["native", "brain", "oblique", "thick", "scaled"],
                     help="forms of each volume to tune on (brain: skull-stripped, for volumes with a mask)")
     tu.add_argument("--lesions", type=int, default=3, help="lesions implanted per volume and form (default 3)")
-    tu.add_argument("--t", type=int, nargs="+", help="noise levels to try (default 10 25 50 100 150 200 300 400)")
-    tu.add_argument("--blur", type=int, nargs="+", help="blur kernels to try (default 1 3 5 7)")
+    tu.add_argument("--t", type=int, nargs="+", help="noise levels to try (default 5 10 25 50 100 200 400)")
+    tu.add_argument("--blur", type=int, nargs="+", help="blur kernels to try (default 3 5 7 9)")
     tu.add_argument("--quick", action="store_true", help="a small grid (about a quarter of the time)")
     tu.add_argument("--max-healthy-ml", type=float, default=1.0,
                     help="the default FPR may flag at most this many mL in a lesion-free volume (default 1)")

@@ -28,7 +28,7 @@ from .progress import ProgressFn, null_progress
 
 log = logging.getLogger(__name__)
 
-AUPRC_TIE = 0.005  # settings within this pooled AUPRC of the best count as tied; the cheaper one wins
+AUPRC_TIE = 0.02  # settings within 2 % (relative) of the best pooled AUPRC count as tied; the cheaper one wins
 
 
 @dataclass
@@ -36,13 +36,13 @@ class TuneGrid:
     """The settings tried. Blur kernels in model-grid pixels; ensembles average the healed images of
     several noise levels; the `multi_top` best single-stage settings are also tried multi-stage."""
 
-    ts: tuple[int, ...] = (10, 25, 50, 100, 150, 200, 300, 400)
-    blurs: tuple[int, ...] = (1, 3, 5, 7)
-    ensembles: tuple[tuple[int, ...], ...] = ((25, 50, 100), (50, 100, 200), (100, 200, 300))
+    ts: tuple[int, ...] = (5, 10, 25, 50, 100, 200, 400)
+    blurs: tuple[int, ...] = (3, 5, 7, 9)
+    ensembles: tuple[tuple[int, ...], ...] = ((5, 10, 25), (10, 25, 50), (25, 50, 100), (50, 100, 200))
     max_stages: int = 5
     multi_top: int = 2  # the best settings so far also tried multi-stage
     draws: int = 1
-    more_draws: int = 3  # the best single-stage setting is also tried with this many noise draws (1: not)
+    more_draws: int = 4  # the best single-stage setting is also tried with this many noise draws (1: not)
 
 
 @dataclass
@@ -242,9 +242,9 @@ def _grid_truth(case: TuneCase) -> torch.Tensor:
 
 
 def choose(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The best pooled AUPRC; settings within AUPRC_TIE of it count as tied and the cheapest wins."""
+    """The best pooled AUPRC; settings within AUPRC_TIE (relative) of it count as tied and the cheapest wins."""
     best = max(r["auprc"] for r in rows if not math.isnan(r["auprc"]))
-    tied = [r for r in rows if r["auprc"] >= best - AUPRC_TIE]
+    tied = [r for r in rows if r["auprc"] >= best * (1 - AUPRC_TIE)]
     return min(tied, key=lambda r: (r["cost"], -r["auprc"]))
 
 
