@@ -395,3 +395,16 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu(monkeypatch, tiny_model_file):
     result = det.detect(image, GpuModel(), det.DetectionSettings(threshold=0.3))
     assert any("out of memory" in w for w in result.report["warnings"])
     assert result.anomaly_map.GetSize() == image.GetSize()
+
+
+def test_result_folders_follow_the_users_umask(tmp_path):
+    import os
+
+    from synomaly.outputs import temp_folder
+
+    old = os.umask(0o022)
+    try:
+        folder = temp_folder(tmp_path, "x")
+    finally:
+        os.umask(old)
+    assert (folder.stat().st_mode & 0o777) == 0o755

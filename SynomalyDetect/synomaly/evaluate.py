@@ -19,7 +19,6 @@ import os
 import re
 import shlex
 import shutil
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -1004,7 +1003,9 @@ def write_report(results: Sequence[MethodResult], data: EvalData, s: EvalSetting
         raise OutputError(f"{out} already exists; choose another folder or pass --overwrite")
     parent = out.parent if str(out.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    from .outputs import temp_folder
+
+    tmp = temp_folder(parent, out.name)
     comps = comparisons(results, data, s)
     keys = reported_metrics(data)
     try:

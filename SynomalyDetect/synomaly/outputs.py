@@ -142,6 +142,16 @@ def _disk_nearly_full(folder: Path) -> bool:
         return False
 
 
+def temp_folder(parent: Path, name: str) -> Path:
+    """A fresh hidden folder in `parent` for results that are moved into place when complete, with the
+    permissions the user's umask gives a new folder (tempfile.mkdtemp's 0700 would follow it into place)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    return tmp
+
+
 def write_results(result, image: sitk.Image, outdir: str | Path, overwrite: bool = False,
                   compress: bool = False) -> dict[str, str]:
     """Write all outputs atomically into `outdir`; refuses to replace an existing folder unless overwrite.
@@ -157,7 +167,7 @@ def write_results(result, image: sitk.Image, outdir: str | Path, overwrite: bool
     parent = outdir.parent if str(outdir.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=parent))
+        tmp = temp_folder(parent, outdir.name)
     except OSError as exc:
         raise OutputError(f"cannot create output folder in {parent}: {exc.strerror}") from exc
     files = {
