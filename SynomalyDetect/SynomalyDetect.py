@@ -101,6 +101,9 @@ def loadDemoSample():
 #
 
 
+FPR_CHOICES = [0.01, 0.001, 0.0001]  # per-voxel false-positive rates the panel offers
+
+
 @parameterNodeWrapper
 class SynomalyDetectParameterNode:
     """
@@ -120,7 +123,7 @@ class SynomalyDetectParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     modelName: str = ""
     sensitivityMode: Annotated[str, Choice([FPR_MODE, THRESHOLD_MODE])] = FPR_MODE
-    falsePositiveRate: Annotated[float, Choice([0.01, 0.001, 0.0001])] = 0.001
+    falsePositiveRate: Annotated[float, Choice(FPR_CHOICES)] = 0.001
     threshold: Annotated[float, WithinRange(0.0, 100.0)] = 0.25
     noiseLevel: Annotated[int, WithinRange(0, 999)] = 0
     stages: Annotated[int, WithinRange(0, 10)] = 0
@@ -281,6 +284,10 @@ class SynomalyDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                             "(synomaly install-model).")
         if self._parameterNode and entry and self._parameterNode.modelName != entry["name"]:
             self._parameterNode.modelName = entry["name"]
+            # a newly chosen model starts at its own (tuned) operating point when the panel offers it
+            default = engine.default_fpr(entry)
+            if default in FPR_CHOICES:
+                self._parameterNode.falsePositiveRate = default
             fallback = engine.uncalibrated_threshold(entry)
             if fallback is not None:  # e.g. an imported model: use its card's threshold rather than refuse to run
                 self._parameterNode.sensitivityMode = THRESHOLD_MODE

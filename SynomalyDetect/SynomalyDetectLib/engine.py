@@ -179,6 +179,14 @@ def calibrated_fprs(entry: Optional[Mapping[str, Any]]) -> list[float]:
     return sorted((float(k) for k in thresholds), reverse=True)
 
 
+def default_fpr(entry: Optional[Mapping[str, Any]]) -> Optional[float]:
+    """The false-positive rate the model's card uses when none is asked for (`synomaly tune` sets it)."""
+    if not entry or "card" not in entry:
+        return None
+    value = (entry["card"].get("detection") or {}).get("fpr", 1e-3)
+    return float(value)
+
+
 def generate_demo_data(out_dir: str | Path, python: Sequence[str], env: Optional[Mapping[str, str]] = None,
                        timeout: float = 600) -> Path:
     """Have the engine write its demo case (healthy template with an implanted lesion); its path.

@@ -102,6 +102,8 @@ def cmd_train(args) -> int:
         card.training = {"name_of_base": base.card.name}
         if args.name:
             card.name = args.name
+        if args.description:
+            card.description = args.description
         base_state = {k: v.detach().cpu() for k, v in base.network.state_dict().items()}
     elif args.resume:
         from .train import load_checkpoint
