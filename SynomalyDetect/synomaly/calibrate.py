@@ -17,7 +17,7 @@ DEFAULT_FPRS = (1e-2, 1e-3, 1e-4)
 FUSION_FPR = 1e-2  # stages keep healing where a stage-1 map flags 1 % of healthy voxels
 
 
-def _quantile(values: torch.Tensor, fpr: float) -> float:
+def quantile_threshold(values: torch.Tensor, fpr: float) -> float:
     """The score exceeded by a fraction `fpr` of foreground voxels."""
     v = values.float().flatten().cpu().numpy()
     return float(np.quantile(v, 1.0 - fpr)) if v.size else float("nan")
@@ -34,7 +34,7 @@ def calibration_maps(model, slices: torch.Tensor, masks: torch.Tensor, *, ts: tu
     progress("calibrate", 0, 2, "single-stage maps of healthy slices")
     first = run_stages(model, slices, masks, t=ts, kernel=kernel, threshold=float("inf"), max_stages=1,
                        batch_size=batch_size, draws=draws, seed=seed)
-    fusion = _quantile(first.score[fg.to(first.score.device)], fusion_fpr)
+    fusion = quantile_threshold(first.score[fg.to(first.score.device)], fusion_fpr)
     progress("calibrate", 1, 2, "multi-stage maps of healthy slices")
     res = run_stages(model, slices, masks, t=ts, kernel=kernel, threshold=fusion, max_stages=max_stages,
                      batch_size=batch_size, draws=draws, seed=seed)
@@ -48,7 +48,7 @@ def thresholds_at_fprs(values: torch.Tensor, fprs: Sequence[float]) -> tuple[dic
     thresholds: dict[str, float] = {}
     measured: dict[str, float] = {}
     for fpr in fprs:
-        thr = _quantile(values, fpr)
+        thr = quantile_threshold(values, fpr)
         thresholds[_fpr_key(fpr)] = round(thr, 5)
         measured[_fpr_key(fpr)] = float((values > thr).float().mean())
     return thresholds, measured

@@ -451,6 +451,15 @@ def grid_to_oriented(values: torch.Tensor, prep: PreparedScan, fill: float = 0.0
     return out
 
 
+def oriented_to_grid(volume: np.ndarray, prep: PreparedScan) -> torch.Tensor:
+    """An oriented volume (Z, Y, X) on the model grid of the analysed slices, (S, 1, G, G) float32 (area
+    fractions for a mask): the forward map of grid_to_oriented."""
+    g = prep.geometry
+    row0, col0, side = g.box
+    v = torch.from_numpy(np.ascontiguousarray(volume[prep.slice_index], dtype=np.float32))
+    return _resize(_crop_square(v, row0, col0, side, fill=0.0)[:, None], g.grid)
+
+
 def oriented_to_image(volume: np.ndarray, prep: PreparedScan, pixel_type=sitk.sitkFloat32) -> sitk.Image:
     """Oriented volume (Z, Y, X) -> SimpleITK image on exactly the input grid."""
     g = prep.geometry

@@ -171,7 +171,7 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
     """Pooled pixel AUPRC of the grid's settings on the lesion cases, one row per setting: every noise
     level and ensemble with every blur, single stage; the best of those again with more noise draws; the
     best so far multi-stage."""
-    from .calibrate import _quantile
+    from .calibrate import quantile_threshold
     from .detect import anomaly_score, run_stages
 
     g = opts.grid
@@ -219,7 +219,7 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
             ts = tuple(int(v) for v in row["t"].split("+"))
             progress("tune", done, steps, f"multi-stage at t = {row['t']}, blur {row['blur']}, {row['draws']} draw(s)")
             first = anomaly_score(x0, predictions(ts, row["draws"]), fmask, row["blur"])
-            fusion = _quantile(first[healthy], 1e-2)  # stage-1 level flagging 1 % of lesion-free voxels
+            fusion = quantile_threshold(first[healthy], 1e-2)  # stage-1 level flagging 1 % of lesion-free voxels
             res = run_stages(model, x0, masks, t=ts, kernel=row["blur"], threshold=fusion, max_stages=g.max_stages,
                              batch_size=opts.batch_size, draws=row["draws"], seed=opts.seed)
             rows.append(score_row(ts, row["blur"], row["draws"], res.score, g.max_stages,
@@ -231,13 +231,9 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
 
 def _grid_truth(case: TuneCase) -> torch.Tensor:
     """The truth of a case on its model grid (S, 1, G, G) bool, dilated by a pixel (lesion edges are soft)."""
-    from .prepare import _crop_square, _resize
+    from .prepare import oriented_to_grid
 
-    g = case.prep.geometry
-    row0, col0, side = g.box
-    t = torch.from_numpy(case.truth[case.prep.slice_index].astype(np.float32))
-    crop = _crop_square(t, row0, col0, side, fill=0.0)
-    small = _resize(crop[:, None], g.grid) > 0.05
+    small = oriented_to_grid(case.truth, case.prep) > 0.05
     return torch.nn.functional.max_pool2d(small.float(), 3, stride=1, padding=1) > 0
 
 
