@@ -186,6 +186,28 @@ def test_training_module_logic_trains_installs_and_removes(slicer_app, tmp_path)
     assert not logic.modelExists("smoke")
 
 
+def test_training_module_logic_tunes_the_base_model_and_installs_it(slicer_app, tmp_path):
+    load_module("SynomalyDetect")
+    module = load_module("SynomalyTraining")
+    models = tmp_path / "models"
+    logic = module.SynomalyTrainingLogic(python=fake_python(), extraEnvironment={"SYNOMALY_MODELS_DIR": str(models)})
+    params = logic.getParameterNode()
+    params.trainingVolumes = [demo_volume(slicer_app)]
+    params.modelName, params.baseModel = "site-tuned", "brain-mri-axial"
+    job = logic.startTuning(params)
+    assert job.wait(60).value == "succeeded", job.error_message
+    assert logic.modelExists("site-tuned")
+    assert (models / "site-tuned.safetensors").read_bytes().startswith(b"fake tuned model brain-mri-axial")
+
+
+def test_the_detect_panel_starts_at_the_models_own_false_positive_rate():
+    from SynomalyDetectLib import engine
+
+    assert engine.default_fpr({"name": "m", "card": {"detection": {"fpr": 1e-4}}}) == 1e-4
+    assert engine.default_fpr({"name": "m", "card": {"detection": {}}}) == 1e-3  # cards before tuning
+    assert engine.default_fpr({"name": "m", "error": "unreadable"}) is None
+
+
 def test_add_model_from_file_converts_the_authors_checkpoint_and_installs_ours(slicer_app, tmp_path, tiny_model_file):
     """'Add model from file...': the real engine converts a .pt in the authors' format, copies our .safetensors,
     refuses code in a pickle and files that are no models, and an uncalibrated model gets its card's threshold."""
