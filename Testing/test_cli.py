@@ -90,3 +90,18 @@ def test_missing_calibration_is_explained(tiny_model_file, volume, tmp_path):
     r = _run(["detect", str(volume), "-o", str(tmp_path / "o"), "--model", str(tiny_model_file), "--fpr", "0.001"])
     assert r.returncode == 3 and "calibrat" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("option", [["--t", "0"], ["--t", "5000"], ["--blur", "4"], ["--blur", "-1"],
+                                    ["--stages", "0"], ["--draws", "0"], ["--batch-size", "0"],
+                                    ["--min-size", "-5"], ["--fpr", "2"], ["--threshold", "-1"]])
+def test_impossible_detection_options_are_refused_in_one_line_before_any_work(option, tmp_path, capsys):
+    from synomaly.cli import main
+
+    scan = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 8, 8), np.float32)), str(scan))
+    out = tmp_path / "out"
+    assert main(["detect", str(scan), "-o", str(out), *option]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("synomaly: error: ") and "Traceback" not in err[0]
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["scan.nii.gz"]

@@ -163,6 +163,7 @@ def cmd_detect(args) -> int:
     from .prepare import read_image
 
     progress = _progress(args)
+    settings = _detection_settings(args).validate()  # a bad option is refused before any work
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         from .errors import OutputError
@@ -177,7 +178,7 @@ def cmd_detect(args) -> int:
         raise InputError(f"{args.input}: a 3D volume was given where a single 2D slice is expected")
     progress("read", 1, 1, "read " + " x ".join(map(str, image.GetSize())))
     model = load_model(args.model, device=args.device, precision=args.precision)
-    result = detect(image, model, _detection_settings(args), progress=progress)
+    result = detect(image, model, settings, progress=progress)
     progress("write", 0, 1, f"writing results to {out}")
     files = write_results(result, image, out, overwrite=args.overwrite, compress=args.compress)
     rep = result.report
@@ -691,7 +692,15 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, ModelFileError):
             print(f"synomaly: error: {exc}", file=sys.stderr)
             return 3
-        raise
+        if isinstance(exc, RuntimeError) and "device" in str(exc) and "requested" in str(exc):
+            print(f"synomaly: error: {exc}", file=sys.stderr)  # an unavailable --device
+            return 2
+        if args.verbose:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"synomaly: error: unexpected {type(exc).__name__}: {first} (run with --verbose for the details)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -38,6 +38,39 @@ class DetectionSettings:
     precision: str = "auto"
     allow_modality_mismatch: bool = False
 
+    def validate(self) -> "DetectionSettings":
+        """Refuse impossible values with one clear sentence (SettingsError), before any work is done."""
+        import math
+
+        from .errors import SettingsError
+
+        def bad(text: str) -> None:
+            raise SettingsError(text)
+
+        if self.t is not None and not 1 <= int(self.t) <= 999:
+            bad(f"t must lie between 1 and 999 (the noise level), got {self.t}")
+        if self.blur_kernel is not None and (int(self.blur_kernel) < 1 or int(self.blur_kernel) % 2 == 0):
+            bad(f"the blur kernel must be an odd number of pixels, 1 or more, got {self.blur_kernel}")
+        for name in ("threshold", "fusion_threshold"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(float(v)) and float(v) >= 0):
+                bad(f"{name.replace('_', ' ')} must be a number of 0 or more, got {v}")
+        if self.fpr is not None and not 0 < float(self.fpr) < 1:
+            bad(f"the false-positive rate must lie between 0 and 1 (e.g. 0.001), got {self.fpr}")
+        if not (math.isfinite(float(self.min_lesion_mm3)) and float(self.min_lesion_mm3) >= 0):
+            bad(f"the minimum lesion size must be 0 mm^3 or more, got {self.min_lesion_mm3}")
+        if self.max_stages is not None and not 1 <= int(self.max_stages) <= 50:
+            bad(f"stages must lie between 1 and 50, got {self.max_stages}")
+        if self.noise_draws is not None and not 1 <= int(self.noise_draws) <= 64:
+            bad(f"noise draws must lie between 1 and 64, got {self.noise_draws}")
+        if int(self.batch_size) < 1:
+            bad(f"the batch size must be at least 1 slice, got {self.batch_size}")
+        if not 0 <= float(self.tolerance) < 1:
+            bad(f"the stage tolerance must lie in [0, 1), got {self.tolerance}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            bad(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        return self
+
 
 @dataclass
 class StageResult:
@@ -70,15 +103,17 @@ def resolve_settings(settings: DetectionSettings, card) -> tuple[tuple[int, ...]
         ts = (int(settings.t),)
     else:
         ts = tuple(int(v) for v in card.detection.t_ensemble) or (int(card.detection.t),)
+    from .errors import SettingsError
+
     for t in ts:
         if not 0 < t < card.timesteps:
-            raise ValueError(f"t must lie between 1 and {card.timesteps - 1}, got {t}")
+            raise SettingsError(f"t must lie between 1 and {card.timesteps - 1} for this model, got {t}")
     k = int(settings.blur_kernel if settings.blur_kernel is not None else card.detection.blur_kernel)
-    if k > 1 and k % 2 == 0:
-        raise ValueError(f"blur kernel must be odd, got {k}")
+    if k < 1 or k % 2 == 0:
+        raise SettingsError(f"the blur kernel must be an odd number of pixels, got {k}")
     stages = int(settings.max_stages if settings.max_stages is not None else card.detection.max_stages)
     if stages < 1:
-        raise ValueError("stages must be at least 1")
+        raise SettingsError("stages must be at least 1")
     if settings.threshold is not None:
         return ts, k, stages, float(settings.threshold), "explicit"
     cal = card.calibration or {}
@@ -334,7 +369,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     """
     from .prepare import grid_to_oriented, model_units_per_intensity, oriented_to_image, prepare_scan
 
-    settings = settings or DetectionSettings()
+    settings = (settings or DetectionSettings()).validate()
     progress = progress or null_progress
     card = model.card
     t0 = time.perf_counter()
@@ -344,7 +379,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     fusion = resolve_fusion_threshold(settings, card, ts, k, threshold)
     draws = int(settings.noise_draws if settings.noise_draws is not None else card.detection.noise_draws)
     if draws < 1:
-        raise ValueError(f"noise draws must be at least 1, got {draws}")
+        raise SettingsError(f"noise draws must be at least 1, got {draws}")
     progress("prepare", 0, 1, "reorienting, normalising and resampling slices")
     prep = prepare_scan(image, card, device=model.device)
     progress("prepare", 1, 1, f"{prep.slices.shape[0]} slices with foreground")

@@ -15,6 +15,10 @@ class InputError(SynomalyError):
     exit_code = 2
 
 
+class SettingsError(InputError):
+    """An option has an impossible value (refused before any work)."""
+
+
 class ModelError(SynomalyError):
     """The model file cannot be used or does not suit the input."""
 
