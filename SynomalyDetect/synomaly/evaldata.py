@@ -403,13 +403,13 @@ def implanted_data(templates: Sequence[str] = DEFAULT_TEMPLATES, cases: int = 3,
 
 def load_eval_data(spec: str, *, limit: Optional[int] = None, templates: Sequence[str] = DEFAULT_TEMPLATES,
                    cases: int = 3, val_cases: int = 2, seed: int = 0, forms: Sequence[str] = DEFAULT_FORMS,
-                   val_templates: Sequence[str] = VAL_TEMPLATES) -> EvalData:
+                   val_templates: Sequence[str] = VAL_TEMPLATES, healthy_every: int = 3) -> EvalData:
     """`br35h`, `implanted`, or the folder of a prepared dataset."""
     if spec == "br35h":
         return br35h_data(limit)
     if spec == "implanted":
-        return implanted_data(templates, cases, val_cases, seed, forms=forms, val_templates=val_templates,
-                              limit=limit)
+        return implanted_data(templates, cases, val_cases, seed, healthy_every=healthy_every, forms=forms,
+                              val_templates=val_templates, limit=limit)
     p = Path(spec)
     if p.is_dir() or p.name == "manifest.csv":
         return prepared_data(p if p.is_dir() else p.parent, limit)

@@ -1085,7 +1085,7 @@ def run_evaluation(methods: Sequence[Method], data_spec: str, out: str | Path, s
                    command: str = "", overwrite: bool = False, limit: Optional[int] = None,
                    templates: Sequence[str] = ("ch2", "robex", "itk-t1"), cases: int = 3, val_cases: int = 2,
                    forms: Sequence[str] = ("native", "brain", "oblique", "thick", "scaled"),
-                   val_templates: Sequence[str] = ("oasis",),
+                   val_templates: Sequence[str] = ("oasis",), healthy_every: int = 3,
                    progress: ProgressFn = null_progress) -> dict[str, Any]:
     """Load the data, evaluate every method, write the report; returns file paths and the metrics."""
     from .device import resolve_device
@@ -1102,7 +1102,7 @@ def run_evaluation(methods: Sequence[Method], data_spec: str, out: str | Path, s
         raise OutputError(f"{out} already exists; choose another folder or pass --overwrite")
     progress("data", 0, 1, f"loading {data_spec}")
     data = load_eval_data(data_spec, limit=limit, templates=templates, cases=cases, val_cases=val_cases,
-                          seed=s.seed, forms=forms, val_templates=val_templates)
+                          seed=s.seed, forms=forms, val_templates=val_templates, healthy_every=healthy_every)
     progress("data", 1, 1, f"{len(data.val)} validation and {len(data.test)} test cases")
     results = evaluate_methods(methods, data, s, progress)
     import torch
@@ -1137,7 +1137,7 @@ def command_line(args) -> str:
             parts += [flag, str(value)]
     if args.data == "implanted":
         parts += ["--templates", *args.templates, "--val-templates", *args.val_templates, "--cases", str(args.cases),
-                  "--val-cases", str(args.val_cases), "--forms", *args.forms]
+                  "--val-cases", str(args.val_cases), "--healthy-every", str(args.healthy_every), "--forms", *args.forms]
     if args.device != "auto":
         parts += ["--device", args.device]
     return shlex.join(parts)
@@ -1184,6 +1184,8 @@ def add_evaluate_parser(subparsers) -> None:
     e.add_argument("--cases", type=int, default=3,
                    help="implanted: test volumes per template and form, every 3rd lesion-free (default 3)")
     e.add_argument("--val-cases", type=int, default=2, help="implanted: validation volumes per form (default 2)")
+    e.add_argument("--healthy-every", type=int, default=3,
+                   help="implanted: every Nth volume has no lesion (default 3)")
     e.add_argument("--forms", nargs="+", default=["native", "brain", "oblique", "thick", "scaled"],
                    choices=["native", "brain", "oblique", "thick", "scaled"],
                    help="implanted: forms of each volume (default all five)")
@@ -1209,7 +1211,8 @@ def cmd_evaluate(args) -> int:
     progress = make_progress(args.progress)
     out = run_evaluation(methods, args.data, args.output, s, command=command_line(args), overwrite=args.overwrite,
                          limit=args.limit, templates=args.templates, cases=args.cases, val_cases=args.val_cases,
-                         forms=args.forms, val_templates=args.val_templates, progress=progress)
+                         forms=args.forms, val_templates=args.val_templates, healthy_every=args.healthy_every,
+                         progress=progress)
     lines = []
     for name, m in out["methods"].items():
         key = "dice_image" if "dice_image" in m["metrics"] else "image_auroc"
