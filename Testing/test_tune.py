@@ -105,24 +105,29 @@ def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file,
     chosen = card.tuning["chosen"]
     assert chosen in table and chosen["auprc"] >= max(r["auprc"] for r in table) * (1 - tune.AUPRC_TIE)
     ts = [int(v) for v in chosen["t"].split("+")]
-    assert list(card.detection.t_ensemble or [card.detection.t]) == ts
-    assert card.detection.blur_kernel == chosen["blur"] and card.detection.max_stages == chosen["stages"]
-    assert card.detection.noise_draws == chosen["draws"]
-    assert f"{card.detection.fpr:g}" == card.tuning["chosen_fpr"]
-    cal = card.calibration
+    d3 = card.detection_3d
+    assert list(d3.t_ensemble or [d3.t]) == ts
+    assert d3.blur_kernel == chosen["blur"] and d3.max_stages == chosen["stages"] and d3.noise_draws == chosen["draws"]
+    assert f"{d3.fpr:g}" == card.tuning["chosen_fpr"]
+    assert card.detection == read_card(tiny_model_file).detection, "single slices keep the untuned setting"
+    assert card.calibration == read_card(tiny_model_file).calibration
+    cal = card.calibration_3d
     assert set(cal["thresholds"]) == {"0.01", "0.001", "0.0001"}
     assert cal["thresholds"]["0.01"] < cal["thresholds"]["0.001"] < cal["thresholds"]["0.0001"]
     assert cal["scans"] == 2 and cal["blur_kernel"] == chosen["blur"]
     assert record["lesions"] == 4 and card.tuning["seconds"]["total"] > 0
     assert read_card(tiny_model_file).tuning == {}, "the input model file is left as it was"
     model = load_model(out, device="cpu")
-    got_ts, k, stages, thr, source = resolve_settings(DetectionSettings(), model.card)
+    got_ts, k, stages, thr, source = resolve_settings(DetectionSettings(), model.card, volume=True)
     assert list(got_ts) == ts and k == chosen["blur"] and stages == chosen["stages"]
     assert source == f"calibrated FPR {card.tuning['chosen_fpr']}"
     result = detect(_head(seed=9), model, DetectionSettings(device="cpu"))
     assert result.report["t"] == (ts[0] if len(ts) == 1 else ts) and result.threshold == pytest.approx(thr)
     # an explicit t replaces the tuned ensemble
-    assert resolve_settings(DetectionSettings(t=77), model.card)[0] == (77,)
+    assert resolve_settings(DetectionSettings(t=77), model.card, volume=True)[0] == (77,)
+    # a single 2D slice keeps the card's slice setting
+    flat = detect(sitk.GetImageFromArray(sitk.GetArrayFromImage(_head(seed=9))[10]), model, DetectionSettings(device="cpu"))
+    assert flat.report["t"] == model.card.detection.t and flat.report["setting"] == "card default"
 
 
 def test_tuning_refuses_evaluation_volumes_and_2d_images(tiny_model_file, tmp_path):

@@ -172,18 +172,22 @@ def uncalibrated_threshold(entry: Optional[Mapping[str, Any]]) -> Optional[float
 
 
 def calibrated_fprs(entry: Optional[Mapping[str, Any]]) -> list[float]:
-    """False-positive rates the model is calibrated for, largest first."""
+    """False-positive rates the model is calibrated for (for volumes, when tuned), largest first."""
     if not entry or "card" not in entry:
         return []
-    thresholds = (entry["card"].get("calibration") or {}).get("thresholds") or {}
+    card = entry["card"]
+    cal = card.get("calibration_3d") if card.get("detection_3d") else card.get("calibration")
+    thresholds = (cal or {}).get("thresholds") or {}
     return sorted((float(k) for k in thresholds), reverse=True)
 
 
 def default_fpr(entry: Optional[Mapping[str, Any]]) -> Optional[float]:
-    """The false-positive rate the model's card uses when none is asked for (`synomaly tune` sets it)."""
+    """The false-positive rate the model's card uses for volumes when none is asked for (`synomaly tune`
+    sets it; Slicer's inputs are volumes)."""
     if not entry or "card" not in entry:
         return None
-    value = (entry["card"].get("detection") or {}).get("fpr", 1e-3)
+    card = entry["card"]
+    value = (card.get("detection_3d") or card.get("detection") or {}).get("fpr", 1e-3)
     return float(value)
 
 

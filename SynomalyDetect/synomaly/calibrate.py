@@ -57,22 +57,23 @@ def thresholds_at_fprs(values: torch.Tensor, fprs: Sequence[float]) -> tuple[dic
 def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequence[float] = DEFAULT_FPRS,
               t: Optional[int | Sequence[int]] = None, draws: Optional[int] = None,
               kernel: Optional[int] = None, max_stages: Optional[int] = None,
-              fusion_fpr: float = FUSION_FPR, batch_size: int = 8, seed: int = 0,
+              fusion_fpr: float = FUSION_FPR, batch_size: int = 8, seed: int = 0, volume: bool = False,
               progress: ProgressFn = null_progress) -> dict[str, Any]:
     """Thresholds giving each FPR on healthy slices (S, 1, G, G), for the multi-stage map.
 
     The stages keep healing where the map exceeds a fusion threshold: the stage-1 level that flags
     `fusion_fpr` of healthy voxels. One multi-stage run with it gives the final maps, whose quantiles
-    are the thresholds for the requested rates. t, blur, stages and draws default to the card's.
+    are the thresholds for the requested rates. t, blur, stages and draws default to the card's setting
+    for slices, or for volumes with `volume`.
     """
-    card = model.card
+    d = model.card.detection_for(volume)
     if t is None:
-        ts = tuple(int(v) for v in card.detection.t_ensemble) or (int(card.detection.t),)
+        ts = tuple(int(v) for v in d.t_ensemble) or (int(d.t),)
     else:
         ts = (int(t),) if isinstance(t, int) else tuple(int(v) for v in t)
-    draws = int(draws or card.detection.noise_draws)
-    kernel = int(kernel or card.detection.blur_kernel)
-    max_stages = int(max_stages or card.detection.max_stages)
+    draws = int(draws or d.noise_draws)
+    kernel = int(kernel or d.blur_kernel)
+    max_stages = int(max_stages or d.max_stages)
     fg = masks.bool()
     fusion, res = calibration_maps(model, slices, masks, ts=ts, kernel=kernel, max_stages=max_stages, draws=draws,
                                    fusion_fpr=fusion_fpr, batch_size=batch_size, seed=seed, progress=progress)
@@ -97,18 +98,28 @@ def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequenc
 def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[float] = DEFAULT_FPRS,
                     device: str = "auto", description: str = "", progress: ProgressFn = null_progress,
                     output: str | Path | None = None) -> dict[str, Any]:
-    """Calibrate a model file on healthy scans and write the thresholds into its card (atomically)."""
+    """Calibrate a model file on healthy scans and write the thresholds into its card (atomically).
+
+    When the card has a tuned setting for volumes and every scan is a volume, that setting is calibrated
+    (calibration_3d); otherwise the slice setting (calibration)."""
+    from .detect import is_volume
     from .modelio import load_model, save_model
-    from .prepare import prepare_images_for_training
+    from .prepare import prepare_images_for_training, read_image
 
     model = load_model(model_path, device=device)
     progress("calibrate", 0, len(fprs), "preparing healthy scans")
+    volume = model.card.detection_3d is not None and all(
+        is_volume(read_image(p, color="luminance")) if not str(p).lower().endswith((".jpg", ".jpeg", ".png"))
+        else False for p in paths)
     x, m, n = prepare_images_for_training(paths, model.card)
-    cal = calibrate(model, x, m, fprs=fprs, progress=progress)
+    cal = calibrate(model, x, m, fprs=fprs, volume=volume, progress=progress)
     cal["scans"] = n
     cal["data"] = description or f"{n} healthy scans"
     card = model.card.copy()
-    card.calibration = cal
+    if volume:
+        card.calibration_3d = cal
+    else:
+        card.calibration = cal
     state = {k: v.detach().cpu() for k, v in model.network.state_dict().items()}
     save_model(output or model.path, card, state)
     return cal

@@ -104,6 +104,10 @@ class ModelCard:
     prediction: str = "epsilon"
     detection: DetectionDefaults = field(default_factory=DetectionDefaults)
     calibration: dict[str, Any] = field(default_factory=dict)
+    # volumes may need other settings than single slices: `synomaly tune` (3D lesions in healthy volumes)
+    # writes these; without them volumes use `detection` and `calibration` like slices
+    detection_3d: DetectionDefaults | None = None
+    calibration_3d: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     tuning: dict[str, Any] = field(default_factory=dict)  # `synomaly tune`: data, sweep table, choice
     intended_use: str = "Research use only. Not for diagnosis or treatment decisions."
@@ -147,6 +151,10 @@ class ModelCard:
             "detection": DetectionDefaults,
         }
         kwargs = dict(data)
+        if kwargs.get("detection_3d") is None:
+            kwargs.pop("detection_3d", None)
+        else:
+            nested["detection_3d"] = DetectionDefaults
         for key, klass in nested.items():
             value = kwargs.get(key, {})
             if not isinstance(value, dict):
@@ -163,7 +171,9 @@ class ModelCard:
         card = cls(**kwargs)
         card.network.channels = tuple(int(c) for c in card.network.channels)
         card.network.attention_levels = tuple(bool(a) for a in card.network.attention_levels)
-        card.detection.t_ensemble = tuple(int(t) for t in card.detection.t_ensemble)
+        for d in (card.detection, card.detection_3d):
+            if d is not None:
+                d.t_ensemble = tuple(int(t) for t in d.t_ensemble)
         card.validate()
         return card
 
@@ -195,12 +205,17 @@ class ModelCard:
             raise ModelCardError(f"noise.kind {self.noise.kind!r} is unknown")
         if self.noise.polarity not in POLARITIES:
             raise ModelCardError(f"noise.polarity {self.noise.polarity!r} is not one of {POLARITIES}")
-        if not 0 < self.detection.t < self.timesteps:
-            raise ModelCardError(f"detection.t {self.detection.t} must lie in (0, {self.timesteps})")
-        if any(not 0 < int(t) < self.timesteps for t in self.detection.t_ensemble):
-            raise ModelCardError(f"detection.t_ensemble {list(self.detection.t_ensemble)} must lie in (0, {self.timesteps})")
-        if int(self.detection.noise_draws) < 1 or not 0 < float(self.detection.fpr) < 1:
-            raise ModelCardError("detection.noise_draws must be >= 1 and detection.fpr in (0, 1)")
+        for name, d in (("detection", self.detection), ("detection_3d", self.detection_3d)):
+            if d is None:
+                continue
+            if not 0 < d.t < self.timesteps:
+                raise ModelCardError(f"{name}.t {d.t} must lie in (0, {self.timesteps})")
+            if any(not 0 < int(t) < self.timesteps for t in d.t_ensemble):
+                raise ModelCardError(f"{name}.t_ensemble {list(d.t_ensemble)} must lie in (0, {self.timesteps})")
+            if int(d.noise_draws) < 1 or not 0 < float(d.fpr) < 1 or int(d.max_stages) < 1:
+                raise ModelCardError(f"{name}: noise_draws and max_stages must be >= 1 and fpr in (0, 1)")
+            if int(d.blur_kernel) < 1 or int(d.blur_kernel) % 2 == 0:
+                raise ModelCardError(f"{name}.blur_kernel {d.blur_kernel} must be odd and positive")
         n = self.normalisation
         if n.method not in NORMALISATIONS:
             raise ModelCardError(f"normalisation.method {n.method!r} is not one of {NORMALISATIONS}")
@@ -213,9 +228,17 @@ class ModelCard:
         if not -1.0 < n.upper_value <= 1.0:
             raise ModelCardError("normalisation.upper_value must lie in (-1, 1]")
 
-    def detection_text(self) -> str:
-        """The card's detection setting in one phrase ('t 50+100+200, blur 3, 5 stages, FPR 0.001')."""
-        d = self.detection
+    def detection_for(self, volume: bool) -> DetectionDefaults:
+        """The detection setting for a 3D volume (the tuned one, when the card has it) or a 2D slice."""
+        return self.detection_3d if (volume and self.detection_3d is not None) else self.detection
+
+    def calibration_for(self, volume: bool) -> dict[str, Any]:
+        """The thresholds that belong to detection_for(volume)."""
+        return self.calibration_3d if (volume and self.detection_3d is not None) else self.calibration
+
+    def detection_text(self, volume: bool = False) -> str:
+        """A detection setting in one phrase ('t 50+100+200, blur 3, up to 5 stages, FPR 0.001')."""
+        d = self.detection_for(volume)
         t = "+".join(str(v) for v in d.t_ensemble) if d.t_ensemble else str(d.t)
         draws = f", {d.noise_draws} draws" if d.noise_draws > 1 else ""
         return f"t {t}, blur {d.blur_kernel}, up to {d.max_stages} stages{draws}, FPR {d.fpr:g}"
@@ -230,7 +253,8 @@ class ModelCard:
             f"grid {self.grid_size} x {self.grid_size}, noise {self.noise.kind}",
             f"  network {self.network.architecture}; intensities {self.normalisation.method}, framing {self.framing}",
             f"  calibrated thresholds: {cal_text or 'none'}",
-            f"  detection: {self.detection_text()}" + (" (tuned)" if self.tuning.get("chosen") else ""),
+            f"  detection: {self.detection_text()}"
+            + (f"; volumes: {self.detection_text(True)} (tuned)" if self.detection_3d is not None else ""),
             f"  {self.intended_use}",
         ]
         return "\n".join(lines)

@@ -96,27 +96,29 @@ class DetectionResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_settings(settings: DetectionSettings, card) -> tuple[tuple[int, ...], int, int, float, str]:
+def resolve_settings(settings: DetectionSettings, card, volume: bool = False) -> tuple[tuple[int, ...], int, int, float, str]:
     """Noise levels, blur kernel, stages, threshold and where the threshold came from (explicit, calibrated,
-    card). An explicit t replaces the card's (possibly tuned) ensemble of noise levels."""
+    card), for a 3D volume (the card's tuned volume setting, when it has one) or a 2D slice. An explicit t
+    replaces the card's ensemble of noise levels."""
+    d = card.detection_for(volume)
     if settings.t is not None:
         ts = (int(settings.t),)
     else:
-        ts = tuple(int(v) for v in card.detection.t_ensemble) or (int(card.detection.t),)
+        ts = tuple(int(v) for v in d.t_ensemble) or (int(d.t),)
     from .errors import SettingsError
 
     for t in ts:
         if not 0 < t < card.timesteps:
             raise SettingsError(f"t must lie between 1 and {card.timesteps - 1} for this model, got {t}")
-    k = int(settings.blur_kernel if settings.blur_kernel is not None else card.detection.blur_kernel)
+    k = int(settings.blur_kernel if settings.blur_kernel is not None else d.blur_kernel)
     if k < 1 or k % 2 == 0:
         raise SettingsError(f"the blur kernel must be an odd number of pixels, got {k}")
-    stages = int(settings.max_stages if settings.max_stages is not None else card.detection.max_stages)
+    stages = int(settings.max_stages if settings.max_stages is not None else d.max_stages)
     if stages < 1:
         raise SettingsError("stages must be at least 1")
     if settings.threshold is not None:
         return ts, k, stages, float(settings.threshold), "explicit"
-    cal = card.calibration or {}
+    cal = card.calibration_for(volume) or {}
     thresholds = cal.get("thresholds", {})
     fpr = settings.fpr
     if fpr is not None:
@@ -127,14 +129,15 @@ def resolve_settings(settings: DetectionSettings, card) -> tuple[tuple[int, ...]
                              "run `synomaly calibrate` or give --threshold")
         _warn_if_calibration_differs(cal, ts, k, stages)
         return ts, k, stages, float(thresholds[key]), f"calibrated FPR {key}"
-    default = _fpr_key(getattr(card.detection, "fpr", 1e-3))
+    default = _fpr_key(d.fpr)
     if default in thresholds:
         _warn_if_calibration_differs(cal, ts, k, stages)
         return ts, k, stages, float(thresholds[default]), f"calibrated FPR {default}"
-    return ts, k, stages, float(card.detection.threshold), "model default (uncalibrated)"
+    return ts, k, stages, float(d.threshold), "model default (uncalibrated)"
 
 
-def resolve_fusion_threshold(settings: DetectionSettings, card, ts: tuple[int, ...], k: int, threshold: float) -> float:
+def resolve_fusion_threshold(settings: DetectionSettings, card, ts: tuple[int, ...], k: int, threshold: float,
+                             volume: bool = False) -> float:
     """The map level above which stages keep healing: explicit, else the card's calibrated one (when it was
     calibrated with this t and blur), else the segmentation threshold itself (the original method).
 
@@ -142,7 +145,7 @@ def resolve_fusion_threshold(settings: DetectionSettings, card, ts: tuple[int, .
     stricter false-positive rate only removes voxels from the segmentation."""
     if settings.fusion_threshold is not None:
         return float(settings.fusion_threshold)
-    cal = card.calibration or {}
+    cal = card.calibration_for(volume) or {}
     if "fusion_threshold" in cal and _calibrated_ts(cal, ts) == ts and int(cal.get("blur_kernel", k)) == k:
         return float(cal["fusion_threshold"])
     return threshold
@@ -261,6 +264,11 @@ def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int | Sequence
     return StageResult(healed, score, stages, calls, first)
 
 
+def is_volume(image: sitk.Image) -> bool:
+    """A 3D image with more than one slice along every axis (a single slice stored in 3D counts as 2D)."""
+    return image.GetDimension() == 3 and min(image.GetSize()) > 1
+
+
 def check_compatibility(image: sitk.Image, card, allow: bool = False) -> list[str]:
     """Compare what the image's metadata says (DICOM modality, series description) with the card."""
     warnings: list[str] = []
@@ -375,9 +383,10 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     t0 = time.perf_counter()
     calls0, secs0 = model.calls, model.call_seconds
     warnings = check_compatibility(image, card, settings.allow_modality_mismatch)
-    ts, k, stages, threshold, source = resolve_settings(settings, card)
-    fusion = resolve_fusion_threshold(settings, card, ts, k, threshold)
-    draws = int(settings.noise_draws if settings.noise_draws is not None else card.detection.noise_draws)
+    volume = is_volume(image)
+    ts, k, stages, threshold, source = resolve_settings(settings, card, volume)
+    fusion = resolve_fusion_threshold(settings, card, ts, k, threshold, volume)
+    draws = int(settings.noise_draws if settings.noise_draws is not None else card.detection_for(volume).noise_draws)
     if draws < 1:
         raise SettingsError(f"noise draws must be at least 1, got {draws}")
     progress("prepare", 0, 1, "reorienting, normalising and resampling slices")
@@ -420,7 +429,8 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
         "model": card.name,
         "model_version": card.version,
         "settings": asdict(settings),
-        "t": ts[0] if len(ts) == 1 else list(ts), "noise_draws": draws, "blur_kernel": k, "max_stages": stages, "threshold": threshold, "threshold_source": source,
+        "t": ts[0] if len(ts) == 1 else list(ts), "noise_draws": draws, "blur_kernel": k,
+        "setting": "volume (tuned)" if volume and card.detection_3d is not None else "card default", "max_stages": stages, "threshold": threshold, "threshold_source": source,
         "fusion_threshold": fusion,
         "slices_total": int(g.oriented_shape[0]),
         "slices_analysed": int(prep.slices.shape[0]),

@@ -563,7 +563,7 @@ def image_threshold(items: list[dict[str, Any]], fpr: float) -> tuple[float, str
 
 
 def choose_threshold(model, method: Method, stages: int, val_cases: Sequence[EvalCase], s: EvalSettings,
-                     progress: ProgressFn = null_progress) -> dict[str, Any]:
+                     progress: ProgressFn = null_progress, volume: bool = False) -> dict[str, Any]:
     """The pixel threshold of a method and where it came from; validation or card, never the test split.
 
     Validation: 'dice' maximises pooled Dice (after post-processing) on the validation images; 'fpr'
@@ -580,9 +580,9 @@ def choose_threshold(model, method: Method, stages: int, val_cases: Sequence[Eva
     info: dict[str, Any] = {"val_images": len(val_cases)}
     if s.threshold_from == "card":
         _, _, _, thr, source = resolve_settings(DetectionSettings(t=s.t, blur_kernel=s.blur, max_stages=stages,
-                                                                  fpr=s.card_fpr), card)
+                                                                  fpr=s.card_fpr), card, volume)
         info.update(threshold=thr, source=f"model card: {source}", rule="card")
-        cal = card.calibration or {}
+        cal = card.calibration_for(volume) or {}
         if cal.get("max_stages") is not None and int(cal["max_stages"]) != stages and "calibrated" in source:
             info["source"] += f" (calibrated with {cal['max_stages']} stages, used with {stages})"
         if val_cases:
@@ -793,12 +793,13 @@ def evaluate_methods(methods: Sequence[Method], data: EvalData, s: EvalSettings,
             models[m.model] = load_model(m.model, device=s.device, precision=s.precision)
         model = models[m.model]
         card = model.card
-        stages = int(m.stages or card.detection.max_stages)
+        volume = data.kind == "implanted"  # whole volumes; Br35H and prepared datasets are 2D slices
+        stages = int(m.stages or card.detection_for(volume).max_stages)
         ts, k, _, _, _ = resolve_settings(DetectionSettings(t=s.t, blur_kernel=s.blur, max_stages=stages,
-                                                            threshold=0.0), card)
+                                                            threshold=0.0), card, volume)
         t = ts[0] if len(ts) == 1 else "+".join(str(v) for v in ts)
         t0 = time.perf_counter()
-        thr = choose_threshold(model, m, stages, data.val, s, progress)  # the test split is not passed
+        thr = choose_threshold(model, m, stages, data.val, s, progress, volume)  # the test split is not passed
         run = run_cases(model, data.test, stages, thr["threshold"], s, gallery=Gallery(s.gallery_k),
                         progress=progress, what=f"{m.name} test")
         res = MethodResult(m, {"name": card.name, "noise": card.noise.kind, "version": card.version,

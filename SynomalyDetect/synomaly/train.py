@@ -392,7 +392,10 @@ def train(
         "fine_tuned_from": card.training.get("name_of_base") if base_state is not None else None,
         "loss_curve": [[int(i), round(v, 5)] for i, v in trainer.val_history],
     }
-    final.calibration = {}  # thresholds of the base (if any) do not hold for new weights
+    final.calibration = {}  # thresholds and tuned settings of the base (if any) do not hold for new weights
+    final.calibration_3d = {}
+    final.detection_3d = None
+    final.tuning = {}
     save_model(out, final, trainer.ema.state_dict())
     return {
         "model": str(out),

@@ -7,7 +7,9 @@ ensembles of noise levels. The setting with the best pooled pixel AUPRC on the i
 (on each scan's own grid, inside its foreground) wins; ties go to the cheaper one. Thresholds are then
 calibrated on the untouched volumes under that setting, and the default false-positive rate is the
 one with the best mean Dice on the implanted lesions that flags at most `max_healthy_ml` in every
-lesion-free volume. Everything, the whole sweep table included, goes into the model card.
+lesion-free volume. Everything, the whole sweep table included, goes into the model card as the
+setting for volumes (detection_3d, calibration_3d); single 2D slices keep the card's other setting,
+since 3D lesions in volumes say nothing about what suits a 2D slice.
 """
 
 from __future__ import annotations
@@ -316,17 +318,16 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
     cal, points = operating_points(model, lesion_cases, healthy_cases, chosen, opts, progress)
     op = choose_fpr(points, opts.max_healthy_ml)
     ts = [int(v) for v in chosen["t"].split("+")]
+    from .card import DetectionDefaults
+
     card = model.card.copy()
-    card.detection.t = ts[0]
-    card.detection.t_ensemble = tuple(ts) if len(ts) > 1 else ()
-    card.detection.blur_kernel = int(chosen["blur"])
-    card.detection.max_stages = int(chosen["stages"])
-    card.detection.noise_draws = int(chosen["draws"])
-    card.detection.fpr = float(op["fpr"])
+    card.detection_3d = DetectionDefaults(t=ts[0], blur_kernel=int(chosen["blur"]), threshold=card.detection.threshold,
+                                          max_stages=int(chosen["stages"]), t_ensemble=tuple(ts) if len(ts) > 1 else (),
+                                          noise_draws=int(chosen["draws"]), fpr=float(op["fpr"]))
     what = description or ", ".join(f"{v.name} ({v.source})" for v in volumes)
     cal["data"] = f"the lesion-free forms of: {what}"
     cal["scans"] = len(healthy_cases)
-    card.calibration = cal
+    card.calibration_3d = cal
     seconds = time.perf_counter() - start
     record = {
         "data": what,
@@ -350,5 +351,5 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
     card.tuning = record
     state = {k: v.detach().cpu() for k, v in model.network.state_dict().items()}
     save_model(output or model.path, card, state)
-    progress("tune", 1, 1, f"tuned in {seconds:.0f} s: {card.detection_text()}")
+    progress("tune", 1, 1, f"tuned in {seconds:.0f} s: volumes use {card.detection_text(True)}")
     return {**record, "points": points}
