@@ -168,11 +168,15 @@ def test_detect_module_lists_models_from_the_engine_registry(slicer_app, tmp_pat
     assert all({"name", "path", "source"} <= set(m) for m in models)
 
 
-def test_training_module_logic_trains_installs_and_removes(slicer_app, tmp_path):
+def training_logic(models):
+    """The Training module's logic with the stand-in engine and `models` as the user model folder."""
     load_module("SynomalyDetect")
     module = load_module("SynomalyTraining")
-    models = tmp_path / "models"
-    logic = module.SynomalyTrainingLogic(python=fake_python(), extraEnvironment={"SYNOMALY_MODELS_DIR": str(models)})
+    return module.SynomalyTrainingLogic(python=fake_python(), extraEnvironment={"SYNOMALY_MODELS_DIR": str(models)})
+
+
+def test_training_module_logic_trains_installs_and_removes(slicer_app, tmp_path):
+    logic = training_logic(tmp_path / "models")
     params = logic.getParameterNode()
     assert params.trainingVolumes == [] and params.baseModel == ""
     params.trainingVolumes = [demo_volume(slicer_app)]
@@ -187,10 +191,8 @@ def test_training_module_logic_trains_installs_and_removes(slicer_app, tmp_path)
 
 
 def test_training_module_logic_tunes_the_base_model_and_installs_it(slicer_app, tmp_path):
-    load_module("SynomalyDetect")
-    module = load_module("SynomalyTraining")
     models = tmp_path / "models"
-    logic = module.SynomalyTrainingLogic(python=fake_python(), extraEnvironment={"SYNOMALY_MODELS_DIR": str(models)})
+    logic = training_logic(models)
     params = logic.getParameterNode()
     params.trainingVolumes = [demo_volume(slicer_app)]
     params.modelName, params.baseModel = "site-tuned", "brain-mri-axial"

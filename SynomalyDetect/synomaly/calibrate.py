@@ -68,17 +68,25 @@ def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequenc
     """
     d = model.card.detection_for(volume)
     if t is None:
-        ts = tuple(int(v) for v in d.t_ensemble) or (int(d.t),)
+        ts = d.noise_levels()
     else:
         ts = (int(t),) if isinstance(t, int) else tuple(int(v) for v in t)
     draws = int(draws or d.noise_draws)
     kernel = int(kernel or d.blur_kernel)
     max_stages = int(max_stages or d.max_stages)
-    fg = masks.bool()
     fusion, res = calibration_maps(model, slices, masks, ts=ts, kernel=kernel, max_stages=max_stages, draws=draws,
                                    fusion_fpr=fusion_fpr, batch_size=batch_size, seed=seed, progress=progress)
-    thresholds, measured = thresholds_at_fprs(res.score[fg.to(res.score.device)], fprs)
     progress("calibrate", 2, 2, "calibrated")
+    return calibration_record(res, masks, fprs, fusion=fusion, fusion_fpr=fusion_fpr, ts=ts, kernel=kernel,
+                              max_stages=max_stages, draws=draws)
+
+
+def calibration_record(res, masks: torch.Tensor, fprs: Sequence[float], *, fusion: float, fusion_fpr: float,
+                       ts: tuple[int, ...], kernel: int, max_stages: int, draws: int) -> dict[str, Any]:
+    """The calibration a card stores: thresholds from the multi-stage maps `res` of healthy slices (masks
+    (S, 1, G, G)), and the setting they were measured with."""
+    fg = masks.bool()
+    thresholds, measured = thresholds_at_fprs(res.score[fg.to(res.score.device)], fprs)
     return {
         "thresholds": thresholds,
         "fusion_threshold": round(fusion, 5),
@@ -88,7 +96,7 @@ def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequenc
         "noise_draws": draws,
         "blur_kernel": kernel,
         "max_stages": max_stages,
-        "slices": int(slices.shape[0]),
+        "slices": int(masks.shape[0]),
         "foreground_voxels": int(fg.sum()),
         "measured_fpr_on_calibration_data": measured,
         "unit": "per foreground voxel of the model grid",
@@ -108,9 +116,7 @@ def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[
 
     model = load_model(model_path, device=device)
     progress("calibrate", 0, len(fprs), "preparing healthy scans")
-    volume = model.card.detection_3d is not None and all(
-        is_volume(read_image(p, color="luminance")) if not str(p).lower().endswith((".jpg", ".jpeg", ".png"))
-        else False for p in paths)
+    volume = model.card.detection_3d is not None and all(is_volume(read_image(p, color="luminance")) for p in paths)
     x, m, n = prepare_images_for_training(paths, model.card)
     cal = calibrate(model, x, m, fprs=fprs, volume=volume, progress=progress)
     cal["scans"] = n

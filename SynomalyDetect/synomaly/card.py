@@ -82,6 +82,10 @@ class DetectionDefaults:
     noise_draws: int = 1  # noise draws averaged per noise level
     fpr: float = 1e-3  # the calibrated false-positive rate used when none is asked for
 
+    def noise_levels(self) -> tuple[int, ...]:
+        """The noise levels of one stage: the ensemble, else t alone."""
+        return tuple(int(t) for t in self.t_ensemble) or (int(self.t),)
+
 
 @dataclass
 class ModelCard:

@@ -101,10 +101,7 @@ def resolve_settings(settings: DetectionSettings, card, volume: bool = False) ->
     card), for a 3D volume (the card's tuned volume setting, when it has one) or a 2D slice. An explicit t
     replaces the card's ensemble of noise levels."""
     d = card.detection_for(volume)
-    if settings.t is not None:
-        ts = (int(settings.t),)
-    else:
-        ts = tuple(int(v) for v in d.t_ensemble) or (int(d.t),)
+    ts = (int(settings.t),) if settings.t is not None else d.noise_levels()
     from .errors import SettingsError
 
     for t in ts:

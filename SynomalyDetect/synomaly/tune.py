@@ -173,7 +173,7 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
     """Pooled pixel AUPRC of the grid's settings on the lesion cases, one row per setting: every noise
     level and ensemble with every blur, single stage; the best of those again with more noise draws; the
     best so far multi-stage."""
-    from .calibrate import quantile_threshold
+    from .calibrate import FUSION_FPR, quantile_threshold
     from .detect import anomaly_score, run_stages
 
     g = opts.grid
@@ -221,7 +221,7 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
             ts = tuple(int(v) for v in row["t"].split("+"))
             progress("tune", done, steps, f"multi-stage at t = {row['t']}, blur {row['blur']}, {row['draws']} draw(s)")
             first = anomaly_score(x0, predictions(ts, row["draws"]), fmask, row["blur"])
-            fusion = quantile_threshold(first[healthy], 1e-2)  # stage-1 level flagging 1 % of lesion-free voxels
+            fusion = quantile_threshold(first[healthy], FUSION_FPR)  # stage-1 level flagging 1 % of lesion-free voxels
             res = run_stages(model, x0, masks, t=ts, kernel=row["blur"], threshold=fusion, max_stages=g.max_stages,
                              batch_size=opts.batch_size, draws=row["draws"], seed=opts.seed)
             rows.append(score_row(ts, row["blur"], row["draws"], res.score, g.max_stages,
@@ -251,7 +251,7 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
                      progress: ProgressFn = null_progress) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Calibrate on the untouched volumes under `setting`, then score every calibrated FPR: mean Dice on
     the lesion cases and the volume flagged in each lesion-free one (after the minimum lesion size)."""
-    from .calibrate import calibration_maps, thresholds_at_fprs
+    from .calibrate import FUSION_FPR, calibration_maps, calibration_record
     from .detect import postprocess, run_stages
     from .metrics import dice
 
@@ -261,11 +261,9 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
     hm = torch.cat([c.prep.masks for c in healthy_cases])
     fusion, hres = calibration_maps(model, hx, hm, ts=ts, kernel=k, max_stages=stages, draws=draws,
                                     batch_size=opts.batch_size, seed=opts.seed, progress=progress)
-    thresholds, measured = thresholds_at_fprs(hres.score[hm.bool()], opts.fprs)
-    cal = {"thresholds": thresholds, "fusion_threshold": round(fusion, 5), "fusion_fpr": 1e-2, "t": ts[0],
-           "t_ensemble": list(ts) if len(ts) > 1 else [], "noise_draws": draws, "blur_kernel": k,
-           "max_stages": stages, "slices": int(hx.shape[0]), "foreground_voxels": int(hm.sum()),
-           "measured_fpr_on_calibration_data": measured, "unit": "per foreground voxel of the model grid"}
+    cal = calibration_record(hres, hm, opts.fprs, fusion=fusion, fusion_fpr=FUSION_FPR, ts=ts, kernel=k,
+                             max_stages=stages, draws=draws)
+    thresholds = cal["thresholds"]
     lx = torch.cat([c.prep.slices for c in lesion_cases])
     lm = torch.cat([c.prep.masks for c in lesion_cases])
     lres = run_stages(model, lx, lm, t=ts, kernel=k, threshold=fusion, max_stages=stages,
