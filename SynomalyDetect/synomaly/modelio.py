@@ -18,7 +18,16 @@ log = logging.getLogger(__name__)
 
 MODEL_SUFFIX = ".safetensors"
 CARD_KEY = "synomaly_card"
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+
+
+def shipped_models_dir() -> Path:
+    """The shipped models: Resources/Models beside the package (a clone, Slicer), else synomaly/models (a wheel)."""
+    package = Path(__file__).resolve().parent
+    beside = package.parent / "Resources" / "Models"
+    return beside if beside.is_dir() else package / "models"
+
+
+SHIPPED_DIR = shipped_models_dir()
 DEFAULT_MODEL = "brain-mri-axial"
 
 
