@@ -182,7 +182,9 @@ def cmd_detect(args) -> int:
     progress("write", 0, 1, f"writing results to {out}")
     files = write_results(result, image, out, overwrite=args.overwrite, compress=args.compress)
     rep = result.report
-    message = (f"{rep['lesion_count']} lesion(s), {rep['anomalous_volume_ml']:.2f} mL, threshold "
+    from .outputs import amount_text
+
+    message = (f"{rep['lesion_count']} lesion(s), {amount_text(rep)}, threshold "
                f"{result.threshold:.3f} ({result.threshold_source}), {rep['seconds']['total']:.1f} s")
     if args.progress == "json":
         progress("done", 1, 1, message, outputs=files)
@@ -371,7 +373,7 @@ def cmd_demo(args) -> int:
 
     from .detect import detect
     from .modelio import load_model
-    from .outputs import write_results
+    from .outputs import amount_text, write_results
     from .prepare import read_image
     from .sampledata import br35h_images, demo_case
 
@@ -402,7 +404,7 @@ def cmd_demo(args) -> int:
             result = detect(image, model, settings, progress=progress)
             files = write_results(result, image, out / name, overwrite=True)
             rep = result.report
-            print(f"{name}: {rep['lesion_count']} lesion(s), {rep['anomalous_volume_ml']:.2f} mL, "
+            print(f"{name}: {rep['lesion_count']} lesion(s), {amount_text(rep)}, "
                   f"{rep['seconds']['total']:.1f} s -> {files['overview']}")
             if path == str(img_path):  # the implanted lesion's truth is known: say whether it was found
                 import numpy as np

@@ -313,11 +313,13 @@ def postprocess(score: np.ndarray, threshold: float, spacing: tuple[float, ...],
     return labels > 0, labels
 
 
-def lesion_table(labels: np.ndarray, score: np.ndarray, image: sitk.Image) -> list[dict[str, Any]]:
+def lesion_table(labels: np.ndarray, score: np.ndarray, image: sitk.Image,
+                 units: str = "mm") -> list[dict[str, Any]]:
     """One row per labelled component (labels/score in numpy (k, j, i) order of `image`), largest first.
 
-    Works on the labelled voxels only (bincount per label), so its cost follows the lesion volume,
-    not the image size.
+    units 'pixels': the image has no physical pixel size, so volume_ml counts a pixel as 1 mm^3
+    (pixels / 1000); centroids stay in the image's own coordinates. Works on the labelled voxels
+    only (bincount per label), so its cost follows the lesion volume, not the image size.
     """
     n = int(labels.max()) if labels.size else 0
     if n == 0:
@@ -342,7 +344,7 @@ def lesion_table(labels: np.ndarray, score: np.ndarray, image: sitk.Image) -> li
         np.minimum.at(mn, lab, c)
         np.maximum.at(mx, lab, c)
         lo[:, axis], hi[:, axis] = mn[1:], mx[1:]
-    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+    voxel_ml = (float(np.prod(image.GetSpacing())) if units == "mm" else 1.0) / 1000.0
     rows = []
     for i in range(n):
         c = centre[i][::-1]  # numpy (k, j, i) -> index (i, j, k)
@@ -360,6 +362,7 @@ def lesion_table(labels: np.ndarray, score: np.ndarray, image: sitk.Image) -> li
             "centroid_s": round(float(ras[2]), 2),
             "bbox_i0": int(b0[0]), "bbox_j0": int(b0[1]), "bbox_k0": int(b0[2]),
             "bbox_i1": int(b1[0]), "bbox_j1": int(b1[1]), "bbox_k1": int(b1[2]),
+            "units": units,
         })
     rows.sort(key=lambda r: -r["voxels"])
     return [{"id": i, **r} for i, r in enumerate(rows, start=1)]
@@ -372,7 +375,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     Returns the counterfactual (input intensity units), the anomaly map (normalised intensity
     difference, 0..2), the binary segmentation and the lesion rows, all on the input grid.
     """
-    from .prepare import grid_to_oriented, model_units_per_intensity, oriented_to_image, prepare_scan
+    from .prepare import grid_to_oriented, model_units_per_intensity, oriented_to_image, pixel_units, prepare_scan
 
     settings = (settings or DetectionSettings()).validate()
     progress = progress or null_progress
@@ -415,11 +418,17 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     score_img = oriented_to_image(score_o, prep)
     cf_img = oriented_to_image(cf_o, prep)
     score_in = sitk.GetArrayViewFromImage(score_img)
-    spacing = tuple(image.GetSpacing())
+    units = "pixels" if pixel_units(image) else "mm"
+    spacing = tuple(image.GetSpacing()) if units == "mm" else (1.0,) * image.GetDimension()
+    if units == "pixels":
+        message = ("the image gives no physical pixel size: sizes are in pixels (volume_ml is pixels / 1000, "
+                   f"the minimum lesion size {settings.min_lesion_mm3:g} pixels), not mm")
+        log.warning(message)
+        warnings.append(message)
     binary, labels = postprocess(np.asarray(score_in), threshold, spacing, settings.min_lesion_mm3)
     seg_img = sitk.GetImageFromArray(binary.astype(np.uint8))
     seg_img.CopyInformation(score_img)
-    lesions = lesion_table(labels, np.asarray(score_in), score_img)
+    lesions = lesion_table(labels, np.asarray(score_in), score_img, units=units)
     progress("postprocess", 1, 1, f"{len(lesions)} lesions")
     t_end = time.perf_counter()
     report = {
@@ -440,6 +449,8 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
         "precision": str(model.dtype) if model.dtype is not None else "float32",
         "lesion_count": len(lesions),
         "anomalous_volume_ml": round(sum(r["volume_ml"] for r in lesions), 4),
+        "anomalous_voxels": sum(r["voxels"] for r in lesions),
+        "units": units,
         "warnings": warnings,
         "intended_use": card.intended_use,
     }

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from .errors import OutputError
 
 LESION_COLUMNS = ["id", "volume_ml", "max_score", "mean_score", "centroid_r", "centroid_a", "centroid_s",
-                  "bbox_i0", "bbox_j0", "bbox_k0", "bbox_i1", "bbox_j1", "bbox_k1", "voxels"]
+                  "bbox_i0", "bbox_j0", "bbox_k0", "bbox_i1", "bbox_j1", "bbox_k1", "voxels", "units"]
 SEGMENT_COLOR = (0.93, 0.25, 0.2)  # a red that stands out on grey anatomy
 
 
@@ -66,6 +66,13 @@ def write_lesions_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row[k] for k in LESION_COLUMNS})
+
+
+def amount_text(report: dict[str, Any]) -> str:
+    """The flagged amount of a detection report in its units: 'x.xx mL', or 'n pixels' without a pixel size."""
+    if report.get("units", "mm") == "pixels":
+        return f"{report['anomalous_voxels']} pixels (no physical pixel size)"
+    return f"{report['anomalous_volume_ml']:.2f} mL"
 
 
 def _hot(x: np.ndarray) -> np.ndarray:

@@ -29,6 +29,9 @@ ORIENTATION_AXES = {
     "sagittal": ((0, 1), (2, -1), (1, -1)),
 }
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# metadata key read_image sets to "pixels" when the file gives no physical pixel size: sizes are then counted in pixels
+UNITS_KEY = "synomaly_units"
+DICOM_SPACING_TAGS = ("0028|0030", "0018|1164", "0018|2010")  # pixel, imager pixel, nominal scanned pixel spacing
 MIN_INPLANE = 8
 MAX_VOXELS = 2**31
 
@@ -146,7 +149,25 @@ def read_image(path: str | os.PathLike, series_id: str | None = None, color: str
             image = reader.Execute()
         except RuntimeError as exc:
             raise InputError(f"{p}: image data cannot be read, the file may be truncated ({_first_line(exc)})") from exc
-    return to_scalar(image, str(p), color)
+    image = to_scalar(image, str(p), color)
+    if _no_physical_spacing(p, image):
+        image.SetMetaData(UNITS_KEY, "pixels")
+    return image
+
+
+def _no_physical_spacing(path: Path, image: sitk.Image) -> bool:
+    """Whether a file gives no physical pixel size: a picture format (PNG has none; a TIFF's or JPEG's
+    dots per inch are a print size) or DICOM without a pixel spacing tag (ITK then reads 1 mm)."""
+    if path.is_file() and path.name.lower().endswith(IMAGE_2D_SUFFIXES):
+        return True
+    keys = set(image.GetMetaDataKeys())
+    is_dicom = "0008|0060" in keys or "0008|0016" in keys
+    return is_dicom and not keys.intersection(DICOM_SPACING_TAGS)
+
+
+def pixel_units(image: sitk.Image) -> bool:
+    """Whether sizes in `image` are in pixels, not mm (read_image found no physical pixel size)."""
+    return image.HasMetaDataKey(UNITS_KEY) and image.GetMetaData(UNITS_KEY) == "pixels"
 
 
 def _first_line(exc: Exception) -> str:
