@@ -157,10 +157,9 @@ def _detection_settings(args):
 
 def cmd_detect(args) -> int:
     """Detect anomalies in one scan and write the outputs."""
-    from .detect import detect
     from .modelio import load_model
-    from .outputs import write_results
-    from .prepare import read_image
+    from .outputs import detect_to_folder
+    from .prepare import read_scan
 
     progress = _progress(args)
     settings = _detection_settings(args).validate()  # a bad option is refused before any work
@@ -171,16 +170,11 @@ def cmd_detect(args) -> int:
         raise OutputError(f"{out} already exists; choose another folder or pass --overwrite")
     _check_writable(out)
     progress("read", 0, 1, f"reading {args.input}")
-    image = read_image(args.input, series_id=args.series, color="reject")
-    if args.expect == "volume" and (image.GetDimension() == 2 or min(image.GetSize()) == 1):
-        raise InputError(f"{args.input}: a single 2D slice was given where a 3D volume is expected")
-    if args.expect == "slice" and image.GetDimension() == 3 and min(image.GetSize()) > 1:
-        raise InputError(f"{args.input}: a 3D volume was given where a single 2D slice is expected")
+    image = read_scan(args.input, series_id=args.series, expect=args.expect)
     progress("read", 1, 1, "read " + " x ".join(map(str, image.GetSize())))
     model = load_model(args.model, device=args.device, precision=args.precision)
-    result = detect(image, model, settings, progress=progress)
-    progress("write", 0, 1, f"writing results to {out}")
-    files = write_results(result, image, out, overwrite=args.overwrite, compress=args.compress)
+    result, files = detect_to_folder(image, model, settings, out, overwrite=args.overwrite,
+                                     compress=args.compress, progress=progress)
     rep = result.report
     from .outputs import amount_text
 
@@ -209,6 +203,14 @@ def _check_writable(out: Path) -> None:
         raise OutputError(f"cannot write results in {parent}: {exc.strerror}") from exc
 
 
+def add_result_arguments(d: argparse.ArgumentParser) -> None:
+    """Options of what one scan's detection accepts and writes, shared by detect and cohort."""
+    d.add_argument("--compress", action="store_true",
+                   help="gzip the counterfactual and map volumes (smaller files, about 0.6 s more per volume)")
+    d.add_argument("--expect", default="any", choices=["any", "volume", "slice"],
+                   help="refuse inputs that are not of this kind")
+
+
 def add_detection_arguments(d: argparse.ArgumentParser) -> None:
     """Options shared by detect, demo and bench."""
     d.add_argument("--model", default="brain-mri-axial", help="model name (see `synomaly models`) or file")
@@ -227,6 +229,69 @@ def add_detection_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("--allow-modality-mismatch", action="store_true",
                    help="run even if the DICOM modality differs from the model's")
     d.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])
+
+
+# ---------------------------------------------------------------- cohort
+
+
+def cmd_cohort(args) -> int:
+    """Detect in every scan of a cohort (or one part of it, for a job array) into OUTDIR/<scan id>/."""
+    from .cohort import CohortFailures, CohortOptions, find_scans, resolve_part, run_cohort
+
+    settings = _detection_settings(args).validate()  # a bad option is refused before any work
+    part, parts, source = resolve_part(args.num_parts, args.part_id)
+    scans = find_scans(args.scans)
+    if not scans:
+        raise InputError("no scans found")
+    options = CohortOptions(num_parts=parts, part_id=part, workers=args.workers, expect=args.expect,
+                            compress=args.compress)
+    print(f"cohort of {len(scans)} scans; part {part} of {parts} (0-based, from {source}); "
+          f"{args.workers} worker(s)", file=sys.stderr)
+    try:
+        summary = run_cohort(scans, args.output, args.model, settings, options, progress=_progress(args))
+    except KeyboardInterrupt:
+        raise Cancelled(f"interrupted; the scans finished so far are complete in {args.output}, "
+                        "the same command resumes") from None
+    print(f"part {part} of {parts}: {summary['in_part']} scans, {summary['skipped']} already complete, "
+          f"{summary['ok']} done, {summary['failed']} failed ({summary['seconds']:.0f} s); "
+          f"status in {summary['status_file']}")
+    if summary["failed"]:
+        first = "; ".join(f"{sid}: {msg}" for sid, msg in summary["failures"][:3])
+        raise CohortFailures(f"{summary['failed']} of {summary['in_part'] - summary['skipped']} scans failed "
+                             f"(the others have their results; a rerun retries the failed ones): {first}")
+    return 0
+
+
+def cmd_cohort_report(args) -> int:
+    """Merge every part of a cohort run into cohort.csv, a summary and an overview picture."""
+    from .cohort import cohort_report
+
+    rep = cohort_report(args.outdir, top=args.top)
+    print(rep["summary"], end="")
+    print(f"table: {rep['csv']}; summary: {rep['summary_file']}; largest findings: {rep['overview']}")
+    return 0
+
+
+def cmd_bench_cohort(args) -> int:
+    """Scans per minute of `synomaly cohort` with 1, 2, ... workers, and the time per scan outside the network."""
+    import tempfile
+
+    import torch
+
+    from .cohort import bench_cohort
+
+    settings = _detection_settings(args).validate()
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = bench_cohort(args.model, settings, tmp, scans=args.scans, slices=args.slices,
+                               worker_counts=tuple(args.workers), progress=_progress(args))
+    print(f"cohort of {args.scans} volumes of 160 x 160 x {args.slices} (MNI152 resampled, noise added); "
+          f"model {args.model}; {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads in all")
+    for f in figures:
+        print(f"{f['workers']} worker(s) on {f['device']}: {f['scans_per_minute']:.2f} scans per minute "
+              f"({f['wall_seconds']:.1f} s for {f['scans']} scans, model loading and process start included); "
+              f"per scan {f['seconds_per_scan']:.2f} s, of which {f['network_seconds_per_scan']:.2f} s in the "
+              f"network and {f['overhead_per_scan']:.2f} s outside it")
+    return 0
 
 
 # ---------------------------------------------------------------- models, calibrate
@@ -566,12 +631,29 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --overwrite)")
     d.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     d.add_argument("--series", help="DICOM series UID when the folder holds several")
-    d.add_argument("--compress", action="store_true",
-                   help="gzip the counterfactual and map volumes (smaller files, about 0.6 s more per volume)")
-    d.add_argument("--expect", default="any", choices=["any", "volume", "slice"],
-                   help="refuse inputs that are not of this kind")
+    add_result_arguments(d)
     add_detection_arguments(d)
     d.set_defaults(func=cmd_detect)
+
+    co = sub.add_parser("cohort", help="find anomalies in every scan of a cohort (resumable; parts for job arrays)")
+    co.add_argument("scans", nargs="+", help="scan files, folders of scans (one per image file or DICOM series, "
+                    "searched recursively), .txt lists (a path a line) or .csv lists (a 'path' column, optional "
+                    "'id' and 'series')")
+    co.add_argument("-o", "--output", required=True, help="cohort folder: OUTDIR/<scan id>/ per scan")
+    co.add_argument("--num-parts", type=int, help="split the sorted scan list into this many parts "
+                    "(default: the job array's size where the scheduler says it, else 1)")
+    co.add_argument("--part-id", type=int, help="the part to run, 0-based (default: from SLURM_ARRAY_TASK_ID, "
+                    "SGE_TASK_ID (1-based), LSB_JOBINDEX (1-based), PBS_ARRAY_INDEX or PBS_ARRAYID when set)")
+    co.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1); "
+                    "one GPU each when several exist, the CPU threads split between them otherwise")
+    add_result_arguments(co)
+    add_detection_arguments(co)
+    co.set_defaults(func=cmd_cohort)
+
+    cr = sub.add_parser("cohort-report", help="merge a cohort's parts into cohort.csv, a summary and a picture")
+    cr.add_argument("outdir", help="the folder given to `synomaly cohort -o`")
+    cr.add_argument("--top", type=int, default=12, help="scans shown in cohort-overview.png (largest findings)")
+    cr.set_defaults(func=cmd_cohort_report)
 
     m = sub.add_parser("models", help="list available models and their cards")
     m.add_argument("--json", action="store_true", help="machine-readable output")
@@ -652,6 +734,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worst case: every slice runs all stages (with --threshold 0 even an untrained model does)")
     add_detection_arguments(b)
     b.set_defaults(func=cmd_bench)
+
+    bc = sub.add_parser("bench-cohort", help="scans per minute of `synomaly cohort` with 1 and 2 workers")
+    bc.add_argument("--scans", type=int, default=4, help="small volumes in the cohort (default 4)")
+    bc.add_argument("--slices", type=int, default=40, help="slices of each 160 x 160 volume (default 40)")
+    bc.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time (default 1 2)")
+    add_detection_arguments(bc)
+    bc.set_defaults(func=cmd_bench_cohort)
 
     bt = sub.add_parser("bench-train", help="training throughput and the noise's share of a step")
     bt.add_argument("--steps", type=int, default=20)

@@ -37,6 +37,12 @@ class ResourceError(SynomalyError):
     exit_code = 5
 
 
+class PartialFailure(SynomalyError):
+    """Some items of a batch (scans of a cohort) failed; the others have their results."""
+
+    exit_code = 6
+
+
 class Cancelled(SynomalyError):
     """The run was interrupted (Ctrl-C, SIGTERM or a cancel request)."""
 

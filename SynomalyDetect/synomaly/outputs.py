@@ -217,3 +217,17 @@ def write_results(result, image: sitk.Image, outdir: str | Path, overwrite: bool
             raise OutputError(f"cannot write results to {outdir}: {_first_line(exc)}") from exc
         raise
     return {k: str(outdir / v) for k, v in files.items()}
+
+
+def detect_to_folder(image: sitk.Image, model, settings, outdir: str | Path, *, overwrite: bool = False,
+                     compress: bool = False, progress=None):
+    """Detect anomalies in one read scan and write every output atomically into `outdir` (what
+    `synomaly detect` and `synomaly cohort` both do); returns (DetectionResult, files)."""
+    from .detect import detect
+    from .progress import null_progress
+
+    progress = progress or null_progress
+    result = detect(image, model, settings, progress=progress)
+    progress("write", 0, 1, f"writing results to {outdir}")
+    files = write_results(result, image, outdir, overwrite=overwrite, compress=compress)
+    return result, files

@@ -170,6 +170,17 @@ def pixel_units(image: sitk.Image) -> bool:
     return image.HasMetaDataKey(UNITS_KEY) and image.GetMetaData(UNITS_KEY) == "pixels"
 
 
+def read_scan(path: str | os.PathLike, series_id: str | None = None, expect: str = "any") -> sitk.Image:
+    """Read a scan for detection (`read_image`, colour refused) and refuse it unless it is of the kind
+    expected: 'volume' (3D), 'slice' (2D) or 'any'."""
+    image = read_image(path, series_id=series_id, color="reject")
+    if expect == "volume" and (image.GetDimension() == 2 or min(image.GetSize()) == 1):
+        raise InputError(f"{path}: a single 2D slice was given where a 3D volume is expected")
+    if expect == "slice" and image.GetDimension() == 3 and min(image.GetSize()) > 1:
+        raise InputError(f"{path}: a 3D volume was given where a single 2D slice is expected")
+    return image
+
+
 def _first_line(exc: Exception) -> str:
     """The most useful line of an ITK exception message."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
