@@ -84,6 +84,41 @@ def _hot(x: np.ndarray) -> np.ndarray:
     return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
 
 
+def lesion_slices(seg: np.ndarray, lesions: list[dict[str, Any]], transpose: tuple[int, int, int],
+                  flips: tuple[bool, bool, bool], max_rows: int = 3) -> list[int]:
+    """Oriented slice indices through the largest lesions (by voxel count), largest first, each through
+    its lesion's largest cross-section; a lesion already cut by a chosen slice gets no row of its own.
+
+    seg: the oriented (slice, row, col) segmentation; lesions: lesion-table rows, whose bounding boxes
+    are input (i, j, k) indices; transpose, flips: as from prepare.orientation_permutation.
+    """
+    from scipy import ndimage
+
+    picks: list[int] = []
+    for row in sorted(lesions, key=lambda r: -r["voxels"]):
+        if len(picks) >= max_rows:
+            break
+        lo_np = (row["bbox_k0"], row["bbox_j0"], row["bbox_i0"])  # numpy (k, j, i) order
+        hi_np = (row["bbox_k1"], row["bbox_j1"], row["bbox_i1"])
+        box = []
+        for axis in range(3):  # oriented axis `axis` is numpy axis transpose[axis], flipped after
+            lo, hi = lo_np[transpose[axis]], hi_np[transpose[axis]]
+            if flips[axis]:
+                lo, hi = seg.shape[axis] - 1 - hi, seg.shape[axis] - 1 - lo
+            box.append(slice(int(lo), int(hi) + 1))
+        labels, _ = ndimage.label(np.asarray(seg[tuple(box)]) > 0, structure=np.ones((3, 3, 3), dtype=bool))
+        counts = np.bincount(labels.ravel())[1:]
+        if counts.size == 0:
+            continue
+        same = np.nonzero(counts == row["voxels"])[0]  # the lesion itself, not a part of a neighbour in its box
+        lesion = labels == (int(same[0]) if same.size else int(np.argmax(counts))) + 1
+        z0 = box[0].start
+        if any(0 <= z - z0 < lesion.shape[0] and lesion[z - z0].any() for z in picks):
+            continue
+        picks.append(z0 + int(np.argmax(lesion.reshape(lesion.shape[0], -1).sum(1))))
+    return picks
+
+
 def overview_image(image: sitk.Image, counterfactual: sitk.Image, score: sitk.Image, seg: sitk.Image,
                    lesions: list[dict[str, Any]], threshold: float, max_rows: int = 3, tile: int = 256) -> np.ndarray:
     """RGB picture: rows of (input, counterfactual, anomaly map, input with outline) through the largest lesions."""
@@ -104,13 +139,7 @@ def overview_image(image: sitk.Image, counterfactual: sitk.Image, score: sitk.Im
         arrays = [orient_array(a, tr, fl) for a in arrays]
         sp = np.array(img.GetSpacing())[::-1][list(tr)]
         spacing_rc = (float(sp[1]), float(sp[2]))
-        area = (arrays[3] > 0).reshape(arrays[3].shape[0], -1).sum(1)
-        picks = []
-        for z in np.argsort(-area, kind="stable"):
-            if area[z] == 0 or len(picks) >= max_rows:
-                break
-            if all(abs(int(z) - p) > 4 for p in picks):
-                picks.append(int(z))
+        picks = lesion_slices(arrays[3], lesions, tr, fl, max_rows)
         if not picks:
             fg = arrays[0].reshape(arrays[0].shape[0], -1)
             z_mid = int(np.argmax((fg > np.percentile(fg[::7], 50)).sum(1)))
