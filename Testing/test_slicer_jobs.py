@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -18,6 +19,16 @@ from slicer_support import app_scene, fake_python, quiet_env
 
 from SynomalyDetectLib import bridge, engine, jobs
 from SynomalyDetectLib.runner import RunState
+
+
+@pytest.fixture(autouse=True)
+def no_job_folder_is_left(tmp_path_factory, monkeypatch):
+    """Each test gets its own temporary root (the jobs' default place); no job folder may remain in it."""
+    root = tmp_path_factory.mktemp("temp-root")
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    yield
+    left = sorted(p.name for p in root.glob("synomaly-*"))
+    assert not left, f"temporary job folders left behind: {left}"
 
 
 def scan(scene, name="scan", oblique=False, lesion=True):
@@ -72,9 +83,12 @@ def test_progress_reaches_the_caller():
     job = detection(scene, scan(scene))
     events = []
     deadline = time.monotonic() + 60
-    while job.state is RunState.RUNNING and time.monotonic() < deadline:
-        events += job.poll()
-        time.sleep(0.02)
+    try:
+        while job.state is RunState.RUNNING and time.monotonic() < deadline:
+            events += job.poll()
+            time.sleep(0.02)
+    finally:
+        job.cleanup()  # the results are not loaded here, which would remove the job's folder
     stages = [e.stage for e in events]
     assert stages[0] == "prepare" and stages[-1] == "done" and "detect" in stages
     assert all(0 <= e.done <= e.total for e in events)
