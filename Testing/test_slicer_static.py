@@ -13,9 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import skip_or_fail_in_ci
+
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ("SynomalyDetect", "SynomalyTraining")
-SCHEMA = ROOT.parent / "shared" / "slicer" / "catalog-entry-schema-v1.0.2.json"
+# Slicer's published catalog-entry schema (Slicer/Schemas), carried here so a clone outside the workspace checks it
+SCHEMA = ROOT / "Testing" / "data" / "catalog-entry-schema-v1.0.2.json"
+WORKSPACE_SCHEMA = ROOT.parent / "shared" / "slicer" / SCHEMA.name
 EXTENSION = "SynomalyExtension"
 #: What a Slicer module file may import at module scope besides the standard library.
 ALLOWED_MODULE_SCOPE = {"slicer", "vtk", "qt", "ctk", "SynomalyDetectLib", "__future__"}
@@ -260,10 +264,29 @@ def test_no_third_party_import_at_module_scope(path):
 def test_catalog_entry_is_valid_against_the_schema():
     import jsonschema  # a declared test dependency
     if not SCHEMA.exists():
-        pytest.skip(f"schema not found at {SCHEMA}")
+        skip_or_fail_in_ci(f"schema not found at {SCHEMA}")
     entry = json.loads((ROOT / f"{EXTENSION}.json").read_text())
     jsonschema.validate(entry, json.loads(SCHEMA.read_text()))
     assert entry["build_dependencies"] == ["PyTorch"]
+
+
+def test_a_check_that_cannot_run_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        skip_or_fail_in_ci("schema not found")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        skip_or_fail_in_ci("schema not found")
+
+
+def test_ci_run_sets_ci_true():
+    assert re.search(r"^export CI=true\b", (ROOT / ".ci" / "run").read_text(), re.M)
+
+
+def test_schema_copy_is_the_workspace_schema():
+    if not WORKSPACE_SCHEMA.exists():
+        pytest.skip("the workspace's shared/slicer folder is not beside this checkout (the copy is checked above)")
+    assert SCHEMA.read_text() == WORKSPACE_SCHEMA.read_text()
 
 
 def test_catalog_entry_s4ext_and_cmake_agree():
