@@ -125,8 +125,16 @@ def cmd_train(args) -> int:
     if args.model_version:
         card.version = args.model_version
     description = args.data_description or f"{len(paths)} training and {len(val_paths)} validation scans"
+    from .train import distributed_from_environment
+
+    world = distributed_from_environment()
+    if world.world_size > 1 and world.rank == 0:
+        print(f"torchrun: world size {world.world_size}; each process computes its share of every global batch "
+              f"of {settings.batch_size}; rank 0 writes checkpoints and the model file", file=sys.stderr)
     summary = train(card, paths, val_paths, args.output, settings, base_state=base_state, resume=args.resume,
                     checkpoint=args.checkpoint, progress=_progress(args), data_description=description)
+    if summary["rank"] != 0:
+        return 0  # rank 0 calibrates, tunes and reports
     if args.tune_data:  # label-free tuning on healthy volumes, then calibration under the chosen setting
         from .tune import tune_model
 
@@ -136,7 +144,8 @@ def cmd_train(args) -> int:
 
         calibrate_model(args.output, val_paths, progress=_progress(args))
     print(json.dumps({k: v for k, v in summary.items() if k != "validation_paths"}, indent=None))
-    print(f"model written to {args.output} ({summary['it_per_s']:.2f} iterations/s, "
+    on = f" on {summary['world_size']} processes" if summary["world_size"] > 1 else ""
+    print(f"model written to {args.output} ({summary['it_per_s']:.2f} iterations/s{on}, "
           f"noise {100 * summary['noise_fraction']:.1f} % of step time)", file=sys.stderr)
     return 0
 

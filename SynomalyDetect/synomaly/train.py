@@ -50,6 +50,44 @@ class TrainingSettings:
     validation_fraction: float = 0.1
 
 
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands in a torchrun job: its rank, the number of processes, its GPU on the node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    def share(self, batch_size: int) -> tuple[int, int]:
+        """The [start, end) of the global batch this rank computes: balanced, sizes differ by one at most."""
+        return self.rank * batch_size // self.world_size, (self.rank + 1) * batch_size // self.world_size
+
+
+def distributed_from_environment(env: Optional[dict[str, str]] = None) -> Distributed:
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them (a single process when unset)."""
+    env = os.environ if env is None else env
+    try:
+        return Distributed(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    except ValueError as exc:
+        raise InputError(f"torchrun's RANK/WORLD_SIZE/LOCAL_RANK are not numbers: {exc}") from exc
+
+
+def init_distributed(settings: TrainingSettings) -> tuple[Distributed, bool]:
+    """The torchrun context, with its process group started (nccl on CUDA, gloo on the CPU) when there are
+    several processes; returns (context, whether this call started the group)."""
+    import torch.distributed as dist
+
+    world = distributed_from_environment()
+    if world.world_size <= 1 or dist.is_initialized():
+        return world, False
+    if resolve_device(settings.device).type == "cuda":
+        torch.cuda.set_device(world.local_rank)
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return world, True
+
+
 def remap_contrast(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator, points: int = 5) -> torch.Tensor:
     """A random, not necessarily monotonic, piecewise-linear intensity curve per image, applied inside the
     foreground (N, 1, G, G): tissue classes trade places as between T1, T2, FLAIR and post-contrast
@@ -157,12 +195,19 @@ class Trainer:
 
     def __init__(self, card: ModelCard, train_x: torch.Tensor, train_m: torch.Tensor,
                  val_x: torch.Tensor, val_m: torch.Tensor, settings: TrainingSettings,
-                 base_state: Optional[dict[str, torch.Tensor]] = None) -> None:
+                 base_state: Optional[dict[str, torch.Tensor]] = None, world: Optional[Distributed] = None) -> None:
         from .modelio import build_network
 
         self.card = card
         self.settings = settings
+        self.world = world or Distributed()
         self.device = resolve_device(settings.device)
+        if self.world.world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.world.local_rank)  # one GPU per process
+        if settings.batch_size < self.world.world_size:
+            raise InputError(f"the batch size ({settings.batch_size}, the global batch) must be at least the "
+                             f"number of processes ({self.world.world_size})")
+        self.share = self.world.share(settings.batch_size)
         self.dtype = autocast_dtype(self.device, settings.precision)
         self.channels_last = self.dtype is not None
         torch.manual_seed(settings.seed)
@@ -174,6 +219,12 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
+        self.net = self.model  # what the step calls: the model itself, or its DistributedDataParallel wrapper
+        if self.world.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=(self.device.type == "cuda" and self.dtype == torch.float16))
         self.abar = cosine_alphas_cumprod(card.timesteps).to(self.device)
@@ -201,16 +252,23 @@ class Trainer:
         t0 = time.perf_counter()
         x_in, t, target = training_targets(x0, m, self.card, self.abar, self.dev_gen, s)
         self.noise_seconds += time.perf_counter() - t0
+        several = self.world.world_size > 1
+        if several:  # every rank drew the same whole global batch (same RNG streams): it computes its share
+            lo, hi = self.share
+            x_in, t, target = x_in[lo:hi], t[lo:hi], target[lo:hi]
         if self.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.iteration)
         self.model.train()
         with autocast(self.device, self.dtype):
-            pred = self.model(x_in, timesteps=t)
+            pred = self.net(x_in, timesteps=t)
         loss = F.mse_loss(pred.float(), target)
         self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        if several:  # DDP averages the ranks' gradients: weighted by share, that is the global batch's mean
+            self.scaler.scale(loss * ((hi - lo) * self.world.world_size / s.batch_size)).backward()
+        else:
+            self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
         self.scaler.step(self.opt)
@@ -222,7 +280,14 @@ class Trainer:
             for be, bm in zip(self.ema.buffers(), self.model.buffers()):
                 be.copy_(bm)
         self.iteration += 1
-        value = float(loss.detach())
+        if several:  # the global batch's loss, as one process would report it
+            import torch.distributed as dist
+
+            total = loss.detach() * (hi - lo)
+            dist.all_reduce(total)
+            value = float(total) / s.batch_size
+        else:
+            value = float(loss.detach())
         self.history.append([self.iteration, value])
         self.step_seconds += time.perf_counter() - start
         return value
@@ -264,6 +329,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
             "val_history": self.val_history,
+            "world_size": self.world.world_size,  # informative: a run resumes with any number of processes
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -329,7 +395,11 @@ def train(
 
     out = Path(out)
     checkpoint = Path(checkpoint) if checkpoint else out.with_suffix(".ckpt")
-    for target in (checkpoint, out):
+    world, owns_group = init_distributed(settings)
+    lead = world.rank == 0  # the process that validates and writes checkpoints and the model file
+    if not lead:
+        progress = null_progress
+    for target in (checkpoint, out) if lead else ():
         _remove_stale_temporaries(target)
     progress("prepare", 0, 2, "reading training scans")
     tx, tm, n_train = prepare_images_for_training(train_paths, card)
@@ -339,7 +409,13 @@ def train(
     else:
         vx, vm, n_val = tx[:0], tm[:0], 0
     progress("prepare", 2, 2, f"{vx.shape[0]} validation slices from {n_val} scans")
-    trainer = Trainer(card, tx, tm, vx, vm, settings, base_state)
+    trainer = Trainer(card, tx, tm, vx, vm, settings, base_state, world=world)
+    if world.world_size > 1:
+        lo, hi = trainer.share
+        message = (f"world size {world.world_size} ({'nccl' if trainer.device.type == 'cuda' else 'gloo'}); "
+                   f"rank 0 computes slices {lo}-{hi - 1} of each global batch of {settings.batch_size}")
+        log.info(message)
+        progress("prepare", 2, 2, message)
     if resume:
         state = load_checkpoint(resume)
         try:  # compare as parsed cards: a card written before a field was added reads with its default
@@ -349,7 +425,8 @@ def train(
         if not same:
             log.warning("resuming with a card that differs from the checkpoint's; the checkpoint's network is used")
         trainer.load_state(state)
-        log.info("resumed at iteration %d", trainer.iteration)
+        log.info("resumed at iteration %d (checkpoint written by %d process(es), now %d)", trainer.iteration,
+                 int(state.get("world_size", 1)), world.world_size)
     total = settings.iterations
     t_start = time.perf_counter()
     it_start = trainer.iteration
@@ -361,12 +438,12 @@ def train(
             loss = trainer.step()
             recent.append(loss)
             it = trainer.iteration
-            if it % settings.validate_every == 0 or it == total:
+            if lead and (it % settings.validate_every == 0 or it == total):
                 val = trainer.validation_loss()
                 trainer.val_history.append([it, val])
             else:
                 val = None
-            if it % settings.checkpoint_every == 0 or it == total:
+            if lead and (it % settings.checkpoint_every == 0 or it == total):
                 _save_checkpoint(checkpoint, trainer.state())
             elapsed = time.perf_counter() - t_start
             extra = {"loss": sum(recent[-50:]) / len(recent[-50:]), "it_per_s": (it - it_start) / max(elapsed, 1e-9)}
@@ -374,7 +451,8 @@ def train(
                 extra["val_loss"] = val
             progress("train", it, total, "", **extra)
     except KeyboardInterrupt:
-        _save_checkpoint(checkpoint, trainer.state())
+        if lead:
+            _save_checkpoint(checkpoint, trainer.state())
         raise Cancelled(f"training interrupted at iteration {trainer.iteration}; resume with --resume {checkpoint}")
     elapsed = time.perf_counter() - t_start
     steps = trainer.iteration - it_start
@@ -396,7 +474,15 @@ def train(
     final.calibration_3d = {}
     final.detection_3d = None
     final.tuning = {}
-    save_model(out, final, trainer.ema.state_dict())
+    if world.world_size > 1:
+        final.training["processes"] = world.world_size
+    if lead:
+        save_model(out, final, trainer.ema.state_dict())
+    if owns_group:
+        import torch.distributed as dist
+
+        dist.barrier()  # the other ranks end when the model file is there
+        dist.destroy_process_group()
     return {
         "model": str(out),
         "checkpoint": str(checkpoint),
@@ -405,6 +491,8 @@ def train(
         "it_per_s": steps / max(elapsed, 1e-9),
         "noise_fraction": trainer.noise_seconds / max(trainer.step_seconds, 1e-9),
         "validation_paths": val_paths,
+        "world_size": world.world_size,
+        "rank": world.rank,
     }
 
 
