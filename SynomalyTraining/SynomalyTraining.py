@@ -358,11 +358,9 @@ class SynomalyTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 def _refreshDetectModule() -> None:
-    """Make Synomaly Detect list the current models (if its panel has been opened)."""
-    try:
-        widget = slicer.modules.synomalydetect.widgetRepresentation().self()
-    except Exception:
-        return
+    """Make Synomaly Detect list the current models if its panel has been opened; never create the panel
+    (widgetRepresentation() would). Slicer sets slicer.modules.SynomalyDetectWidget when it creates it."""
+    widget = getattr(getattr(slicer, "modules", None), "SynomalyDetectWidget", None)
     if hasattr(widget, "refreshModels"):
         widget.refreshModels()
 

@@ -175,6 +175,25 @@ def training_logic(models):
     return module.SynomalyTrainingLogic(python=fake_python(), extraEnvironment={"SYNOMALY_MODELS_DIR": str(models)})
 
 
+def test_training_refreshes_the_detect_panel_only_if_it_exists(slicer_app, monkeypatch):
+    training = load_module("SynomalyTraining")
+
+    created, refreshed = [], []
+
+    class DetectModule:
+        def widgetRepresentation(self):  # Slicer creates the panel here when it does not exist yet
+            created.append(True)
+            return types.SimpleNamespace(self=lambda: types.SimpleNamespace(refreshModels=lambda: None))
+
+    modules = types.SimpleNamespace(synomalydetect=DetectModule())
+    monkeypatch.setattr(slicer, "modules", modules, raising=False)
+    training._refreshDetectModule()  # panel never opened: nothing happens
+    assert not created, "the Detect panel was created"
+    modules.SynomalyDetectWidget = types.SimpleNamespace(refreshModels=lambda: refreshed.append(True))
+    training._refreshDetectModule()
+    assert refreshed == [True]
+
+
 def test_training_module_logic_trains_installs_and_removes(slicer_app, tmp_path):
     logic = training_logic(tmp_path / "models")
     params = logic.getParameterNode()
