@@ -256,14 +256,19 @@ def cmd_cohort(args) -> int:
                             compress=args.compress)
     print(f"cohort of {len(scans)} scans; part {part} of {parts} (0-based, from {source}); "
           f"{args.workers} worker(s)", file=sys.stderr)
+    progress = _progress(args)
     try:
-        summary = run_cohort(scans, args.output, args.model, settings, options, progress=_progress(args))
+        summary = run_cohort(scans, args.output, args.model, settings, options, progress=progress)
     except KeyboardInterrupt:
         raise Cancelled(f"interrupted; the scans finished so far are complete in {args.output}, "
                         "the same command resumes") from None
-    print(f"part {part} of {parts}: {summary['in_part']} scans, {summary['skipped']} already complete, "
-          f"{summary['ok']} done, {summary['failed']} failed ({summary['seconds']:.0f} s); "
-          f"status in {summary['status_file']}")
+    message = (f"part {part} of {parts}: {summary['in_part']} scans, {summary['skipped']} already complete, "
+               f"{summary['ok']} done, {summary['failed']} failed ({summary['seconds']:.0f} s); "
+               f"status in {summary['status_file']}")
+    if args.progress == "json":
+        progress("done", 1, 1, message, ok=summary["ok"], failed=summary["failed"], skipped=summary["skipped"])
+    else:
+        print(message)
     if summary["failed"]:
         first = "; ".join(f"{sid}: {msg}" for sid, msg in summary["failures"][:3])
         raise CohortFailures(f"{summary['failed']} of {summary['in_part'] - summary['skipped']} scans failed "

@@ -583,7 +583,7 @@ def _overview_picture(outdir: Path, rows: Sequence[dict[str, Any]], top: int, wi
     import numpy as np
     from PIL import Image
 
-    from .evalplots import gallery
+    from .evalplots import _text_strip
 
     found = sorted((r for r in rows if r["status"] == "ok" and r["lesion_count"]),
                    key=lambda r: (-r["anomalous_ml"], r["scan"]))[:top]
@@ -596,8 +596,13 @@ def _overview_picture(outdir: Path, rows: Sequence[dict[str, Any]], top: int, wi
         caption = (f"{r['scan']}: {r['lesion_count']} lesion(s), {r['anomalous_ml']:.2f} mL, "
                    f"max score {r['max_score']:.3f}")
         entries.append((caption, first))
-    title = f"{len(found)} scan(s) with the largest anomalous volumes" if found else "no scan with a finding"
-    return gallery([("Cohort: largest findings", [(title, entries)])], tile=width // 4)
+    title = (f"Cohort: the {len(found)} scan(s) with the largest anomalous volumes" if found
+             else "Cohort: no scan with a finding")
+    parts = [_text_strip(title, width, 18, bold=True),
+             _text_strip("input | counterfactual | anomaly map (0 to 2x threshold) | red: detected", width)]
+    for caption, picture in entries:
+        parts += [_text_strip(caption, width), picture]
+    return np.concatenate(parts, axis=0)
 
 
 def cohort_report(outdir: str | Path, top: int = 12) -> dict[str, Any]:
