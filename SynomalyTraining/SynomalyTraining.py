@@ -83,9 +83,9 @@ class SynomalyTrainingParameterNode:
     dataFolder: str = ""
     validationFolder: str = ""
     baseModel: str = FROM_SCRATCH
-    iterations: Annotated[int, WithinRange(10, 1000000)] = 2000
-    batchSize: Annotated[int, WithinRange(1, 512)] = 16
-    learningRate: Annotated[float, WithinRange(0.0000001, 0.1)] = 0.0002
+    iterations: Annotated[int, WithinRange(10, 1000000)] = jobs.TrainingOptions.iterations  # the engine's defaults
+    batchSize: Annotated[int, WithinRange(1, 512)] = jobs.TrainingOptions.batch_size
+    learningRate: Annotated[float, WithinRange(0.0000001, 0.1)] = jobs.TrainingOptions.lr
     device: Annotated[str, Choice(DEVICES)] = "auto"
     modelName: str = "my-healthy-model"
 

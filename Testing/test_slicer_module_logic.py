@@ -175,6 +175,20 @@ def training_logic(models):
     return module.SynomalyTrainingLogic(python=fake_python(), extraEnvironment={"SYNOMALY_MODELS_DIR": str(models)})
 
 
+def test_training_defaults_are_the_engines_in_the_panel_the_jobs_and_the_command_line(slicer_app):
+    from synomaly.cli import build_parser
+    from synomaly.settings import TrainingSettings
+
+    engine = TrainingSettings()
+    cli = build_parser().parse_args(["train", "--data", "scan.nii.gz", "-o", "model.safetensors"])
+    options = jobs.TrainingOptions(name="model")
+    params = load_module("SynomalyTraining").SynomalyTrainingLogic().getParameterNode()
+    assert (cli.iterations, cli.batch_size, cli.lr) == (engine.iterations, engine.batch_size, engine.lr)
+    assert (options.iterations, options.batch_size, options.lr, options.seed) == \
+        (engine.iterations, engine.batch_size, engine.lr, engine.seed)
+    assert (params.iterations, params.batchSize, params.learningRate) == (engine.iterations, engine.batch_size, engine.lr)
+
+
 def test_training_refreshes_the_detect_panel_only_if_it_exists(slicer_app, monkeypatch):
     training = load_module("SynomalyTraining")
 

@@ -23,6 +23,8 @@ WORKSPACE_SCHEMA = ROOT.parent / "shared" / "slicer" / SCHEMA.name
 EXTENSION = "SynomalyExtension"
 #: What a Slicer module file may import at module scope besides the standard library.
 ALLOWED_MODULE_SCOPE = {"slicer", "vtk", "qt", "ctk", "SynomalyDetectLib", "__future__"}
+#: Engine modules of plain data (standard library only, checked below) that the Slicer side may import anywhere.
+LIGHT_ENGINE_MODULES = {"synomaly.settings"}
 IGNORED_PARTS = {"__pycache__", ".pytest_cache"}
 
 
@@ -232,7 +234,7 @@ def _module_scope_imports(path: Path) -> set[str]:
             if isinstance(node, ast.Import):
                 roots.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
-                if node.level == 0 and node.module:
+                if node.level == 0 and node.module and node.module not in LIGHT_ENGINE_MODULES:
                     roots.add(node.module.split(".")[0])
             elif isinstance(node, (ast.If, ast.Try, ast.With)):
                 for field in ("body", "orelse", "finalbody", "handlers"):
@@ -256,6 +258,18 @@ def test_no_third_party_import_at_module_scope(path):
     allowed = set(sys.stdlib_module_names) | ALLOWED_MODULE_SCOPE
     third_party = sorted(_module_scope_imports(path) - allowed)
     assert not third_party, f"{path.name} imports {third_party} at module scope; import inside the function that needs it"
+
+
+@pytest.mark.parametrize("name", sorted(LIGHT_ENGINE_MODULES))
+def test_light_engine_modules_import_nothing_beyond_the_standard_library(name):
+    import subprocess
+
+    code = (f"import sys; before = set(sys.modules); import {name}; "
+            "new = {m.split('.')[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names); "
+            "print(sorted(new - {'synomaly'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 # ---------------------------------------------------------------- catalog metadata

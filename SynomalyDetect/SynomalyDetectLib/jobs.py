@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from synomaly.settings import TrainingSettings  # plain data, no torch: the engine's training defaults
+
 from . import bridge
 from .engine import checkpoint_path, engine_command, read_report
 from .runner import ProcessRunner, Progress, RunState
@@ -274,11 +276,11 @@ class TrainingOptions:
 
     name: str
     base: str = ""
-    iterations: int = 2000
-    batch_size: int = 16
-    lr: float = 2e-4
+    iterations: int = TrainingSettings.iterations
+    batch_size: int = TrainingSettings.batch_size
+    lr: float = TrainingSettings.lr
     device: str = "auto"
-    seed: int = 0
+    seed: int = TrainingSettings.seed
 
     def cli_args(self) -> list[str]:
         """The `synomaly train` options for these settings (without data and output)."""

@@ -22,7 +22,7 @@ __all__ = [
 _HOMES = {
     "DetectionSettings": ".detect", "detect": ".detect", "DetectionResult": ".detect",
     "load_model": ".modelio", "list_models": ".modelio", "save_model": ".modelio",
-    "TrainingSettings": ".train", "read_image": ".prepare", "tune_model": ".tune",
+    "TrainingSettings": ".settings", "read_image": ".prepare", "tune_model": ".tune",
 }
 
 

@@ -593,6 +593,8 @@ def cmd_bench_train(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
+    from .settings import TrainingSettings  # plain data, no torch: the defaults are written once, there
+
     p = argparse.ArgumentParser(prog="synomaly", description="Unsupervised anomaly detection with Synomaly noise "
                                 "and multi-stage diffusion. Research use only; not for diagnosis.")
     p.add_argument("--version", action="version", version="synomaly 0.1.0")
@@ -608,9 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", help="continue from this checkpoint")
     t.add_argument("--checkpoint", help="checkpoint file (default: OUTPUT with .ckpt)")
     t.add_argument("--checkpoint-every", type=int, default=250)
-    t.add_argument("--iterations", type=int, default=6000)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--iterations", type=int, default=TrainingSettings.iterations)
+    t.add_argument("--batch-size", type=int, default=TrainingSettings.batch_size)
+    t.add_argument("--lr", type=float, default=TrainingSettings.lr)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
