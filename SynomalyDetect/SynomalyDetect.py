@@ -52,13 +52,13 @@ class SynomalyDetect(ScriptedLoadableModule):
         self.parent.title = _("Synomaly Detect")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["SynomalyExtension contributors"]
+        self.parent.contributors = ["SynomalyExtension maintainers (Synomaly project)"]
         self.parent.helpText = _("""
 Unsupervised anomaly detection: a diffusion model that has only seen healthy scans "heals" the input
 (Synomaly noise and multi-stage diffusion, Bi et al., Medical Image Analysis 2025). Where the healed
 (counterfactual) image differs from the input, there is an anomaly. Outputs: a segmentation of the
 anomalies, the counterfactual volume, the anomaly map and a table of lesions.
-See the <a href="https://github.com/synomaly/SynomalyExtension#readme">documentation</a>.
+See the <a href="https://github.com/synomaly/SlicerSynomaly#readme">documentation</a>.
 <b>Research use only; not for diagnosis.</b>
 """)
         self.parent.acknowledgementText = _("""

@@ -47,7 +47,7 @@ class SynomalyTraining(ScriptedLoadableModule):
         self.parent.title = _("Synomaly Training")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = ["SynomalyDetect"]
-        self.parent.contributors = ["SynomalyExtension contributors"]
+        self.parent.contributors = ["SynomalyExtension maintainers (Synomaly project)"]
         self.parent.helpText = _("""
 Train a Synomaly anomaly-detection model from scratch, or fine-tune an installed one, on healthy scans
 only (volumes in the scene and/or a folder). Training runs in the background with a live loss curve;
@@ -56,7 +56,7 @@ installed into your user model folder, where Synomaly Detect finds it.
 "Tune on these healthy scans" adapts an installed model to your site without training: it implants
 synthetic lesions into your healthy volumes, chooses the detection settings that find them best,
 calibrates the thresholds on the untouched volumes, and installs the result under the model name.
-See the <a href="https://github.com/synomaly/SynomalyExtension#readme">documentation</a>.
+See the <a href="https://github.com/synomaly/SlicerSynomaly#readme">documentation</a>.
 """)
         self.parent.acknowledgementText = _("""
 Method: C. Bi et al., Medical Image Analysis 2025 (arXiv 2411.04004). Networks from MONAI.

@@ -309,7 +309,7 @@ def test_catalog_entry_s4ext_and_cmake_agree():
     cmake = cmake_extension_vars(ROOT / "CMakeLists.txt")
     assert cmake["EXTENSION_CATEGORY"] == entry["category"] == desc["category"] == "Segmentation"
     homepage = cmake["EXTENSION_HOMEPAGE"]
-    assert homepage == desc["homepage"] == "https://github.com/synomaly/SynomalyExtension"
+    assert homepage == desc["homepage"] == "https://github.com/synomaly/SlicerSynomaly"
     assert entry["scm_url"].removesuffix(".git") == desc["scmurl"].removesuffix(".git") == homepage
     assert entry.get("scm_revision", "main") == desc["scmrevision"]
     depends = cmake["EXTENSION_DEPENDS"].split()
@@ -319,6 +319,26 @@ def test_catalog_entry_s4ext_and_cmake_agree():
     assert cmake["EXTENSION_ICONURL"] == desc["iconurl"]
     assert cmake["EXTENSION_SCREENSHOTURLS"].split() == desc["screenshoturls"].split()
     assert entry.get("tier", 1) == int(desc.get("tier", 1))
+
+
+def test_repository_name_contains_slicer_as_the_extensions_index_requires():
+    cmake = cmake_extension_vars(ROOT / "CMakeLists.txt")
+    entry = json.loads((ROOT / f"{EXTENSION}.json").read_text())
+    urls = [cmake["EXTENSION_HOMEPAGE"], entry["scm_url"], cmake["EXTENSION_ICONURL"],
+            *cmake["EXTENSION_SCREENSHOTURLS"].split()]
+    repositories = {re.match(r"https://(?:github\.com|raw\.githubusercontent\.com)/[^/]+/([^/]+)", u).group(1)
+                    .removesuffix(".git") for u in urls}
+    assert repositories == {"SlicerSynomaly"}
+    assert "SlicerSynomaly" in (ROOT / "README.md").read_text()
+
+
+def test_contributors_are_names_with_their_organisations():
+    contributors = cmake_extension_vars(ROOT / "CMakeLists.txt")["EXTENSION_CONTRIBUTORS"]
+    assert re.fullmatch(r"[^,()]+ \([^()]+\)(, [^,()]+ \([^()]+\))*", contributors), contributors
+    people = re.findall(r"[^,()]+ \([^()]+\)", contributors)
+    for module in MODULES:
+        match = re.search(r"self\.parent\.contributors = (\[.*?\])", (ROOT / module / f"{module}.py").read_text())
+        assert match and [p.strip() for p in ast.literal_eval(match.group(1))] == [p.strip() for p in people]
 
 
 def test_icon_url_points_at_the_extension_icon_in_the_repository():
