@@ -15,7 +15,7 @@ from conftest import make_phantom
 from synomaly.cohort import (RESULT_FILES, CohortOptions, Scan, cohort_report, find_scans, partition,
                              part_from_environment, resolve_part, run_cohort, safe_id)
 from synomaly.detect import DetectionSettings
-from synomaly.errors import SettingsError
+from synomaly.errors import InputError, SettingsError
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,19 @@ def scans(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Detection in this process with one thread, as in the subprocesses (the machine is shared)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _settings(**kw) -> DetectionSettings:
-    return DetectionSettings(threshold=0.2, seed=7, device="cpu", **kw)
+    return DetectionSettings(threshold=0.2, seed=7, device="cpu", max_stages=2, **kw)
 
 
 def _without_timings(report: dict) -> dict:
@@ -42,7 +53,8 @@ def _without_timings(report: dict) -> dict:
 
 
 def test_one_worker_gives_byte_identical_files_to_detect(tiny_model_file, scans, tmp_path, synomaly_run):
-    common = ["--model", tiny_model_file, "--seed", "7", "--threshold", "0.2", "--device", "cpu", "--progress", "none"]
+    common = ["--model", tiny_model_file, "--seed", "7", "--threshold", "0.2", "--stages", "2", "--device", "cpu",
+              "--progress", "none"]
     r = synomaly_run(["cohort", scans, "-o", tmp_path / "cohort", *common])
     assert r.returncode == 0, r.stderr
     ids = sorted(p.name for p in (tmp_path / "cohort").iterdir() if p.is_dir() and not p.name.startswith("_"))
@@ -68,7 +80,7 @@ def test_a_failing_scan_is_recorded_and_the_others_finish(tiny_model_file, scans
     listing.write_text(f"{scans / 'sub-03.mha'}\n{bad}\n# a comment\n{scans / 'sub-02_T1w.nii.gz'}\n")
     out = tmp_path / "out"
     r = synomaly_run(["cohort", listing, "-o", out, "--model", tiny_model_file, "--threshold", "0.2",
-                      "--progress", "none"])
+                      "--stages", "2", "--progress", "none"])
     assert r.returncode == 6, r.stderr
     assert "1 of 3 scans failed" in r.stderr and "broken" in r.stderr
     assert all((out / sid / "report.json").is_file() for sid in ("sub-03", "sub-02_T1w"))
@@ -109,6 +121,8 @@ def test_a_rerun_skips_complete_scans_and_removes_what_a_killed_run_left(tiny_mo
     assert not (out / ".sub-02_T1w.tmp-k1ll3d").exists() and (out / ".other-part.tmp-running").exists()
     third = run_cohort(find_scans([str(scans)]), out, tiny_model_file, _settings())
     assert (third["ok"], third["skipped"]) == (0, 3)
+    with pytest.raises(InputError, match="holds no scans"):  # a cohort's results are never taken for scans
+        find_scans([str(tmp_path)])
 
 
 def test_parts_of_an_array_job_cover_the_cohort_once(tiny_model_file, scans, tmp_path):

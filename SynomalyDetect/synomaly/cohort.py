@@ -81,6 +81,8 @@ def _scans_in_folder(folder: Path, root: Path) -> list[tuple[str, str, Optional[
     one scan; sub-folders are searched too; hidden files and folders are ignored."""
     import SimpleITK as sitk
 
+    if (folder / BOOKKEEPING).is_dir():  # a cohort's own results (OUTDIR inside the scans' folder) are no scans
+        return []
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     files = [p for p in entries if p.is_file()]
     images = [p for p in files if p.name.lower().endswith(_SCAN_SUFFIXES)]
