@@ -1,5 +1,6 @@
 import logging
 import os
+from pathlib import Path
 from typing import Annotated, Optional
 
 import qt
@@ -91,9 +92,37 @@ def registerSampleData():
 
 
 def loadDemoSample():
-    """Write the demo case with the engine (once, into Slicer's cache) and load it."""
-    with slicer.util.tryWithErrorDisplay(_("Could not create the Synomaly demo case."), waitCursor=True):
-        return SynomalyDetectLogic().loadDemoVolume()
+    """Write the demo case with the engine (once, into Slicer's cache; in the background, cancellable) and load it."""
+    with slicer.util.tryWithErrorDisplay(_("Could not create the Synomaly demo case.")):
+        return SynomalyDetectLogic().loadDemoVolume(
+            wait=lambda job: followWithProgressDialog(job, _("Writing the Synomaly demo case...")))
+
+
+def followWithProgressDialog(job, label: str):
+    """Follow a started engine job in a progress dialog with Cancel while Slicer stays responsive
+    (the engine runs in its own process, as a detection does); the job's result, or an error."""
+    import time
+
+    dialog = qt.QProgressDialog(label, _("Cancel"), 0, 0, slicer.util.mainWindow())
+    dialog.setWindowModality(qt.Qt.WindowModal)
+    dialog.minimumDuration = 0
+    dialog.show()
+    try:
+        while True:
+            for event in job.poll():
+                if event.total > 0:
+                    dialog.maximum, dialog.value = event.total, event.done
+                dialog.labelText = f"{label}\n{event.describe()}"
+            if job.state is not runner.RunState.RUNNING:
+                break
+            if dialog.wasCanceled:
+                job.cancel()
+                raise jobs.JobError(_("Cancelled."))
+            slicer.app.processEvents()
+            time.sleep(0.05)
+    finally:
+        dialog.close()
+    return job.result()
 
 
 #
@@ -254,11 +283,11 @@ class SynomalyDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not slicer.util.confirmYesNoDisplay(_("A user model named '{name}' exists. Replace it?").format(name=name)):
                 return
             overwrite = True
-        with slicer.util.tryWithErrorDisplay(_("The model could not be added."), waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("The model could not be added.")):
             if engine.missing_packages():
                 self.logic.ensureDependencies()
-            slicer.util.showStatusMessage(_("Adding model {name}...").format(name=name))
-            added = self.logic.addModelFromFile(path, overwrite=overwrite)
+            job = self.logic.startAddModel(path, overwrite=overwrite)
+            added = followWithProgressDialog(job, _("Adding model {name}...").format(name=name))
             self.refreshModels()
             self._selectModelInComboBox(added)
             slicer.util.showStatusMessage(_("Model {name} added").format(name=added), 3000)
@@ -441,9 +470,15 @@ class SynomalyDetectLogic(ScriptedLoadableModuleLogic):
         env.update(self.extraEnvironment)
         return env
 
-    def addModelFromFile(self, path: str, overwrite: bool = False) -> str:
-        """Add our model file or convert the authors' checkpoint into the user model folder; its name."""
-        return engine.add_model_file(path, self.python, self.environment(), overwrite=overwrite)
+    def startAddModel(self, path: str, overwrite: bool = False) -> jobs.EngineJob:
+        """Start adding our model file, or converting the authors' checkpoint, into the user model folder
+        (a background engine process; the job's result is the model's name)."""
+        return jobs.add_model_job(path, self.python, self.environment(), overwrite=overwrite,
+                                  runner_factory=self.runnerFactory).start()
+
+    def addModelFromFile(self, path: str, overwrite: bool = False, timeout: Optional[float] = 1800) -> str:
+        """Add a model file and wait for it (blocking; for scripts and tests); its name."""
+        return jobs.run_to_end(self.startAddModel(path, overwrite=overwrite), timeout)
 
     @staticmethod
     def listModels() -> list:
@@ -510,14 +545,20 @@ class SynomalyDetectLogic(ScriptedLoadableModuleLogic):
         review.jump_to(scene or slicer.mrmlScene, bridge.to_world(reference, lesion.centroid_ras))
         return lesion
 
-    def loadDemoVolume(self):
+    def loadDemoVolume(self, wait=None):
         """The demo case (written by `synomaly demo-data` into Slicer's cache) as a volume node;
-        the implanted lesion's true mask, when the engine wrote one, as a segmentation beside it."""
+        the implanted lesion's true mask, when the engine wrote one, as a segmentation beside it.
+
+        The engine runs in the background; `wait(job)` follows it and returns its result (default:
+        block until it ends, for scripts and tests)."""
         from SynomalyDetectLib import dependencies
 
-        dependencies.ensure_demo_data_package("SynomalyDetect")
-        folder = os.path.join(slicer.app.cachePath, "Synomaly")
-        path = engine.generate_demo_data(folder, self.python, self.environment())
+        folder = Path(slicer.app.cachePath) / "Synomaly"
+        path = folder / engine.DEMO_FILE
+        if not path.exists():
+            dependencies.ensure_demo_data_package("SynomalyDetect")
+            job = jobs.demo_data_job(folder, self.python, self.environment(), runner_factory=self.runnerFactory).start()
+            path = (wait or jobs.run_to_end)(job)
         node = slicer.util.loadVolume(str(path))
         node.SetName(SAMPLE_NAME)
         truth = path.with_name("demo_lesion_truth.seg.nrrd")

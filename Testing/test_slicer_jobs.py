@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from slicer_support import app_scene, fake_python, quiet_env
 
-from SynomalyDetectLib import bridge, engine, jobs
+from SynomalyDetectLib import bridge, engine, jobs, runner
 from SynomalyDetectLib.runner import RunState
 
 
@@ -293,3 +293,53 @@ def test_tuning_needs_a_model_to_tune(tmp_path):
     scene = app_scene()
     with pytest.raises(jobs.JobError, match="choose the model to tune"):
         jobs.TuningJob(scene, jobs.TrainingOptions("site-u"), [scan(scene, lesion=False)], python=fake_python())
+
+
+# ---------------------------------------------------------------- engine commands without scene work
+
+
+def test_demo_data_is_written_in_the_background_with_progress(tmp_path):
+    job = jobs.demo_data_job(tmp_path / "demo", fake_python(), quiet_env(FAKE_SYNOMALY_DELAY="0.2")).start()
+    assert job.state is RunState.RUNNING  # start() returns at once: the GUI thread is not held
+    events = []
+    deadline = time.monotonic() + 60
+    while job.state is RunState.RUNNING and time.monotonic() < deadline:
+        events += job.poll()
+        time.sleep(0.02)
+    assert job.state is RunState.SUCCEEDED, job.error_message
+    assert [(e.stage, e.done, e.total) for e in events] == [("demo", 1, 2), ("demo", 2, 2)]
+    assert job.result() == tmp_path / "demo" / "demo_lesion.nrrd" and job.result().is_file()
+
+
+def test_demo_data_can_be_cancelled_and_then_has_no_result(tmp_path):
+    job = jobs.demo_data_job(tmp_path / "demo", fake_python(), quiet_env(FAKE_SYNOMALY_DELAY="30")).start()
+    time.sleep(0.5)
+    job.cancel()
+    assert job.state is RunState.CANCELLED
+    assert not (tmp_path / "demo" / "demo_lesion.nrrd").exists()
+    with pytest.raises(jobs.JobError, match="cancelled"):
+        job.result()
+
+
+def test_a_failing_engine_command_raises_the_engines_message(tmp_path):
+    job = jobs.demo_data_job(tmp_path / "demo", fake_python(), quiet_env(FAKE_SYNOMALY_FAIL="3"))
+    with pytest.raises(jobs.JobError, match="fake demo failure requested"):
+        jobs.run_to_end(job, 60)
+
+
+def test_adding_a_model_runs_through_the_same_runner(tmp_path):
+    source = tmp_path / "site-model.safetensors"
+    source.write_bytes(b"model")
+    started = []
+
+    def factory(command, **kwargs):
+        started.append(command)
+        return runner.ProcessRunner(command, **kwargs)
+
+    job = jobs.add_model_job(source, fake_python(), quiet_env(SYNOMALY_MODELS_DIR=str(tmp_path / "models")),
+                             runner_factory=factory)
+    assert jobs.run_to_end(job, 60) == "site-model"
+    assert started and started[0][-4:] == ["install-model", str(source), "--name", "site-model"]
+    assert (tmp_path / "models" / "site-model.safetensors").read_bytes() == b"model"
+    with pytest.raises(RuntimeError, match="not a model file"):
+        jobs.add_model_job(tmp_path / "notes.txt", fake_python())

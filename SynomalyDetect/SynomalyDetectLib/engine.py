@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -131,34 +130,29 @@ def model_name_for_file(path: str | Path) -> str:
     return _file_safe(name).strip("._") or "model"
 
 
-def add_model_file(path: str | Path, python: Sequence[str], env: Optional[Mapping[str, str]] = None,
-                   name: Optional[str] = None, overwrite: bool = False, timeout: float = 1800) -> str:
-    """Put a model file into the user model folder; returns its registry name.
+def add_model_args(path: str | Path, name: str, overwrite: bool = False) -> list[Any]:
+    """The engine command that puts a model file into the user model folder under `name`.
 
     Our own model files (.safetensors) are checked and copied (`synomaly install-model`); the
     authors' checkpoints (.pt/.pth) are converted on the way (`synomaly import-upstream`), loaded
-    without executing code. Raises RuntimeError with the engine's message when the file is refused.
+    without executing code. Raises RuntimeError for a file that is neither.
     """
     path = Path(path)
-    name = name or model_name_for_file(path)
     if path.suffix.lower() in UPSTREAM_SUFFIXES:
-        args: list[Any] = ["import-upstream", path, "--name", name]
-        if overwrite:
-            args.append("--overwrite")
-    elif path.name.lower().endswith(".safetensors"):
-        args = ["install-model", path, "--name", name]
-    else:
-        raise RuntimeError(f"{path.name}: not a model file (expected .safetensors, or the authors' .pt checkpoint)")
-    done = subprocess.run(engine_command(python, *args), env=dict(env) if env is not None else None,
-                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        from .runner import ERROR_PREFIX
+        return ["import-upstream", path, "--name", name] + (["--overwrite"] if overwrite else [])
+    if path.name.lower().endswith(".safetensors"):
+        return ["install-model", path, "--name", name]
+    raise RuntimeError(f"{path.name}: not a model file (expected .safetensors, or the authors' .pt checkpoint)")
 
-        lines = (done.stderr or "").splitlines()
-        errors = [line[len(ERROR_PREFIX):].strip() for line in lines if line.startswith(ERROR_PREFIX)]
-        tail = [line for line in lines if line.strip()][-5:]
-        raise RuntimeError("\n".join(errors) or "the engine could not add the model:\n" + "\n".join(tail))
-    return name
+
+def add_model_file(path: str | Path, python: Sequence[str], env: Optional[Mapping[str, str]] = None,
+                   name: Optional[str] = None, overwrite: bool = False, timeout: float = 1800) -> str:
+    """Put a model file into the user model folder and wait for it (scripts, self-tests); its registry name.
+    Raises RuntimeError with the engine's message when the file is refused. The panel runs the same job
+    in the background (jobs.add_model_job)."""
+    from .jobs import add_model_job, run_to_end
+
+    return run_to_end(add_model_job(path, python, env, name=name, overwrite=overwrite), timeout)
 
 
 def uncalibrated_threshold(entry: Optional[Mapping[str, Any]]) -> Optional[float]:
@@ -191,24 +185,22 @@ def default_fpr(entry: Optional[Mapping[str, Any]]) -> Optional[float]:
     return float(value)
 
 
+DEMO_FILE = "demo_lesion.nrrd"
+
+
 def generate_demo_data(out_dir: str | Path, python: Sequence[str], env: Optional[Mapping[str, str]] = None,
                        timeout: float = 600) -> Path:
-    """Have the engine write its demo case (healthy template with an implanted lesion); its path.
+    """Have the engine write its demo case (healthy template with an implanted lesion) and wait; its path.
 
     The engine also writes the implanted lesion's true mask next to it (demo_lesion_truth.seg.nrrd).
+    The panel runs the same job in the background (jobs.demo_data_job).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "demo_lesion.nrrd"
+    path = Path(out_dir) / DEMO_FILE
     if path.exists():
         return path
-    command = engine_command(python, "demo-data", "-o", out_dir)
-    done = subprocess.run(command, env=dict(env) if env is not None else None, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-    if done.returncode != 0 or not path.exists():
-        lines = [line for line in (done.stderr or "").splitlines() if line.strip()]
-        raise RuntimeError("the engine could not write the demo data: " + ("\n".join(lines[-5:]) or f"exit code {done.returncode}"))
-    return path
+    from .jobs import demo_data_job, run_to_end
+
+    return run_to_end(demo_data_job(out_dir, python, env), timeout)
 
 
 def read_report(path: str | Path) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from synomaly.settings import TrainingSettings  # plain data, no torch: the engine's training defaults
 
 from . import bridge
-from .engine import checkpoint_path, engine_command, read_report
+from .engine import DEMO_FILE, add_model_args, checkpoint_path, engine_command, model_name_for_file, read_report
 from .runner import ProcessRunner, Progress, RunState
 
 RunnerFactory = Callable[..., Any]
@@ -498,3 +498,89 @@ class TuningJob(TrainingJob):
     @property
     def can_resume(self) -> bool:
         return False
+
+
+# ---------------------------------------------------------------- engine commands that touch no scene
+
+
+class EngineJob:
+    """One engine command that touches no scene (add a model file, write the demo case) in a child
+    process: started, polled, waited for and cancelled as a detection is; `result()` once it succeeded."""
+
+    def __init__(self, args: Sequence[Any], python: Sequence[str], env: Optional[Mapping[str, str]] = None,
+                 result: Callable[[], Any] = lambda: None, runner_factory: RunnerFactory = ProcessRunner) -> None:
+        self.command = engine_command(python, *args)
+        self.env = dict(env) if env is not None else None
+        self.runner_factory = runner_factory
+        self.runner: Any = None
+        self._result = result
+
+    def start(self) -> "EngineJob":
+        """Start the engine process."""
+        self.runner = self.runner_factory(self.command, env=self.env)
+        self.runner.start()
+        return self
+
+    def poll(self) -> list[Progress]:
+        """New progress records; `state` tells when the engine has finished."""
+        return self.runner.poll() if self.runner is not None else []
+
+    @property
+    def state(self) -> RunState:
+        """The run's state (NOT_STARTED before start())."""
+        return self.runner.state if self.runner is not None else RunState.NOT_STARTED
+
+    @property
+    def error_message(self) -> str:
+        """The engine's explanation when the run failed."""
+        return self.runner.error_message if self.runner is not None else ""
+
+    def wait(self, timeout: Optional[float] = None) -> RunState:
+        """Block until the engine finishes (scripts and tests)."""
+        return self.runner.wait(timeout) if self.runner is not None else self.state
+
+    def cancel(self) -> None:
+        """Stop the engine (it writes nothing it has not finished)."""
+        if self.runner is not None:
+            self.runner.cancel()
+
+    def result(self) -> Any:
+        """What the command made (a model name, a file path); JobError unless the run succeeded."""
+        if self.state is not RunState.SUCCEEDED:
+            raise JobError(self.error_message or f"the engine run {self.state.value}")
+        return self._result()
+
+
+def add_model_job(path: str | Path, python: Sequence[str], env: Optional[Mapping[str, str]] = None,
+                  name: Optional[str] = None, overwrite: bool = False,
+                  runner_factory: RunnerFactory = ProcessRunner) -> EngineJob:
+    """A job that puts a model file into the user model folder (checked and copied, or the authors'
+    checkpoint converted); its result is the model's registry name. Not started."""
+    name = name or model_name_for_file(path)
+    return EngineJob(add_model_args(path, name, overwrite), python, env, result=lambda: name,
+                     runner_factory=runner_factory)
+
+
+def demo_data_job(out_dir: str | Path, python: Sequence[str], env: Optional[Mapping[str, str]] = None,
+                  runner_factory: RunnerFactory = ProcessRunner) -> EngineJob:
+    """A job that has the engine write its demo case into `out_dir`; its result is the case's path. Not started."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / DEMO_FILE
+
+    def written() -> Path:
+        if not path.exists():
+            raise JobError(f"the engine finished but wrote no {DEMO_FILE}")
+        return path
+
+    return EngineJob(["demo-data", "-o", out_dir], python, env, result=written, runner_factory=runner_factory)
+
+
+def run_to_end(job: EngineJob, timeout: Optional[float] = None) -> Any:
+    """Start `job` if needed, wait for it (blocking: scripts, self-tests) and return its result."""
+    if job.state is RunState.NOT_STARTED:
+        job.start()
+    if job.wait(timeout) is RunState.RUNNING:
+        job.cancel()
+        raise JobError(f"the engine did not finish within {timeout:g} s")
+    return job.result()

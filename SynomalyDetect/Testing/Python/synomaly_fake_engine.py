@@ -172,6 +172,11 @@ def cmd_install(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.fail:
+        return error("fake demo failure requested", args.fail)
+    for i in range(1, 3):
+        time.sleep(DELAY)
+        progress("demo", i, 2, "writing the demo case")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     k, j, i = np.mgrid[:24, :48, :48].astype(np.float32)
