@@ -115,7 +115,31 @@ class DetectionResult:
             return None
 
 
-class DetectionJob:
+class RunnerJob:
+    """What every job that runs one engine process (`self.runner`, None before start) reports."""
+
+    runner: Any = None
+
+    def poll(self) -> list[Progress]:
+        """New progress records; `state` tells when the engine has finished."""
+        return self.runner.poll() if self.runner is not None else []
+
+    @property
+    def state(self) -> RunState:
+        """The run's state (NOT_STARTED before start())."""
+        return self.runner.state if self.runner is not None else RunState.NOT_STARTED
+
+    @property
+    def error_message(self) -> str:
+        """The engine's explanation when the run failed."""
+        return self.runner.error_message if self.runner is not None else ""
+
+    def wait(self, timeout: Optional[float] = None) -> RunState:
+        """Block until the engine finishes (scripts and tests)."""
+        return self.runner.wait(timeout) if self.runner is not None else self.state
+
+
+class DetectionJob(RunnerJob):
     """One detection run on one volume."""
 
     def __init__(self, scene, input_volume, options: DetectionOptions, outputs: Optional[DetectionOutputs] = None,
@@ -181,24 +205,6 @@ class DetectionJob:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             raise
         return self
-
-    def poll(self) -> list[Progress]:
-        """New progress records; `state` tells when the engine has finished."""
-        return self.runner.poll() if self.runner is not None else []
-
-    @property
-    def state(self) -> RunState:
-        """The run's state (NOT_STARTED before start())."""
-        return self.runner.state if self.runner is not None else RunState.NOT_STARTED
-
-    @property
-    def error_message(self) -> str:
-        """The engine's explanation when the run failed."""
-        return self.runner.error_message if self.runner is not None else ""
-
-    def wait(self, timeout: Optional[float] = None) -> RunState:
-        """Block until the engine finishes (batch use and tests)."""
-        return self.runner.wait(timeout) if self.runner is not None else self.state
 
     def cancel(self) -> None:
         """Stop the engine and remove the temporary folder; the scene is not touched."""
@@ -503,7 +509,7 @@ class TuningJob(TrainingJob):
 # ---------------------------------------------------------------- engine commands that touch no scene
 
 
-class EngineJob:
+class EngineJob(RunnerJob):
     """One engine command that touches no scene (add a model file, write the demo case) in a child
     process: started, polled, waited for and cancelled as a detection is; `result()` once it succeeded."""
 
@@ -520,24 +526,6 @@ class EngineJob:
         self.runner = self.runner_factory(self.command, env=self.env)
         self.runner.start()
         return self
-
-    def poll(self) -> list[Progress]:
-        """New progress records; `state` tells when the engine has finished."""
-        return self.runner.poll() if self.runner is not None else []
-
-    @property
-    def state(self) -> RunState:
-        """The run's state (NOT_STARTED before start())."""
-        return self.runner.state if self.runner is not None else RunState.NOT_STARTED
-
-    @property
-    def error_message(self) -> str:
-        """The engine's explanation when the run failed."""
-        return self.runner.error_message if self.runner is not None else ""
-
-    def wait(self, timeout: Optional[float] = None) -> RunState:
-        """Block until the engine finishes (scripts and tests)."""
-        return self.runner.wait(timeout) if self.runner is not None else self.state
 
     def cancel(self) -> None:
         """Stop the engine (it writes nothing it has not finished)."""

@@ -167,7 +167,7 @@ def _detection_settings(args):
 def cmd_detect(args) -> int:
     """Detect anomalies in one scan and write the outputs."""
     from .modelio import load_model
-    from .outputs import detect_to_folder
+    from .outputs import amount_text, detect_to_folder
     from .prepare import read_scan
 
     progress = _progress(args)
@@ -185,8 +185,6 @@ def cmd_detect(args) -> int:
     result, files = detect_to_folder(image, model, settings, out, overwrite=args.overwrite,
                                      compress=args.compress, progress=progress)
     rep = result.report
-    from .outputs import amount_text
-
     message = (f"{rep['lesion_count']} lesion(s), {amount_text(rep)}, threshold "
                f"{result.threshold:.3f} ({result.threshold_source}), {rep['seconds']['total']:.1f} s")
     if args.progress == "json":
