@@ -116,6 +116,11 @@ def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file,
     assert cal["thresholds"]["0.01"] < cal["thresholds"]["0.001"] < cal["thresholds"]["0.0001"]
     assert cal["scans"] == 2 and cal["blur_kernel"] == chosen["blur"]
     assert record["lesions"] == 4 and card.tuning["seconds"]["total"] > 0
+    for p in card.tuning["operating_points"]:  # every truth component counted once, split by polarity
+        lf = p["lesions_found"]
+        assert lf["all"]["of"] >= 1 and lf["brighter"]["of"] + lf["darker"]["of"] <= lf["all"]["of"]
+        assert lf["under_1ml"]["of"] + lf["1ml_or_more"]["of"] == lf["all"]["of"]
+        assert 0 <= lf["all"]["found"] <= lf["all"]["of"]
     assert read_card(tiny_model_file).tuning == {}, "the input model file is left as it was"
     model = load_model(out, device="cpu")
     got_ts, k, stages, thr, source = resolve_settings(DetectionSettings(), model.card, volume=True)
@@ -152,3 +157,29 @@ def test_an_ensemble_of_noise_levels_averages_the_healed_images(tiny_model_file)
     a = _denoise(model, x, 50, 1, g2)
     b = _denoise(model, x, 300, 1, g2)
     assert torch.allclose(both, (a + b) / 2, atol=1e-5)
+
+
+def test_lesion_recall_counts_found_lesions_by_polarity_and_size():
+    from types import SimpleNamespace
+
+    healthy = np.zeros((20, 20, 20), np.float32)
+    lesioned = healthy.copy()
+    truth = np.zeros(healthy.shape, bool)
+    truth[2:6, 2:6, 2:6] = True  # 64 voxels of 1 mm^3 = 0.064 mL, brighter
+    lesioned[truth] += 1.0
+    dark = np.zeros(healthy.shape, bool)
+    dark[10:20, 10:20, 10:20] = True  # 1,000 voxels = 1 mL, darker
+    lesioned[dark] -= 0.5
+    truth |= dark
+
+    def case(arr, tr):
+        return tune.TuneCase("c", SimpleNamespace(oriented=arr), tr, (1.0, 1.0, 1.0), {})
+
+    labels, rows = tune.lesion_polarities(case(lesioned, truth), case(healthy, None))
+    assert sorted((r["polarity"], r["ml"]) for r in rows) == [(-1, 1.0), (1, 0.064)]
+    found = [(r["polarity"], r["ml"], r["polarity"] > 0) for r in rows]  # the bright one found, the dark missed
+    rec = tune.lesion_recall(found)
+    assert rec["all"] == {"found": 1, "of": 2}
+    assert rec["brighter"] == {"found": 1, "of": 1} and rec["darker"] == {"found": 0, "of": 1}
+    assert rec["under_1ml"] == {"found": 1, "of": 1} and rec["1ml_or_more"] == {"found": 0, "of": 1}
+    assert labels.max() == 2 and set(np.unique(labels[truth])) == {1, 2}

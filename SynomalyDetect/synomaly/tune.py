@@ -270,20 +270,55 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
                       batch_size=opts.batch_size, draws=draws, seed=opts.seed)
     lmaps = [_oriented_map(s, c) for s, c in zip(_split(lres.score, lesion_cases), lesion_cases)]
     hmaps = [_oriented_map(s, c) for s, c in zip(_split(hres.score, healthy_cases), healthy_cases)]
+    components = [lesion_polarities(c, h) for c, h in zip(lesion_cases, healthy_cases)]
     points = []
     for key, thr in thresholds.items():
         dices = []
-        for m, c in zip(lmaps, lesion_cases):
+        found: list[tuple[int, float, bool]] = []
+        for m, c, (labels, rows) in zip(lmaps, lesion_cases, components):
             binary, _ = postprocess(m, thr, c.spacing, opts.min_lesion_mm3)
             dices.append(dice(binary, c.truth))
+            hit = np.unique(labels[binary & (labels > 0)])
+            found.extend((r["polarity"], r["ml"], j + 1 in hit) for j, r in enumerate(rows))
         flagged = []
         for m, c in zip(hmaps, healthy_cases):
             binary, _ = postprocess(m, thr, c.spacing, opts.min_lesion_mm3)
             flagged.append(float(binary.sum()) * float(np.prod(c.spacing)) / 1000.0)
         points.append({"fpr": key, "threshold": thr, "dice_mean": round(float(np.mean(dices)), 4),
-                       "dice_per_case": [round(d, 3) for d in dices],
+                       "dice_per_case": [round(d, 3) for d in dices], "lesions_found": lesion_recall(found),
                        "healthy_ml_max": round(max(flagged), 3), "healthy_ml_per_case": [round(f, 3) for f in flagged]})
     return cal, points
+
+
+def lesion_polarities(lesion_case: TuneCase, healthy_case: TuneCase) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The implanted lesions of a case as 3D connected components of its truth (labels on the oriented grid)
+    with their volume (mL) and polarity (+1 brighter, -1 darker: the sign of the mean change against the same
+    form of the untouched volume, which shares the case's grid)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(lesion_case.truth, structure=np.ones((3, 3, 3), dtype=bool))
+    same_grid = lesion_case.prep.oriented.shape == healthy_case.prep.oriented.shape
+    change = (lesion_case.prep.oriented - healthy_case.prep.oriented) if same_grid else None
+    voxel_ml = float(np.prod(lesion_case.spacing)) / 1000.0
+    idx = np.arange(1, n + 1)
+    counts = ndimage.sum_labels(np.ones_like(labels), labels, idx) if n else np.zeros(0)
+    means = ndimage.mean(change, labels, idx) if (n and change is not None) else np.zeros(n)
+    rows = [{"ml": round(float(c) * voxel_ml, 3), "polarity": int(np.sign(m)) if m else 0}
+            for c, m in zip(np.atleast_1d(counts), np.atleast_1d(means))]
+    return labels, rows
+
+
+def lesion_recall(found: Sequence[tuple[int, float, bool]]) -> dict[str, Any]:
+    """Share of implanted lesions found (any voxel segmented), overall and by polarity and size, from
+    (polarity, mL, found) triples; each entry is {"found": k, "of": n}."""
+    def share(sel: list[bool]) -> dict[str, int]:
+        return {"found": int(sum(sel)), "of": len(sel)}
+
+    return {"all": share([f for _, _, f in found]),
+            "brighter": share([f for p, _, f in found if p > 0]),
+            "darker": share([f for p, _, f in found if p < 0]),
+            "under_1ml": share([f for _, ml, f in found if ml < 1.0]),
+            "1ml_or_more": share([f for _, ml, f in found if ml >= 1.0])}
 
 
 def choose_fpr(points: Sequence[dict[str, Any]], max_healthy_ml: float) -> dict[str, Any]:
