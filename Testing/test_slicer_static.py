@@ -347,6 +347,34 @@ def test_icon_url_points_at_the_extension_icon_in_the_repository():
     assert (ROOT / relative).is_file()
 
 
+def repository_path(url: str) -> str:
+    """The path inside the repository of a GitHub raw or blob URL (any owner, repository and branch)."""
+    match = (re.fullmatch(r"https://raw\.githubusercontent\.com/[^/]+/[^/]+/[^/]+/(.+)", url)
+             or re.fullmatch(r"https://github\.com/[^/]+/[^/]+/(?:blob|raw)/[^/]+/(.+?)(?:\?raw=true)?", url))
+    assert match, f"not a GitHub raw or blob URL: {url}"
+    return match.group(1)
+
+
+def test_repository_path_of_raw_and_blob_urls():
+    assert repository_path("https://raw.githubusercontent.com/o/r/main/Docs/S/a.png") == "Docs/S/a.png"
+    assert repository_path("https://github.com/o/r/blob/main/Docs/a.png") == "Docs/a.png"
+    assert repository_path("https://github.com/o/r/raw/main/Docs/a.png?raw=true") == "Docs/a.png"
+
+
+def test_every_screenshot_url_is_a_picture_in_the_repository():
+    cmake = cmake_extension_vars(ROOT / "CMakeLists.txt")["EXTENSION_SCREENSHOTURLS"].split()
+    desc = s4ext(ROOT / f"{EXTENSION}.s4ext")["screenshoturls"].split()
+    assert cmake, "the extension lists no screenshot"
+    import imageio.v3 as imageio  # installed with scikit-image
+    for url in dict.fromkeys(cmake + desc):
+        path = ROOT / repository_path(url)
+        assert path.is_file(), f"{url} points to {path.relative_to(ROOT)}, which is not in the repository"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+        assert path.stat().st_size < 400_000, f"{path.name} is {path.stat().st_size // 1024} KB"
+        rgb = np.asarray(imageio.imread(path))[..., :3].astype(float)
+        assert rgb.std() > 20, f"{path.name} is (nearly) blank"
+
+
 ICONS = [ROOT / f"{EXTENSION}.png"] + [ROOT / m / "Resources" / "Icons" / f"{m}.png" for m in MODULES]
 
 
