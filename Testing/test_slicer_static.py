@@ -391,3 +391,19 @@ def test_icons_are_128_pixel_pngs_with_content(path):
 def test_licence_is_apache_2():
     text = (ROOT / "LICENSE.txt").read_text()
     assert "Apache License" in text and "Version 2.0" in text
+
+
+def test_slicer_installs_the_engine_dependencies_that_pyproject_declares():
+    """One list of requirements: what Slicer installs on first use is pyproject's, less what Slicer ships."""
+    import tomllib
+
+    sys.path.insert(0, str(ROOT / "SynomalyDetect"))
+    try:
+        from SynomalyDetectLib import engine
+    finally:
+        sys.path.pop(0)
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    shipped_with_slicer = {"numpy", "SimpleITK"}  # torch comes from the PyTorch extension
+    want = {d for d in declared if re.split(r"[\[<>=]", d)[0] not in shipped_with_slicer | {"torch"}}
+    assert set(engine.PIP_REQUIREMENTS.values()) == want
+    assert any(d.startswith("torch") and d.endswith(engine.TORCH_REQUIREMENT) for d in declared)

