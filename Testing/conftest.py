@@ -8,11 +8,13 @@ tests of messages, exit codes, files and invariants, not for detection quality.
 
 from __future__ import annotations
 
+import contextlib
+import locale
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -112,9 +114,32 @@ def write_dicom_series(folder: Path, volume: np.ndarray, series_uid: str, *, mod
             s.SetMetaData(key, value)
         path = folder / f"{prefix}{k:03d}.dcm"
         writer.SetFileName(str(path))
-        writer.Execute(s)
+        with _keeping_locale():  # GDCM's DICOM writer sets the process locale to "C" (Python's text turns ASCII)
+            writer.Execute(s)
         files.append(path)
     return files
+
+
+@contextlib.contextmanager
+def _keeping_locale() -> Iterator[None]:
+    """Put the process locale back after a C library changed it."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+@pytest.fixture(autouse=True)
+def _locale_unchanged(request):
+    """No test (and no engine code it runs) may leave the process locale changed: a "C" locale makes every
+    later default-encoding text read ASCII, and unrelated tests fail far from the cause."""
+    before = locale.setlocale(locale.LC_ALL)
+    yield
+    after = locale.setlocale(locale.LC_ALL)
+    if after != before:
+        locale.setlocale(locale.LC_ALL, before)
+        pytest.fail(f"{request.node.nodeid} changed the process locale: {before!r} -> {after!r}")
 
 
 @pytest.fixture(scope="session")

@@ -284,3 +284,16 @@ def test_unusual_but_valid_input_gives_results_on_its_own_grid(case, build, tmp_
     csv_rows = (out / "lesions.csv").read_text().strip().splitlines()[1:]
     assert len(csv_rows) == report["lesion_count"] == len(report["lesions"])
     assert sum(r["voxels"] for r in report["lesions"]) == int(seg.sum())
+
+
+def test_writing_a_dicom_series_in_a_test_leaves_text_encoding_alone(tmp_path, dicom_series, phantom):
+    """GDCM's writer sets the process locale to "C"; the fixture puts it back, so later UTF-8 reads with the
+    default encoding work (a cohort test once made every later report.md / README read fail)."""
+    import locale
+
+    from synomaly.prepare import read_image
+
+    before = locale.setlocale(locale.LC_ALL)
+    dicom_series(tmp_path / "dcm", (phantom((4, 16, 16)) * 10).astype(np.int16), "1.2.3.4.1")
+    read_image(tmp_path / "dcm")
+    assert locale.setlocale(locale.LC_ALL) == before

@@ -201,7 +201,7 @@ def load_case(app: App, demo: Path):
     table = bridge.assign_table(scene, bridge.read_lesions_csv(results / RESULT_FILES["table"]), None,
                                 "demo_lesion lesions")
     import json
-    report = json.loads((results / RESULT_FILES["report"]).read_text())
+    report = json.loads((results / RESULT_FILES["report"]).read_text(encoding="utf-8"))
     return input_volume, counterfactual, anomaly_map, segmentation, bridge.lesions_from_table(table), report
 
 

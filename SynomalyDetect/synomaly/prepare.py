@@ -528,7 +528,7 @@ def expand_inputs(items: list[str]) -> list[str]:
         p = Path(item)
         if p.is_file() and p.suffix.lower() == ".txt":
             base = p.parent
-            for line in p.read_text().splitlines():
+            for line in p.read_text(encoding="utf-8").splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):
                     q = Path(line)
