@@ -136,3 +136,45 @@ def test_a_slim_checkpoint_is_smaller_and_training_resumes_from_it(healthy, tmp_
                     checkpoint=tmp_path / "b.ckpt")
     assert resumed["iterations"] == 14
     assert read_card(tmp_path / "b.safetensors").training["iterations"] == 14
+
+
+FACTORIES = {torch.rand, torch.randn, torch.randint, torch.zeros, torch.ones, torch.full, torch.arange,
+             torch.empty, torch.linspace, torch.randperm, torch.normal}
+
+
+class _FactoryCalls(torch.overrides.TorchFunctionMode):
+    """Records every tensor factory call (name, device asked for, generator's device) made inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, object, object]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in FACTORIES:
+            gen = kwargs.get("generator")
+            self.calls.append((func.__name__, kwargs.get("device"), gen.device if gen is not None else None))
+        return func(*args, **kwargs)
+
+
+def test_every_random_draw_of_a_training_step_names_the_data_device():
+    """A CPU machine cannot see a CUDA/MPS device mix-up directly, so check what would break there: every
+    tensor made while augmenting a batch and drawing its noise is made on the batch's device, and every
+    generator used lives there too (a CPU generator drawing for CUDA data fails on a GPU)."""
+    from synomaly.schedule import cosine_alphas_cumprod
+    from synomaly.train import _batch_augment, training_targets
+
+    card = _card()
+    x = torch.rand(6, 1, 32, 32) * 2 - 1
+    m = torch.ones_like(x, dtype=torch.bool)
+    s = _settings(contrast_remap=1.0, intensity_augment=0.2, t_max=300)
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    abar = cosine_alphas_cumprod(1000).to(x.device)  # made once per run, then moved: not part of the step
+    with _FactoryCalls() as rec:
+        xa, ma = _batch_augment(x, m, s, gen)
+        training_targets(xa, ma, card, abar, gen, s)
+    names = {name for name, _, _ in rec.calls}
+    assert {"rand", "randn", "randint"} <= names, names  # flips, contrast curves, gamma, noise and t were drawn
+    wrong = [c for c in rec.calls if c[1] is None or torch.device(c[1]) != x.device
+             or (c[2] is not None and torch.device(c[2]) != x.device)]
+    assert not wrong, f"tensor factories without the data's device: {wrong}"
