@@ -172,34 +172,21 @@ def _warn_if_calibration_differs(cal: dict, ts: tuple[int, ...], k: int, stages:
                         name, cal[name], name, value)
 
 
-def noise_levels(ts: int | Sequence[int]) -> tuple[int, ...]:
-    """The noise levels of one stage as a tuple (one int: the original method)."""
-    return (int(ts),) if isinstance(ts, int) else tuple(int(t) for t in ts)
-
-
-def stage_noise(shape: Sequence[int], levels: int, draws: int, gen: torch.Generator,
-                device: torch.device) -> torch.Tensor:
-    """Gaussian noise for one stage of every slice, (levels, draws, S, 1, G, G). Drawn for all S slices at
-    once, so the noise a slice gets does not depend on the batch size nor on which slices still heal."""
-    return torch.randn((levels, draws, *shape), generator=gen, device=device)
-
-
-def _denoise(model, x: torch.Tensor, ts: int | Sequence[int], noise: torch.Tensor) -> torch.Tensor:
-    """One stage for a batch (B, 1, G, G): noise to each level in `ts` with that level's draws from `noise`
-    (levels, draws, B, 1, G, G), predict x0 in one call per level and draw, and average the predictions
-    (one level and one draw: the original method)."""
-    levels = noise_levels(ts)
-    draws = noise.shape[1]
+def _denoise(model, x: torch.Tensor, ts: int | Sequence[int], draws: int, gen: torch.Generator) -> torch.Tensor:
+    """One stage for a batch (B, 1, G, G): noise to each level in `ts`, predict x0 in one call per level
+    and draw, and average the predictions (one level and one draw: the original method)."""
+    levels = (int(ts),) if isinstance(ts, int) else tuple(int(t) for t in ts)
     out = torch.zeros_like(x)
-    for i, t in enumerate(levels):
+    for t in levels:
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        for j in range(draws):
+        for _ in range(draws):
+            noise = torch.randn(x.shape, generator=gen, device=x.device)
             if model.card.noise.kind == "coarse":
                 # denoising autoencoder: the input itself is the corrupted image; predict its noise at t = 0
                 eps = model.predict_noise(x, torch.zeros_like(tt))
                 out += (x - eps).clamp(-1, 1)
             else:
-                xt = q_sample(x, tt, noise[i, j], model.abar)
+                xt = q_sample(x, tt, noise, model.abar)
                 eps = model.predict_noise(xt, tt)
                 out += predict_x0(xt, tt, eps, model.abar)
     return out / (draws * len(levels))
@@ -235,12 +222,11 @@ def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int | Sequence
         if active.numel() == 0:
             break
         area = torch.zeros(active.numel(), device=device)
-        noise = stage_noise(x0.shape, len(noise_levels(t)), draws, gen, device)
         start = 0
         while start < active.numel():
             idx = active[start : start + bs]
             try:
-                xh = _denoise(model, x[idx], t, noise[:, :, idx])
+                xh = _denoise(model, x[idx], t, draws, gen)
             except torch.cuda.OutOfMemoryError:
                 if bs > 1:
                     bs = max(1, bs // 2)
