@@ -64,8 +64,8 @@ def test_one_worker_gives_byte_identical_files_to_detect(tiny_model_file, scans,
         r = synomaly_run(["detect", scans / name, "-o", single, *common])
         assert r.returncode == 0, r.stderr
         mine = tmp_path / "cohort" / sid
-        assert sorted(p.name for p in mine.iterdir()) == sorted(RESULT_FILES)
-        for f in RESULT_FILES:
+        assert sorted(p.name for p in mine.iterdir()) == sorted(RESULT_FILES.values())
+        for f in RESULT_FILES.values():
             a, b = (mine / f).read_bytes(), (single / f).read_bytes()
             if f == "report.json":  # the only difference allowed: how long each step took
                 assert _without_timings(json.loads(a)) == _without_timings(json.loads(b))
@@ -117,7 +117,7 @@ def test_a_rerun_skips_complete_scans_and_removes_what_a_killed_run_left(tiny_mo
     again = run_cohort(find_scans([str(scans)]), out, tiny_model_file, _settings())
     assert (again["ok"], again["skipped"], again["failed"], again["cleaned"]) == (1, 2, 0, 1)
     assert (out / "sub-01_T1w" / "anomaly_map.nrrd").stat().st_mtime_ns == stamp, "a complete scan was redone"
-    assert sorted(p.name for p in (out / "sub-02_T1w").iterdir()) == sorted(RESULT_FILES)
+    assert sorted(p.name for p in (out / "sub-02_T1w").iterdir()) == sorted(RESULT_FILES.values())
     assert not (out / ".sub-02_T1w.tmp-k1ll3d").exists() and (out / ".other-part.tmp-running").exists()
     third = run_cohort(find_scans([str(scans)]), out, tiny_model_file, _settings())
     assert (third["ok"], third["skipped"]) == (0, 3)

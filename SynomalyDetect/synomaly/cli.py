@@ -513,18 +513,10 @@ def cmd_bench(args) -> int:
     from .modelio import load_model
     from .outputs import write_results
     from .prepare import read_image
-    from .sampledata import demo_case
+    from .sampledata import demo_volume
 
     with tempfile.TemporaryDirectory() as tmp:
-        img_path, _ = demo_case(tmp)
-        src = sitk.ReadImage(str(img_path))
-        size = (240, 240, 155)
-        spacing = [src.GetSpacing()[i] * src.GetSize()[i] / size[i] for i in range(3)]
-        ref = sitk.Image(size, sitk.sitkFloat32)
-        ref.SetSpacing(spacing)
-        ref.SetOrigin(src.GetOrigin())
-        ref.SetDirection(src.GetDirection())
-        vol = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
+        vol = demo_volume(tmp, (240, 240, 155))
         vol_path = Path(tmp) / "bench.nii.gz"
         sitk.WriteImage(vol, str(vol_path))
         model = load_model(args.model, device=args.device, precision=args.precision)

@@ -25,21 +25,19 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from .errors import InputError, PartialFailure, SettingsError, SynomalyError
+from .outputs import RESULT_FILES
+from .prepare import SCAN_SUFFIXES, read_list
 from .progress import ProgressFn, null_progress
 
 log = logging.getLogger(__name__)
 
 BOOKKEEPING = "_cohort"  # OUTDIR/_cohort/: the scan list and the per-part status files (no id starts with "_")
-RESULT_FILES = ("counterfactual.nrrd", "anomaly_map.nrrd", "anomaly.seg.nrrd", "lesions.csv", "overview.png",
-                "report.json")
 REPORT_COLUMNS = ["scan", "status", "lesion_count", "anomalous_ml", "max_score", "seconds", "message", "path"]
-_SCAN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp",
-                  ".tif", ".tiff")
 _NOT_IMAGES = (".txt", ".csv", ".json", ".md", ".py", ".sh", ".raw", ".zraw", ".gz", ".bak")  # never a DICOM file
 
 
@@ -70,7 +68,7 @@ def safe_id(text: str) -> str:
 def _strip_suffix(name: str) -> str:
     """A file name without its image suffix ('sub-01_T1w.nii.gz' -> 'sub-01_T1w')."""
     low = name.lower()
-    for suffix in _SCAN_SUFFIXES + (".dcm",):
+    for suffix in SCAN_SUFFIXES + (".dcm",):
         if low.endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -85,7 +83,7 @@ def _scans_in_folder(folder: Path, root: Path) -> list[tuple[str, str, Optional[
         return []
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     files = [p for p in entries if p.is_file()]
-    images = [p for p in files if p.name.lower().endswith(_SCAN_SUFFIXES)]
+    images = [p for p in files if p.name.lower().endswith(SCAN_SUFFIXES)]
     others = [p for p in files if p not in images and not p.name.lower().endswith(_NOT_IMAGES)]
     rel = folder.relative_to(root).as_posix() if folder != root else ""
     out: list[tuple[str, str, Optional[str]]] = []
@@ -139,10 +137,7 @@ def find_scans(items: Sequence[str]) -> list[Scan]:
         if p.is_file() and p.suffix.lower() == ".csv":
             named.extend(_scans_in_csv(p))
         elif p.is_file() and p.suffix.lower() == ".txt":
-            lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
-            paths = [str(Path(ln) if Path(ln).is_absolute() else p.parent / ln) for ln in lines
-                     if ln and not ln.startswith("#")]
-            named.extend((s.id, s.path, s.series) for s in find_scans(paths))
+            named.extend((s.id, s.path, s.series) for s in find_scans(read_list(p)))
         elif p.is_dir():
             found = _scans_in_folder(p, p)
             if not found:
@@ -245,10 +240,10 @@ def resolve_part(num_parts: Optional[int], part_id: Optional[int],
 
 def is_complete(folder: Path) -> bool:
     """Whether a scan's result folder holds every output and a readable report."""
-    if not all((folder / name).is_file() for name in RESULT_FILES):
+    if not all((folder / name).is_file() for name in RESULT_FILES.values()):
         return False
     try:
-        json.loads((folder / "report.json").read_text(encoding="utf-8"))
+        json.loads((folder / RESULT_FILES["report"]).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return True
@@ -660,17 +655,10 @@ def bench_cohort(model_ref: str | Path, settings, workdir: str | Path, *, scans:
     import numpy as np
     import SimpleITK as sitk
 
-    from .sampledata import demo_case
+    from .sampledata import demo_volume
 
     workdir = Path(workdir)
-    img_path, _ = demo_case(workdir)
-    src = sitk.ReadImage(str(img_path))
-    size = (160, 160, slices)
-    ref = sitk.Image(size, sitk.sitkFloat32)
-    ref.SetSpacing([src.GetSpacing()[i] * src.GetSize()[i] / size[i] for i in range(3)])
-    ref.SetOrigin(src.GetOrigin())
-    ref.SetDirection(src.GetDirection())
-    vol = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
+    vol = demo_volume(workdir, (160, 160, slices))
     arr = sitk.GetArrayFromImage(vol)
     paths = []
     for i in range(scans):

@@ -23,6 +23,14 @@ from .errors import OutputError
 LESION_COLUMNS = ["id", "volume_ml", "max_score", "mean_score", "centroid_r", "centroid_a", "centroid_s",
                   "bbox_i0", "bbox_j0", "bbox_k0", "bbox_i1", "bbox_j1", "bbox_k1", "voxels", "units"]
 SEGMENT_COLOR = (0.93, 0.25, 0.2)  # a red that stands out on grey anatomy
+RESULT_FILES = {  # what write_results puts into a scan's result folder
+    "counterfactual": "counterfactual.nrrd",
+    "anomaly_map": "anomaly_map.nrrd",
+    "segmentation": "anomaly.seg.nrrd",
+    "lesions": "lesions.csv",
+    "overview": "overview.png",
+    "report": "report.json",
+}
 
 
 def write_segmentation(seg: sitk.Image, path: str | Path, name: str = "Anomaly",
@@ -206,14 +214,7 @@ def write_results(result, image: sitk.Image, outdir: str | Path, overwrite: bool
         tmp = temp_folder(parent, outdir.name)
     except OSError as exc:
         raise OutputError(f"cannot create output folder in {parent}: {exc.strerror}") from exc
-    files = {
-        "counterfactual": "counterfactual.nrrd",
-        "anomaly_map": "anomaly_map.nrrd",
-        "segmentation": "anomaly.seg.nrrd",
-        "lesions": "lesions.csv",
-        "overview": "overview.png",
-        "report": "report.json",
-    }
+    files = RESULT_FILES
     try:
         sitk.WriteImage(result.counterfactual, str(tmp / files["counterfactual"]), useCompression=compress, compressionLevel=1)
         sitk.WriteImage(result.anomaly_map, str(tmp / files["anomaly_map"]), useCompression=compress, compressionLevel=1)

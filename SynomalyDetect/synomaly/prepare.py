@@ -29,6 +29,8 @@ ORIENTATION_AXES = {
     "sagittal": ((0, 1), (2, -1), (1, -1)),
 }
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+SCAN_SUFFIXES = VOLUME_SUFFIXES + IMAGE_2D_SUFFIXES  # one scan per file (DICOM files form series instead)
 # metadata key read_image sets to "pixels" when the file gives no physical pixel size: sizes are then counted in pixels
 UNITS_KEY = "synomaly_units"
 DICOM_SPACING_TAGS = ("0028|0030", "0018|1164", "0018|2010")  # pixel, imager pixel, nominal scanned pixel spacing
@@ -520,19 +522,22 @@ def prepare_images_for_training(paths: list[str], card, color: str = "luminance"
     return torch.cat(xs), torch.cat(ms), n
 
 
+def read_list(path: Path) -> list[str]:
+    """The paths listed in a .txt file, one a line ('#' starts a comment line), relative ones resolved
+    against the file's folder."""
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    return [str(Path(ln) if Path(ln).is_absolute() else path.parent / ln) for ln in lines
+            if ln and not ln.startswith("#")]
+
+
 def expand_inputs(items: list[str]) -> list[str]:
     """Files from paths: image files, DICOM folders, folders of images/volumes, or .txt lists of them."""
     out: list[str] = []
-    vol_suffixes = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm") + IMAGE_2D_SUFFIXES
+    vol_suffixes = SCAN_SUFFIXES + (".dcm",)
     for item in items:
         p = Path(item)
         if p.is_file() and p.suffix.lower() == ".txt":
-            base = p.parent
-            for line in p.read_text(encoding="utf-8").splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    q = Path(line)
-                    out.extend(expand_inputs([str(q if q.is_absolute() else base / q)]))
+            out.extend(expand_inputs(read_list(p)))
         elif p.is_dir():
             files = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(vol_suffixes))
             if files and not all(f.suffix.lower() == ".dcm" for f in files):

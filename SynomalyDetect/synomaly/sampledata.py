@@ -182,3 +182,17 @@ def demo_case(out_dir):
 
     write_segmentation(mask, mask_path, name="Implanted lesion (truth)", color=(0.2, 0.8, 0.3))
     return img_path, mask_path
+
+
+def demo_volume(out_dir, size: tuple[int, int, int]):
+    """The demo case (written to `out_dir` by demo_case) resampled linearly to `size` voxels (ITK order)
+    over the same field of view: a volume of a chosen grid for the benchmarks."""
+    import SimpleITK as sitk
+
+    img_path, _ = demo_case(out_dir)
+    src = sitk.ReadImage(str(img_path))
+    ref = sitk.Image(tuple(size), sitk.sitkFloat32)
+    ref.SetSpacing([src.GetSpacing()[i] * src.GetSize()[i] / size[i] for i in range(3)])
+    ref.SetOrigin(src.GetOrigin())
+    ref.SetDirection(src.GetDirection())
+    return sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
