@@ -300,11 +300,10 @@ def lesion_polarities(lesion_case: TuneCase, healthy_case: TuneCase) -> tuple[np
     same_grid = lesion_case.prep.oriented.shape == healthy_case.prep.oriented.shape
     change = (lesion_case.prep.oriented - healthy_case.prep.oriented) if same_grid else None
     voxel_ml = float(np.prod(lesion_case.spacing)) / 1000.0
-    idx = np.arange(1, n + 1)
-    counts = ndimage.sum_labels(np.ones_like(labels), labels, idx) if n else np.zeros(0)
-    means = ndimage.mean(change, labels, idx) if (n and change is not None) else np.zeros(n)
-    rows = [{"ml": round(float(c) * voxel_ml, 3), "polarity": int(np.sign(m)) if m else 0}
-            for c, m in zip(np.atleast_1d(counts), np.atleast_1d(means))]
+    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    sums = (np.bincount(labels.ravel(), weights=change.ravel(), minlength=n + 1)[1:] if change is not None
+            else np.zeros(n))
+    rows = [{"ml": round(float(c) * voxel_ml, 3), "polarity": int(np.sign(v))} for c, v in zip(counts, sums)]
     return labels, rows
 
 
