@@ -178,3 +178,45 @@ def test_every_random_draw_of_a_training_step_names_the_data_device():
     wrong = [c for c in rec.calls if c[1] is None or torch.device(c[1]) != x.device
              or (c[2] is not None and torch.device(c[2]) != x.device)]
     assert not wrong, f"tensor factories without the data's device: {wrong}"
+
+
+def test_lesion_strength_blobs_keep_their_image_amplitude_at_every_noise_level():
+    """Synomaly's blobs fade with the noise level (u + offset in noise units); lesion-strength blobs are as strong
+    in the image at t 5 as at t 400, so low-noise detection sees lesion-like blobs in training."""
+    from synomaly.schedule import cosine_alphas_cumprod
+    from synomaly.train import training_targets
+
+    card = new_card("tiny", grid=32, channels=(32, 32))
+    card.noise.polarity = "both"
+    abar = cosine_alphas_cumprod(1000)
+    x0 = torch.zeros(256, 1, 32, 32)
+    m = torch.ones_like(x0)
+
+    def blob_strength(settings):
+        x_t, t, eps = training_targets(x0, m, card, abar, torch.Generator().manual_seed(4), settings)
+        a = abar[t].view(-1, 1, 1, 1)
+        image = (x_t / a.sqrt()).abs()  # x0 is 0: the blob plus noise sqrt((1 - a) / a) e, in image units
+        low = t < 25
+        return image[low].amax(dim=(1, 2, 3)), x_t, t, eps
+
+    plain, *_ = blob_strength(_settings(t_max=500))
+    strong, x_t, t, eps = blob_strength(_settings(t_max=500, lesion_blobs=1.0, lesion_amplitude=(0.4, 0.6)))
+    assert float(plain.median()) < 0.3, "Synomaly's own blobs are faint at low noise"
+    assert float(strong.min()) > 0.4 and float(strong.median()) < 0.9, "lesion-strength blobs keep 0.4-0.6 in the image"
+    a = abar[t].view(-1, 1, 1, 1)
+    assert torch.allclose(x_t, a.sqrt() * x0 + (1 - a).sqrt() * eps, atol=1e-5), "the target is the noise in x_t"
+
+
+def test_min_snr_weighting_is_an_image_loss_at_low_noise_and_the_noise_loss_at_high():
+    from synomaly.schedule import cosine_alphas_cumprod
+    from synomaly.train import noise_loss
+
+    abar = cosine_alphas_cumprod(1000)
+    target = torch.randn(2, 1, 8, 8)
+    pred = target + 0.5
+    t = torch.tensor([10, 900])
+    per_image = [float(noise_loss(pred[i : i + 1], target[i : i + 1], t[i : i + 1], abar, 5.0)) for i in range(2)]
+    snr = abar[t] / (1 - abar[t])
+    assert per_image[0] == pytest.approx(0.25 * 5.0 / float(snr[0]), rel=1e-4)  # 5 x the image-space error
+    assert per_image[1] == pytest.approx(0.25, rel=1e-4)  # SNR < 5: unweighted
+    assert float(noise_loss(pred, target, t, abar, 0.0)) == pytest.approx(0.25, rel=1e-5)

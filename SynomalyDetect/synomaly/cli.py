@@ -94,6 +94,8 @@ def cmd_train(args) -> int:
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, precision=args.precision, checkpoint_every=args.checkpoint_every,
         validate_every=args.checkpoint_every, contrast_remap=args.contrast_remap, t_max=args.t_max,
+        lesion_blobs=args.lesion_blobs, lesion_amplitude=tuple(args.lesion_amplitude),
+        min_snr_gamma=args.min_snr_gamma,
     )
     base_state = None
     if args.base:
@@ -614,6 +616,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "intensities are seen (0-1; default 0)")
     t.add_argument("--t-max", type=int, default=0,
                    help="train on noise levels below this only, around those detection uses (default: all)")
+    t.add_argument("--lesion-blobs", type=float, default=TrainingSettings.lesion_blobs, metavar="P",
+                   help="share of training images whose Synomaly blobs have the strength of a real lesion in image "
+                        "units at every noise level, not Synomaly's (u + offset) in noise units, which fades to about "
+                        "0.05 at the low noise levels detection on volumes uses (0-1; default 0)")
+    t.add_argument("--lesion-amplitude", type=float, nargs=2, default=list(TrainingSettings.lesion_amplitude),
+                   metavar=("LO", "HI"), help="range of that strength in model units, [-1, 1] scale (default 0.2 1.2)")
+    t.add_argument("--min-snr-gamma", type=float, default=TrainingSettings.min_snr_gamma, metavar="G",
+                   help="weight each image's loss by min(SNR, G) / SNR (min-SNR weighting; an x0 loss at low noise, "
+                        "needed with --lesion-blobs; 0 = plain noise MSE, the default; 5 is usual)")
     t.add_argument("--name", help="model name (default: output file name)")
     t.add_argument("--description", default="")
     t.add_argument("--model-version", help="version written into the card (default: the base model's, or 0.1.0)")

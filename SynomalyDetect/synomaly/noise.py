@@ -8,23 +8,20 @@ import torch.nn.functional as F
 from .filters import gaussian_blur
 
 
-def synomaly_noise(
+def synomaly_parts(
     shape: tuple[int, int, int, int],
     *,
     sigma: float = 3.0,
     tau: float = 175.0,
-    offset: float = 0.5,
     polarity: str = "brighter",
     anatomy_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
-    return_mask: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Synomaly noise eps_syn = e + d (u + offset) M for a batch (N, 1, H, W), all on `device`.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The parts of Synomaly noise for a batch (N, 1, H, W): Gaussian noise e, blob mask M (float 0/1),
+    polarity d (N, 1, 1, 1, +-1) and u ~ U(0, 1) (N, 1, 1, 1), all on `device`.
 
-    e ~ N(0, I); M = minmax_0..255(GaussianBlur(e, sigma)) > tau per image; u ~ U(0, 1) once per
-    image; d = +1 (brighter), -1 (darker) or a random sign per image (both). M is restricted to
-    `anatomy_mask` (N, 1, H, W, bool) when given.
+    M = minmax_0..255(GaussianBlur(e, sigma)) > tau per image, restricted to `anatomy_mask` (bool) when given.
     """
     device = torch.device(device)
     n = shape[0]
@@ -46,8 +43,42 @@ def synomaly_noise(
         d = torch.randint(0, 2, (n, 1, 1, 1), generator=generator, device=device).float() * 2 - 1
     else:
         raise ValueError(f"polarity must be 'brighter', 'darker' or 'both', not {polarity!r}")
-    eps = e + d * (u + offset) * mask.float()
-    return (eps, mask) if return_mask else eps
+    return e, mask.float(), d, u
+
+
+def synomaly_noise(
+    shape: tuple[int, int, int, int],
+    *,
+    sigma: float = 3.0,
+    tau: float = 175.0,
+    offset: float = 0.5,
+    polarity: str = "brighter",
+    anatomy_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    return_mask: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Synomaly noise eps_syn = e + d (u + offset) M for a batch (N, 1, H, W), all on `device`.
+
+    e ~ N(0, I); M = minmax_0..255(GaussianBlur(e, sigma)) > tau per image; u ~ U(0, 1) once per
+    image; d = +1 (brighter), -1 (darker) or a random sign per image (both). M is restricted to
+    `anatomy_mask` (N, 1, H, W, bool) when given.
+    """
+    e, mask, d, u = synomaly_parts(shape, sigma=sigma, tau=tau, polarity=polarity, anatomy_mask=anatomy_mask,
+                                   generator=generator, device=device)
+    eps = e + d * (u + offset) * mask
+    return (eps, mask.bool()) if return_mask else eps
+
+
+def lesion_strength_amplitude(amplitude: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+    """The blob amplitude in noise units that puts a blob of `amplitude` (model intensity units, [-1, 1]
+    scale) into the noised image x_t = sqrt(abar) x0 + sqrt(1 - abar) eps: amplitude sqrt(abar / (1 - abar)).
+
+    Synomaly's own amplitude (u + offset) is in noise units, so its blobs fade with the noise level (about
+    0.05 at t 25): a network trained only on those never sees a blob as strong as a lesion at the low
+    noise levels that detection on volumes uses. Shapes broadcast, e.g. (N, 1, 1, 1).
+    """
+    return amplitude * (abar_t / (1.0 - abar_t).clamp_min(1e-8)).sqrt()
 
 
 def gaussian_noise(

@@ -24,6 +24,9 @@ class TrainingSettings:
     intensity_augment: float = 0.1
     contrast_remap: float = 0.0  # share of training images given a random contrast curve (remap_contrast)
     t_max: int = 0  # sample training noise levels uniformly below t_max (0: the whole schedule)
+    lesion_blobs: float = 0.0  # share of images whose Synomaly blobs get a lesion-strength amplitude in image units
+    lesion_amplitude: tuple[float, float] = (0.2, 1.2)  # that amplitude's range, model units ([-1, 1] scale)
+    min_snr_gamma: float = 0.0  # loss weight min(SNR_t, gamma) / SNR_t (Hang et al. 2023); 0: plain noise MSE
     checkpoint_every: int = 250
     validate_every: int = 250
     validation_slices: int = 256

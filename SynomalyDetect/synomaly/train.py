@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from .card import ModelCard, NetworkSettings, NoiseSettings
 from .device import autocast, autocast_dtype, resolve_device
 from .errors import Cancelled, InputError
-from .noise import make_training_noise
+from .noise import lesion_strength_amplitude, make_training_noise, synomaly_parts
 from .progress import ProgressFn, null_progress
 from .schedule import cosine_alphas_cumprod, q_sample
 from .settings import TrainingSettings
@@ -103,18 +102,49 @@ def _batch_augment(x: torch.Tensor, m: torch.Tensor, settings: TrainingSettings,
 
 def training_targets(x0: torch.Tensor, mask: torch.Tensor, card: ModelCard,
                      abar: torch.Tensor, gen: torch.Generator, settings: TrainingSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Network input, timesteps and target noise for one batch (all on x0's device)."""
+    """Network input, timesteps and target noise for one batch (all on x0's device).
+
+    With `settings.lesion_blobs` > 0, that share of the images keeps Synomaly's blobs and noise but gives the
+    blobs an amplitude drawn from `settings.lesion_amplitude` in image units at every noise level
+    (`lesion_strength_amplitude`), the strength of a real lesion, brighter or darker as the card's polarity.
+    """
     n = x0.shape[0]
     dev = x0.device
-    noise = make_training_noise(card.noise.kind, tuple(x0.shape), card.noise,
-                                anatomy_mask=mask if settings.noise_in_foreground else None,
+    t_max = settings.t_max if 0 < settings.t_max <= card.timesteps else card.timesteps
+    anatomy = mask if settings.noise_in_foreground else None
+    if card.noise.kind == "synomaly" and settings.lesion_blobs > 0:
+        ns = card.noise
+        e, blobs, d, u = synomaly_parts(tuple(x0.shape), sigma=ns.sigma, tau=ns.tau, polarity=ns.polarity,
+                                        anatomy_mask=anatomy, generator=gen, device=dev)
+        t = torch.randint(0, t_max, (n,), generator=gen, device=dev)
+        chosen = (torch.rand(n, generator=gen, device=dev) < settings.lesion_blobs).view(n, 1, 1, 1)
+        lo, hi = settings.lesion_amplitude
+        strength = lo + (hi - lo) * torch.rand((n, 1, 1, 1), generator=gen, device=dev)
+        a_t = abar.to(dev)[t].view(n, 1, 1, 1)
+        amp = torch.where(chosen, lesion_strength_amplitude(strength, a_t), u + ns.offset)
+        noise = e + d * amp * blobs
+        return q_sample(x0, t, noise, abar), t, noise
+    noise = make_training_noise(card.noise.kind, tuple(x0.shape), card.noise, anatomy_mask=anatomy,
                                 generator=gen, device=dev)
     if card.noise.kind == "coarse":
         t = torch.zeros(n, dtype=torch.long, device=dev)
         return x0 + noise, t, noise
-    t_max = settings.t_max if 0 < settings.t_max <= card.timesteps else card.timesteps
     t = torch.randint(0, t_max, (n,), generator=gen, device=dev)
     return q_sample(x0, t, noise, abar), t, noise
+
+
+def noise_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, abar: torch.Tensor,
+               min_snr_gamma: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """MSE of the predicted noise (N, 1, H, W); with `min_snr_gamma` > 0 each image weighted by
+    min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t): an x0 loss at low noise levels (where a
+    lesion-strength blob makes the noise target large), the plain noise loss where SNR_t < gamma."""
+    err = (pred.float() - target) ** 2
+    if min_snr_gamma > 0:
+        a = abar.to(pred.device)[t].float()
+        snr = a / (1.0 - a).clamp_min(1e-8)
+        w = snr.clamp(max=min_snr_gamma) / snr
+        err = err * w.view(-1, *([1] * (err.dim() - 1)))
+    return err.sum() if reduction == "sum" else err.mean()
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -239,7 +269,7 @@ class Trainer:
         self.model.train()
         with autocast(self.device, self.dtype):
             pred = self.net(x_in, timesteps=t)
-        loss = F.mse_loss(pred.float(), target)
+        loss = noise_loss(pred, target, t, self.abar, s.min_snr_gamma)
         self.opt.zero_grad(set_to_none=True)
         if several:  # DDP averages the ranks' gradients: weighted by share, that is the global batch's mean
             self.scaler.scale(loss * ((hi - lo) * self.world.world_size / s.batch_size)).backward()
@@ -284,7 +314,7 @@ class Trainer:
                 x_in = x_in.contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.dtype):
                 pred = self.ema(x_in, timesteps=t)
-            total += float(F.mse_loss(pred.float(), target, reduction="sum"))
+            total += float(noise_loss(pred, target, t, self.abar, self.settings.min_snr_gamma, reduction="sum"))
             count += target.numel()
         return total / max(1, count)
 
