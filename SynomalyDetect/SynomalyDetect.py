@@ -561,7 +561,7 @@ class SynomalyDetectLogic(ScriptedLoadableModuleLogic):
             path = (wait or jobs.run_to_end)(job)
         node = slicer.util.loadVolume(str(path))
         node.SetName(SAMPLE_NAME)
-        truth = path.with_name("demo_lesion_truth.seg.nrrd")
+        truth = path.with_name(engine.DEMO_TRUTH_FILE)
         if truth.exists():
             segmentation = slicer.util.loadSegmentation(str(truth))
             segmentation.SetName(f"{SAMPLE_NAME} truth")

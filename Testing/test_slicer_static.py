@@ -24,7 +24,7 @@ EXTENSION = "SynomalyExtension"
 #: What a Slicer module file may import at module scope besides the standard library.
 ALLOWED_MODULE_SCOPE = {"slicer", "vtk", "qt", "ctk", "SynomalyDetectLib", "__future__"}
 #: Engine modules of plain data (standard library only, checked below) that the Slicer side may import anywhere.
-LIGHT_ENGINE_MODULES = {"synomaly.settings"}
+LIGHT_ENGINE_MODULES = {"synomaly.settings", "synomaly.contract"}
 IGNORED_PARTS = {"__pycache__", ".pytest_cache"}
 
 
@@ -138,7 +138,9 @@ def test_every_python_file_of_the_module_is_listed_in_its_cmakelists(module):
 
 def test_every_engine_file_is_installed_with_synomaly_detect():
     listed = set(cmake_set(ROOT / "SynomalyDetect" / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS"))
-    engine = {f"synomaly/{p.name}" for p in (ROOT / "SynomalyDetect" / "synomaly").glob("*.py")}
+    package = ROOT / "SynomalyDetect" / "synomaly"
+    engine = {f"synomaly/{p.relative_to(package).as_posix()}" for p in package.rglob("*.py")
+              if not (IGNORED_PARTS & set(p.parts))}
     assert engine, "the engine package is missing"
     missing = sorted(engine - listed)
     assert not missing, f"engine files not installed into Slicer (add to SynomalyDetect/CMakeLists.txt): {missing}"

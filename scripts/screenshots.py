@@ -39,10 +39,10 @@ import vtk  # noqa: E402
 from vtk.util.numpy_support import vtk_to_numpy  # noqa: E402
 
 from SynomalyDetectLib import bridge, review  # noqa: E402
-from SynomalyDetectLib.jobs import RESULT_FILES  # noqa: E402
+from synomaly.contract import DEMO_FILE, RESULT_FILES  # noqa: E402
 
 CASE = "mni152_implanted_lesion"  # the demo's 3D case
-INPUT_FILE = "demo_lesion.nrrd"
+INPUT_FILE = DEMO_FILE
 VIEW_SIZE = (480, 560)  # width, height of one slice view, pixels
 #: Slicer's slice view colours (the bar above each view in the application)
 VIEW_COLORS = {"Red": (0xF3 / 255, 0x4A / 255, 0x33 / 255), "Yellow": (0xED / 255, 0xD5 / 255, 0x4C / 255)}
@@ -198,7 +198,7 @@ def load_case(app: App, demo: Path):
                                        None, "demo_lesion anomaly map", input_volume)
     segmentation = bridge.assign_segmentation(scene, bridge.read_segmentation(results / RESULT_FILES["segmentation"]),
                                               None, "demo_lesion anomalies", input_volume)
-    table = bridge.assign_table(scene, bridge.read_lesions_csv(results / RESULT_FILES["table"]), None,
+    table = bridge.assign_table(scene, bridge.read_lesions_csv(results / RESULT_FILES["lesions"]), None,
                                 "demo_lesion lesions")
     import json
     report = json.loads((results / RESULT_FILES["report"]).read_text(encoding="utf-8"))

@@ -20,12 +20,8 @@ from typing import Any, Iterable, Optional, Sequence
 import slicer
 import vtk
 
-#: Columns the engine writes into lesions.csv, in order.
-LESION_COLUMNS = (
-    "id", "volume_ml", "max_score", "mean_score", "centroid_r", "centroid_a", "centroid_s",
-    "bbox_i0", "bbox_j0", "bbox_k0", "bbox_i1", "bbox_j1", "bbox_k1", "voxels",
-)
-_INT_COLUMNS = {"id", "bbox_i0", "bbox_j0", "bbox_k0", "bbox_i1", "bbox_j1", "bbox_k1", "voxels"}
+# the numbers the engine writes into lesions.csv, in order, and those that are whole numbers
+from synomaly.contract import LESION_COLUMNS, LESION_INTEGER_COLUMNS  # standard library only, no torch
 
 #: A colour that stands out on grey-scale images (orange-yellow), for segments without one.
 ANOMALY_COLOR = (1.0, 0.65, 0.0)
@@ -223,7 +219,7 @@ def read_lesions_csv(path: str | Path) -> list[dict[str, Any]]:
             for column in reader.fieldnames or []:
                 text = (raw.get(column) or "").strip()
                 try:
-                    if column in _INT_COLUMNS:
+                    if column in LESION_INTEGER_COLUMNS:
                         row[column] = int(float(text))
                     elif column in LESION_COLUMNS:
                         row[column] = float(text)
@@ -354,7 +350,7 @@ def assign_table(scene, rows: Iterable[dict[str, Any]], target=None, name: str =
     table = vtk.vtkTable()
     for column in columns:
         values = [row.get(column) for row in rows]
-        if column in _INT_COLUMNS and all(isinstance(v, int) for v in values):
+        if column in LESION_INTEGER_COLUMNS and all(isinstance(v, int) for v in values):
             array = vtk.vtkIntArray()
         elif all(isinstance(v, (int, float)) for v in values):
             array = vtk.vtkDoubleArray()

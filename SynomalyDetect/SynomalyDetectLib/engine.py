@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from synomaly.contract import DEFAULT_MODEL, DEMO_FILE, DEMO_TRUTH_FILE, ENGINE_MODULE  # standard library only
+
 #: The folder that holds the `synomaly` package (SynomalyDetect/ in the source tree and the install).
 ENGINE_PARENT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +37,7 @@ class EngineUnavailable(RuntimeError):
 
 def engine_command(python: Sequence[str], *args: Any) -> list[str]:
     """[python..., -m, synomaly.cli, args...]."""
-    return [*python, "-m", "synomaly.cli", *(str(a) for a in args)]
+    return [*python, "-m", ENGINE_MODULE, *(str(a) for a in args)]
 
 
 def engine_environment(base: Optional[Mapping[str, str]] = None, models_dir: Optional[str] = None) -> dict[str, str]:
@@ -74,10 +76,7 @@ def list_models() -> list[dict[str, Any]]:
 
 def default_model_name() -> str:
     """The model the engine uses when none is named."""
-    try:
-        return str(_modelio().DEFAULT_MODEL)
-    except (EngineUnavailable, AttributeError):
-        return "brain-mri-axial"
+    return DEFAULT_MODEL
 
 
 def user_models_dir() -> Path:
@@ -189,14 +188,11 @@ def default_fpr(entry: Optional[Mapping[str, Any]]) -> Optional[float]:
     return float(value)
 
 
-DEMO_FILE = "demo_lesion.nrrd"
-
-
 def generate_demo_data(out_dir: str | Path, python: Sequence[str], env: Optional[Mapping[str, str]] = None,
                        timeout: float = 600) -> Path:
     """Have the engine write its demo case (healthy template with an implanted lesion) and wait; its path.
 
-    The engine also writes the implanted lesion's true mask next to it (demo_lesion_truth.seg.nrrd).
+    The engine also writes the implanted lesion's true mask next to it (DEMO_TRUTH_FILE).
     The panel runs the same job in the background (jobs.demo_data_job).
     """
     path = Path(out_dir) / DEMO_FILE

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from synomaly.contract import RESULT_FILES  # standard library only, no torch
 from synomaly.settings import TrainingSettings  # plain data, no torch: the engine's training defaults
 
 from . import bridge
@@ -22,15 +23,6 @@ from .engine import DEMO_FILE, add_model_args, checkpoint_path, engine_command, 
 from .runner import ProcessRunner, Progress, RunState
 
 RunnerFactory = Callable[..., Any]
-
-RESULT_FILES = {
-    "counterfactual": "counterfactual.nrrd",
-    "anomaly_map": "anomaly_map.nrrd",
-    "segmentation": "anomaly.seg.nrrd",
-    "table": "lesions.csv",
-    "report": "report.json",
-}
-
 
 class JobError(RuntimeError):
     """A run cannot start with these inputs, or its results cannot be loaded."""
@@ -232,7 +224,7 @@ class DetectionJob(RunnerJob):
             counterfactual = bridge.read_volume(folder / RESULT_FILES["counterfactual"])
             anomaly_map = bridge.read_volume(folder / RESULT_FILES["anomaly_map"])
             segmentation = bridge.read_segmentation(folder / RESULT_FILES["segmentation"])
-            rows = bridge.read_lesions_csv(folder / RESULT_FILES["table"])
+            rows = bridge.read_lesions_csv(folder / RESULT_FILES["lesions"])
             report = read_report(folder / RESULT_FILES["report"])
             input_volume = self.scene.GetNodeByID(self.input_id)
             if input_volume is None:

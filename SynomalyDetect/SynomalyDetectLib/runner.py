@@ -22,16 +22,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-#: What the engine's exit codes mean (see synomaly.errors).
-EXIT_MESSAGES = {
-    1: "the engine failed",
-    2: "the input cannot be used",
-    3: "the model cannot be used",
-    4: "the results cannot be written",
-    5: "not enough memory or device capacity",
-    130: "the run was interrupted",
-}
-ERROR_PREFIX = "synomaly: error:"
+from synomaly.contract import ERROR_PREFIX, EXIT_FAILED, EXIT_MESSAGES  # standard library only, no torch
+
 
 
 class RunState(str, Enum):
@@ -326,7 +318,7 @@ class ProcessRunner:
         if code is not None and code < 0:
             what = f"the engine was stopped by signal {-code}"
         else:
-            what = EXIT_MESSAGES.get(code or 1, "the engine failed") + f" (exit code {code})"
+            what = EXIT_MESSAGES.get(code or EXIT_FAILED, EXIT_MESSAGES[EXIT_FAILED]) + f" (exit code {code})"
         if meaningful:
             return what + ":\n" + "\n".join(meaningful[-15:])
         return what

@@ -5,7 +5,7 @@ Importing this package is cheap and has no side effects; torch and friends load 
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .contract import __version__  # from the package metadata
 
 __all__ = [
     "DetectionSettings",

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .contract import (DEFAULT_MODEL, DEMO_FILE, DEMO_TRUTH_FILE, ERROR_PREFIX, EXIT_FAILED, EXIT_INPUT, EXIT_MODEL,
+                       __version__)
 from .errors import Cancelled, InputError, SynomalyError
 
 log = logging.getLogger("synomaly")
@@ -222,7 +224,7 @@ def add_result_arguments(d: argparse.ArgumentParser) -> None:
 
 def add_detection_arguments(d: argparse.ArgumentParser) -> None:
     """Options shared by detect, demo and bench."""
-    d.add_argument("--model", default="brain-mri-axial", help="model name (see `synomaly models`) or file")
+    d.add_argument("--model", default=DEFAULT_MODEL, help="model name (see `synomaly models`) or file")
     d.add_argument("--t", type=int, help="noise level t of each stage (default: the model's)")
     d.add_argument("--stages", type=int, help="maximum number of stages (default: the model's, 5)")
     sens = d.add_mutually_exclusive_group()
@@ -479,8 +481,8 @@ def cmd_demo(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         import shutil
 
-        shutil.copy(img_path, out / "demo_lesion.nrrd")
-        shutil.copy(truth_path, out / "demo_lesion_truth.seg.nrrd")
+        shutil.copy(img_path, out / DEMO_FILE)
+        shutil.copy(truth_path, out / DEMO_TRUTH_FILE)
         for name, path in cases:
             image = read_image(path, color="luminance")
             result = detect(image, model, settings, progress=progress)
@@ -592,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="synomaly", description="Unsupervised anomaly detection with Synomaly noise "
                                 "and multi-stage diffusion. Research use only; not for diagnosis.")
-    p.add_argument("--version", action="version", version="synomaly 0.1.0")
+    p.add_argument("--version", action="version", version=f"synomaly {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -795,23 +797,23 @@ def main(argv: list[str] | None = None) -> int:
         print("synomaly: interrupted; nothing was written", file=sys.stderr)
         return Cancelled.exit_code
     except SynomalyError as exc:
-        print(f"synomaly: error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX} {exc}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # model file problems and the like come with their own messages
         from .modelio import ModelFileError
 
         if isinstance(exc, ModelFileError):
-            print(f"synomaly: error: {exc}", file=sys.stderr)
-            return 3
+            print(f"{ERROR_PREFIX} {exc}", file=sys.stderr)
+            return EXIT_MODEL
         if isinstance(exc, RuntimeError) and "device" in str(exc) and "requested" in str(exc):
-            print(f"synomaly: error: {exc}", file=sys.stderr)  # an unavailable --device
-            return 2
+            print(f"{ERROR_PREFIX} {exc}", file=sys.stderr)  # an unavailable --device
+            return EXIT_INPUT
         if args.verbose:
             raise
         first = (str(exc).strip().splitlines() or [""])[0]
-        print(f"synomaly: error: unexpected {type(exc).__name__}: {first} (run with --verbose for the details)",
+        print(f"{ERROR_PREFIX} unexpected {type(exc).__name__}: {first} (run with --verbose for the details)",
               file=sys.stderr)
-        return 1
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

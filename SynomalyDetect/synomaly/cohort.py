@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from .contract import RESULT_FILES
 from .errors import InputError, PartialFailure, SettingsError, SynomalyError
-from .outputs import RESULT_FILES
 from .prepare import SCAN_SUFFIXES, read_list
 from .progress import ProgressFn, null_progress
 

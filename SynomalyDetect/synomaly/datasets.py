@@ -362,7 +362,7 @@ class _DatasetWriter:
 def _common_summary(dataset: str, source: Any, seed: int, val_fraction: float, test_fraction: float,
                     grid: Optional[int], fmt: str) -> dict[str, Any]:
     """The part of manifest.json every preparer writes."""
-    from . import __version__
+    from .contract import __version__
 
     return {
         "dataset": dataset, "source": source, "created_by": f"synomaly {__version__}",

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from . import contract
+
 
 class SynomalyError(Exception):
     """Base class: a problem the user can understand and fix."""
 
-    exit_code = 1
+    exit_code = contract.EXIT_FAILED
 
 
 class InputError(SynomalyError):
     """The input image cannot be used (unreadable, wrong shape, no contrast, ...)."""
 
-    exit_code = 2
+    exit_code = contract.EXIT_INPUT
 
 
 class SettingsError(InputError):
@@ -22,28 +24,28 @@ class SettingsError(InputError):
 class ModelError(SynomalyError):
     """The model file cannot be used or does not suit the input."""
 
-    exit_code = 3
+    exit_code = contract.EXIT_MODEL
 
 
 class OutputError(SynomalyError):
     """The results cannot be written (folder exists, disk full, permission)."""
 
-    exit_code = 4
+    exit_code = contract.EXIT_OUTPUT
 
 
 class ResourceError(SynomalyError):
     """Not enough memory or device capacity for this input."""
 
-    exit_code = 5
+    exit_code = contract.EXIT_RESOURCE
 
 
 class PartialFailure(SynomalyError):
     """Some items of a batch (scans of a cohort) failed; the others have their results."""
 
-    exit_code = 6
+    exit_code = contract.EXIT_PARTIAL
 
 
 class Cancelled(SynomalyError):
     """The run was interrupted (Ctrl-C, SIGTERM or a cancel request)."""
 
-    exit_code = 130
+    exit_code = contract.EXIT_CANCELLED

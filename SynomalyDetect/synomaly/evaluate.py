@@ -911,7 +911,7 @@ def _curves(results: Sequence[MethodResult], data: EvalData) -> tuple[np.ndarray
 
 def _markdown(results: Sequence[MethodResult], data: EvalData, s: EvalSettings, command: str,
               comps: list[dict[str, Any]], device: str) -> str:
-    from . import __version__
+    from .contract import __version__
 
     keys = reported_metrics(data)
     lines = [f"# Synomaly evaluation on `{data.kind}` data", "",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .card import ModelCard, ModelCardError
+from .contract import DEFAULT_MODEL
 
 if TYPE_CHECKING:  # torch loads on first use, so listing models and reading cards need no torch
     import torch
@@ -28,7 +29,6 @@ def shipped_models_dir() -> Path:
 
 
 SHIPPED_DIR = shipped_models_dir()
-DEFAULT_MODEL = "brain-mri-axial"
 
 
 class ModelFileError(RuntimeError):

@@ -18,19 +18,10 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from .contract import LESION_FILE_COLUMNS, RESULT_FILES
 from .errors import OutputError
 
-LESION_COLUMNS = ["id", "volume_ml", "max_score", "mean_score", "centroid_r", "centroid_a", "centroid_s",
-                  "bbox_i0", "bbox_j0", "bbox_k0", "bbox_i1", "bbox_j1", "bbox_k1", "voxels", "units"]
 SEGMENT_COLOR = (0.93, 0.25, 0.2)  # a red that stands out on grey anatomy
-RESULT_FILES = {  # what write_results puts into a scan's result folder
-    "counterfactual": "counterfactual.nrrd",
-    "anomaly_map": "anomaly_map.nrrd",
-    "segmentation": "anomaly.seg.nrrd",
-    "lesions": "lesions.csv",
-    "overview": "overview.png",
-    "report": "report.json",
-}
 
 
 def write_segmentation(seg: sitk.Image, path: str | Path, name: str = "Anomaly",
@@ -70,10 +61,10 @@ def write_segmentation(seg: sitk.Image, path: str | Path, name: str = "Anomaly",
 def write_lesions_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
     """The lesion table as CSV (one row per connected component, largest first)."""
     with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=LESION_COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=LESION_FILE_COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: row[k] for k in LESION_COLUMNS})
+            writer.writerow({k: row[k] for k in LESION_FILE_COLUMNS})
 
 
 def amount_text(report: dict[str, Any]) -> str:

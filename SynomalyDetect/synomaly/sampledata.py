@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .contract import DEMO_FILE, DEMO_TRUTH_FILE
 from .errors import InputError
 
 RESERVED_FROM = 1050  # Br35H numbers >= 1050 are reserved for the final benchmark; never train or tune on them
@@ -176,7 +177,7 @@ def demo_case(out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     image = sitk.ReadImage(str(mni152_t1()), sitk.sitkFloat32)
     lesioned, mask = implant_lesion(image)
-    img_path, mask_path = out_dir / "demo_lesion.nrrd", out_dir / "demo_lesion_truth.seg.nrrd"
+    img_path, mask_path = out_dir / DEMO_FILE, out_dir / DEMO_TRUTH_FILE
     sitk.WriteImage(lesioned, str(img_path), useCompression=True)
     from .outputs import write_segmentation
 
