@@ -87,6 +87,29 @@ def test_choice_prefers_the_cheaper_of_tied_settings_and_the_fpr_respects_health
     assert tune.choose_fpr(points, 0.5)["fpr"] == "0.0001"
     assert tune.choose_fpr(points, 0.0)["fpr"] == "0.0001"
     assert tune.choose_fpr(points[:1], 1.0)["fpr"] == "0.01", "none qualifies: the rate that flags least"
+    grown = {"fpr": "0.0001", "grow_fpr": "0.01", "dice_mean": 0.45, "healthy_ml_max": 0.6}
+    assert tune.choose_fpr(points + [grown], 1.0) is grown, "growth wins when it segments better and stays clean"
+    assert tune.choose_fpr(points + [dict(grown, healthy_ml_max=1.5)], 1.0)["fpr"] == "0.001"
+    assert tune.choose_fpr(points + [dict(grown, dice_mean=0.2)], 0.5).get("grow_fpr") is None, "ties: no growth"
+
+
+def test_hysteresis_grows_found_lesions_to_their_extent_and_leaves_unseeded_regions_out():
+    from synomaly.detect import postprocess
+
+    score = np.zeros((10, 40, 40), dtype=np.float32)
+    score[3:7, 5:15, 5:15] = 0.3  # a lesion whose core alone passes the strict threshold
+    score[4:6, 9:11, 9:11] = 0.9
+    score[3:7, 25:35, 25:35] = 0.3  # as large and as bright as the lesion's rim, but never above the strict level
+    strict, _ = postprocess(score, 0.5, (1.0, 1.0, 1.0), 0.0)
+    assert strict.sum() == 8
+    grown, labels = postprocess(score, 0.5, (1.0, 1.0, 1.0), 0.0, grow=0.2)
+    assert grown.sum() == 400 and grown[3:7, 5:15, 5:15].all() and not grown[:, 25:, 25:].any()
+    assert labels.max() == 1
+    # the minimum size counts the grown component: kept at 400 mm^3, gone at 401
+    assert postprocess(score, 0.5, (1.0, 1.0, 1.0), 400.0, grow=0.2)[0].sum() == 400
+    assert not postprocess(score, 0.5, (1.0, 1.0, 1.0), 401.0, grow=0.2)[0].any()
+    # a grow level at or above the threshold changes nothing
+    assert np.array_equal(postprocess(score, 0.5, (1.0, 1.0, 1.0), 0.0, grow=0.6)[0], strict)
 
 
 def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file, tmp_path):
@@ -109,6 +132,15 @@ def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file,
     assert list(d3.t_ensemble or [d3.t]) == ts
     assert d3.blur_kernel == chosen["blur"] and d3.max_stages == chosen["stages"] and d3.noise_draws == chosen["draws"]
     assert f"{d3.fpr:g}" == card.tuning["chosen_fpr"]
+    grow_key = card.tuning["chosen_grow_fpr"]
+    assert (d3.grow_fpr is None) if grow_key is None else (f"{d3.grow_fpr:g}" == grow_key)
+    points = card.tuning["operating_points"]
+    assert {(p["fpr"], p["grow_fpr"]) for p in points} == {("0.01", None), ("0.001", None), ("0.0001", None),
+                                                            ("0.001", "0.01"), ("0.0001", "0.01"), ("0.0001", "0.001")}
+    for p in points:  # growing a rate's lesions never flags less in a lesion-free volume than the rate alone
+        if p["grow_fpr"]:
+            alone = next(q for q in points if q["fpr"] == p["fpr"] and q["grow_fpr"] is None)
+            assert p["healthy_ml_max"] >= alone["healthy_ml_max"]
     assert card.detection == read_card(tiny_model_file).detection, "single slices keep the untuned setting"
     assert card.calibration == read_card(tiny_model_file).calibration
     cal = card.calibration_3d
@@ -128,6 +160,17 @@ def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file,
     assert source == f"calibrated FPR {card.tuning['chosen_fpr']}"
     result = detect(_head(seed=9), model, DetectionSettings(device="cpu"))
     assert result.report["t"] == (ts[0] if len(ts) == 1 else ts) and result.threshold == pytest.approx(thr)
+    if d3.grow_fpr:
+        assert result.report["grow_threshold"] == pytest.approx(cal["thresholds"][grow_key])
+    else:
+        assert result.report["grow_threshold"] is None
+    grown = detect(_head(seed=9), model, DetectionSettings(device="cpu", fpr=1e-4, grow_fpr=1e-2))
+    assert grown.report["grow_threshold"] == pytest.approx(cal["thresholds"]["0.01"])
+    strict = detect(_head(seed=9), model, DetectionSettings(device="cpu", fpr=1e-4, grow_fpr=0))
+    assert strict.report["grow_threshold"] is None
+    g_seg = sitk.GetArrayFromImage(grown.segmentation) > 0
+    s_seg = sitk.GetArrayFromImage(strict.segmentation) > 0
+    assert g_seg.sum() >= s_seg.sum() and not (s_seg & ~g_seg).any(), "growth only adds to the strict lesions"
     # an explicit t replaces the tuned ensemble
     assert resolve_settings(DetectionSettings(t=77), model.card, volume=True)[0] == (77,)
     # a single 2D slice keeps the card's slice setting

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 CARD_FORMAT = "synomaly-model-card/1"
 ORIENTATIONS = ("axial", "coronal", "sagittal")
@@ -81,6 +81,7 @@ class DetectionDefaults:
     t_ensemble: tuple[int, ...] = ()  # several noise levels whose healed images are averaged (overrides t)
     noise_draws: int = 1  # noise draws averaged per noise level
     fpr: float = 1e-3  # the calibrated false-positive rate used when none is asked for
+    grow_fpr: Optional[float] = None  # lesions grow into connected voxels above this rate's threshold (hysteresis)
 
     def noise_levels(self) -> tuple[int, ...]:
         """The noise levels of one stage: the ensemble, else t alone."""
@@ -245,7 +246,8 @@ class ModelCard:
         d = self.detection_for(volume)
         t = "+".join(str(v) for v in d.t_ensemble) if d.t_ensemble else str(d.t)
         draws = f", {d.noise_draws} draws" if d.noise_draws > 1 else ""
-        return f"t {t}, blur {d.blur_kernel}, up to {d.max_stages} stages{draws}, FPR {d.fpr:g}"
+        grow = f" grown to FPR {d.grow_fpr:g}" if d.grow_fpr else ""
+        return f"t {t}, blur {d.blur_kernel}, up to {d.max_stages} stages{draws}, FPR {d.fpr:g}{grow}"
 
     def summary(self) -> str:
         """A few human lines: what the model is for and what it expects."""

@@ -32,6 +32,7 @@ class DetectionSettings:
     max_stages: Optional[int] = None
     tolerance: float = 0.01
     noise_draws: Optional[int] = None  # None: the card's
+    grow_fpr: Optional[float] = None  # lesions grow to connected voxels above this FPR's threshold; None: the card's, 0: off
     seed: int = 0
     batch_size: int = 8
     device: str = "auto"
@@ -57,6 +58,8 @@ class DetectionSettings:
                 bad(f"{name.replace('_', ' ')} must be a number of 0 or more, got {v}")
         if self.fpr is not None and not 0 < float(self.fpr) < 1:
             bad(f"the false-positive rate must lie between 0 and 1 (e.g. 0.001), got {self.fpr}")
+        if self.grow_fpr is not None and not 0 <= float(self.grow_fpr) < 1:
+            bad(f"the grow false-positive rate must lie in [0, 1) (0: no growth), got {self.grow_fpr}")
         if not (math.isfinite(float(self.min_lesion_mm3)) and float(self.min_lesion_mm3) >= 0):
             bad(f"the minimum lesion size must be 0 mm^3 or more, got {self.min_lesion_mm3}")
         if self.max_stages is not None and not 1 <= int(self.max_stages) <= 50:
@@ -119,18 +122,34 @@ def resolve_settings(settings: DetectionSettings, card, volume: bool = False) ->
     thresholds = cal.get("thresholds", {})
     fpr = settings.fpr
     if fpr is not None:
-        key = _fpr_key(fpr)
+        key = fpr_key(fpr)
         if key not in thresholds:
             have = ", ".join(sorted(thresholds)) or "none"
             raise ModelError(f"model {card.name!r} has no threshold calibrated for FPR {fpr:g} (has: {have}); "
                              "run `synomaly calibrate` or give --threshold")
         _warn_if_calibration_differs(cal, ts, k, stages)
         return ts, k, stages, float(thresholds[key]), f"calibrated FPR {key}"
-    default = _fpr_key(d.fpr)
+    default = fpr_key(d.fpr)
     if default in thresholds:
         _warn_if_calibration_differs(cal, ts, k, stages)
         return ts, k, stages, float(thresholds[default]), f"calibrated FPR {default}"
     return ts, k, stages, float(d.threshold), "model default (uncalibrated)"
+
+
+def resolve_grow_threshold(settings: DetectionSettings, card, threshold: float, volume: bool = False) -> Optional[float]:
+    """The hysteresis level lesions grow into (`postprocess`): the calibrated threshold at the asked or the card's
+    grow FPR, when the card has one for it and it lies below the segmentation threshold; else None (no growth)."""
+    fpr = settings.grow_fpr if settings.grow_fpr is not None else card.detection_for(volume).grow_fpr
+    if not fpr:
+        return None
+    thresholds = (card.calibration_for(volume) or {}).get("thresholds", {})
+    key = fpr_key(fpr)
+    if key not in thresholds:
+        have = ", ".join(sorted(thresholds)) or "none"
+        raise ModelError(f"model {card.name!r} has no threshold calibrated for FPR {fpr:g} to grow lesions into "
+                         f"(has: {have}); run `synomaly calibrate` or turn growth off (grow FPR 0)")
+    grow = float(thresholds[key])
+    return grow if grow < threshold else None
 
 
 def resolve_fusion_threshold(settings: DetectionSettings, card, ts: tuple[int, ...], k: int, threshold: float,
@@ -148,7 +167,7 @@ def resolve_fusion_threshold(settings: DetectionSettings, card, ts: tuple[int, .
     return threshold
 
 
-def _fpr_key(fpr: float) -> str:
+def fpr_key(fpr: float) -> str:
     """Canonical text of a false-positive rate, as stored in the card ('0.001')."""
     return f"{float(fpr):g}" if float(fpr) >= 1e-4 else f"{float(fpr):.0e}"
 
@@ -289,11 +308,18 @@ def check_compatibility(image: sitk.Image, card, allow: bool = False) -> list[st
     return warnings
 
 
-def postprocess(score: np.ndarray, threshold: float, spacing: tuple[float, ...], min_mm3: float) -> tuple[np.ndarray, np.ndarray]:
-    """Threshold an anomaly map and drop 3D connected components smaller than min_mm3; returns (binary, labels)."""
+def postprocess(score: np.ndarray, threshold: float, spacing: tuple[float, ...], min_mm3: float,
+                grow: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Threshold an anomaly map and drop 3D connected components smaller than min_mm3; returns (binary, labels).
+
+    With `grow` below `threshold` (hysteresis): the components of the map above `grow` that reach above
+    `threshold` somewhere are kept whole, so a lesion found at a strict threshold is segmented to its
+    extent at a looser one, while regions that never reach the strict threshold stay out.
+    """
     from scipy import ndimage
 
-    binary = score > threshold
+    hysteresis = grow is not None and grow < threshold
+    binary = score > (grow if hysteresis else threshold)
     labels = np.zeros(score.shape, dtype=np.int32)
     hits = [np.nonzero(binary.any(axis=tuple(a for a in range(score.ndim) if a != axis)))[0] for axis in range(score.ndim)]
     if hits[0].size == 0:
@@ -305,6 +331,10 @@ def postprocess(score: np.ndarray, threshold: float, spacing: tuple[float, ...],
     voxel_mm3 = float(np.prod(spacing))
     counts = np.bincount(inner.ravel(), minlength=n + 1)
     keep = counts * voxel_mm3 >= min_mm3
+    if hysteresis:  # only the components with a voxel above the strict threshold
+        seeded = np.zeros(n + 1, dtype=bool)
+        seeded[np.unique(inner[score[box] > threshold])] = True
+        keep &= seeded
     keep[0] = False
     if not keep[1:].all():  # renumber the components kept 1..m (removing components never joins others)
         renumber = np.where(keep, np.cumsum(keep), 0).astype(np.int32)
@@ -386,6 +416,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     volume = is_volume(image)
     ts, k, stages, threshold, source = resolve_settings(settings, card, volume)
     fusion = resolve_fusion_threshold(settings, card, ts, k, threshold, volume)
+    grow = resolve_grow_threshold(settings, card, threshold, volume)
     draws = int(settings.noise_draws if settings.noise_draws is not None else card.detection_for(volume).noise_draws)
     if draws < 1:
         raise SettingsError(f"noise draws must be at least 1, got {draws}")
@@ -425,7 +456,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
                    f"the minimum lesion size {settings.min_lesion_mm3:g} pixels), not mm")
         log.warning(message)
         warnings.append(message)
-    binary, labels = postprocess(np.asarray(score_in), threshold, spacing, settings.min_lesion_mm3)
+    binary, labels = postprocess(np.asarray(score_in), threshold, spacing, settings.min_lesion_mm3, grow)
     seg_img = sitk.GetImageFromArray(binary.astype(np.uint8))
     seg_img.CopyInformation(score_img)
     lesions = lesion_table(labels, np.asarray(score_in), score_img, units=units)
@@ -438,6 +469,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
         "t": ts[0] if len(ts) == 1 else list(ts), "noise_draws": draws, "blur_kernel": k,
         "setting": "volume (tuned)" if volume and card.detection_3d is not None else "card default", "max_stages": stages, "threshold": threshold, "threshold_source": source,
         "fusion_threshold": fusion,
+        "grow_threshold": grow,
         "slices_total": int(g.oriented_shape[0]),
         "slices_analysed": int(prep.slices.shape[0]),
         "stages_per_slice_mean": round(float(res.stages.float().mean()), 3) if res.stages.numel() else 0.0,

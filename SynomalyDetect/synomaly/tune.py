@@ -273,20 +273,25 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
     components = [lesion_polarities(c, h) for c, h in zip(lesion_cases, healthy_cases)]
     points = []
     for key, thr in thresholds.items():
-        dices = []
-        found: list[tuple[int, float, bool]] = []
-        for m, c, (labels, rows) in zip(lmaps, lesion_cases, components):
-            binary, _ = postprocess(m, thr, c.spacing, opts.min_lesion_mm3)
-            dices.append(dice(binary, c.truth))
-            hit = np.unique(labels[binary & (labels > 0)])
-            found.extend((r["polarity"], r["ml"], j + 1 in hit) for j, r in enumerate(rows))
-        flagged = []
-        for m, c in zip(hmaps, healthy_cases):
-            binary, _ = postprocess(m, thr, c.spacing, opts.min_lesion_mm3)
-            flagged.append(float(binary.sum()) * float(np.prod(c.spacing)) / 1000.0)
-        points.append({"fpr": key, "threshold": thr, "dice_mean": round(float(np.mean(dices)), 4),
-                       "dice_per_case": [round(d, 3) for d in dices], "lesions_found": lesion_recall(found),
-                       "healthy_ml_max": round(max(flagged), 3), "healthy_ml_per_case": [round(f, 3) for f in flagged]})
+        # the strict threshold alone, and grown (hysteresis) into each looser calibrated threshold
+        for grow_key in [None] + [g for g, v in thresholds.items() if v < thr]:
+            grow = thresholds[grow_key] if grow_key is not None else None
+            dices = []
+            found: list[tuple[int, float, bool]] = []
+            for m, c, (labels, rows) in zip(lmaps, lesion_cases, components):
+                binary, _ = postprocess(m, thr, c.spacing, opts.min_lesion_mm3, grow)
+                dices.append(dice(binary, c.truth))
+                hit = np.unique(labels[binary & (labels > 0)])
+                found.extend((r["polarity"], r["ml"], j + 1 in hit) for j, r in enumerate(rows))
+            flagged = []
+            for m, c in zip(hmaps, healthy_cases):
+                binary, _ = postprocess(m, thr, c.spacing, opts.min_lesion_mm3, grow)
+                flagged.append(float(binary.sum()) * float(np.prod(c.spacing)) / 1000.0)
+            points.append({"fpr": key, "threshold": thr, "grow_fpr": grow_key, "grow_threshold": grow,
+                           "dice_mean": round(float(np.mean(dices)), 4),
+                           "dice_per_case": [round(d, 3) for d in dices], "lesions_found": lesion_recall(found),
+                           "healthy_ml_max": round(max(flagged), 3),
+                           "healthy_ml_per_case": [round(f, 3) for f in flagged]})
     return cal, points
 
 
@@ -321,12 +326,14 @@ def lesion_recall(found: Sequence[tuple[int, float, bool]]) -> dict[str, Any]:
 
 
 def choose_fpr(points: Sequence[dict[str, Any]], max_healthy_ml: float) -> dict[str, Any]:
-    """The best mean Dice among the rates that flag at most `max_healthy_ml` in every lesion-free volume
-    (if none does, the rate that flags least)."""
+    """The best mean Dice among the operating points (rate, and the looser rate lesions grow into, if any) that
+    flag at most `max_healthy_ml` in every lesion-free volume (if none does, the one that flags least); ties go
+    to the stricter rate, then to no growth."""
     ok = [p for p in points if p["healthy_ml_max"] <= max_healthy_ml]
     if not ok:
-        return min(points, key=lambda p: p["healthy_ml_max"])
-    return max(ok, key=lambda p: (p["dice_mean"], -float(p["fpr"])))
+        return min(points, key=lambda p: (p["healthy_ml_max"], p.get("grow_fpr") is not None))
+    return max(ok, key=lambda p: (p["dice_mean"], -float(p["fpr"]), p.get("grow_fpr") is None,
+                                  -float(p.get("grow_fpr") or 0)))
 
 
 def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Path | None = None,
@@ -355,7 +362,8 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
     card = model.card.copy()
     card.detection_3d = DetectionDefaults(t=ts[0], blur_kernel=int(chosen["blur"]), threshold=card.detection.threshold,
                                           max_stages=int(chosen["stages"]), t_ensemble=tuple(ts) if len(ts) > 1 else (),
-                                          noise_draws=int(chosen["draws"]), fpr=float(op["fpr"]))
+                                          noise_draws=int(chosen["draws"]), fpr=float(op["fpr"]),
+                                          grow_fpr=float(op["grow_fpr"]) if op.get("grow_fpr") else None)
     what = description or ", ".join(f"{v.name} ({v.source})" for v in volumes)
     cal["data"] = f"the lesion-free forms of: {what}"
     cal["scans"] = len(healthy_cases)
@@ -374,6 +382,7 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
         "chosen": chosen,
         "operating_points": [{k: v for k, v in p.items() if not k.endswith("per_case")} for p in points],
         "chosen_fpr": op["fpr"],
+        "chosen_grow_fpr": op.get("grow_fpr"),
         "max_healthy_ml": opts.max_healthy_ml,
         "seed": opts.seed,
         "seconds": {"prepare": round(t_cases - start, 1), "sweep": round(t_sweep - t_cases, 1),
