@@ -43,14 +43,14 @@ def calibration_maps(model, slices: torch.Tensor, masks: torch.Tensor, *, ts: tu
 
 def thresholds_at_fprs(values: torch.Tensor, fprs: Sequence[float]) -> tuple[dict[str, float], dict[str, float]]:
     """Thresholds exceeded by each fraction of healthy scores, and the rate each gives on those scores."""
-    from .detect import _fpr_key
+    from .detect import fpr_key
 
     thresholds: dict[str, float] = {}
     measured: dict[str, float] = {}
     for fpr in fprs:
         thr = quantile_threshold(values, fpr)
-        thresholds[_fpr_key(fpr)] = round(thr, 5)
-        measured[_fpr_key(fpr)] = float((values > thr).float().mean())
+        thresholds[fpr_key(fpr)] = round(thr, 5)
+        measured[fpr_key(fpr)] = float((values > thr).float().mean())
     return thresholds, measured
 
 

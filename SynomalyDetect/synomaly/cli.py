@@ -14,6 +14,7 @@ from typing import Any
 from .contract import (DEFAULT_MODEL, DEMO_FILE, DEMO_TRUTH_FILE, ERROR_PREFIX, EXIT_FAILED, EXIT_INPUT, EXIT_MODEL,
                        __version__)
 from .errors import Cancelled, InputError, SynomalyError
+from .sampledata import resolve_data
 
 log = logging.getLogger("synomaly")
 
@@ -23,38 +24,6 @@ DATA_SPEC_HELP = (
     "(mni152, brainles, brainles-brain, pydeface, mni2020-brain, oasis, ch2, robex, itk-t1) or 'healthy:ROLE' "
     "(every installed volume of the role train, tune or eval)"
 )
-
-
-def resolve_data(items: list[str]) -> list[str]:
-    """Expand data arguments (including sample specs) into a list of input paths."""
-    from .prepare import expand_inputs
-    from .sampledata import HEALTHY_VOLUMES, br35h_images, healthy_volume, healthy_volumes, mni152_t1
-
-    out: list[str] = []
-    plain: list[str] = []
-    for item in items:
-        if item.startswith("br35h:"):
-            parts = item.split(":")
-            if len(parts) != 4 or parts[1] not in ("no", "yes"):
-                raise InputError(f"bad sample spec {item!r}: use br35h:no:LO:HI or br35h:yes:LO:HI")
-            try:
-                out.extend(str(p) for p in br35h_images(parts[1], int(parts[2]), int(parts[3])))
-            except ValueError as exc:
-                raise InputError(str(exc)) from exc
-        elif item == "mni152":
-            out.append(str(mni152_t1()))
-        elif item in HEALTHY_VOLUMES:
-            out.append(str(healthy_volume(item)[0]))
-        elif item.startswith("healthy:"):  # every installed healthy volume of one role: healthy:train
-            role = item.split(":", 1)[1]
-            names = healthy_volumes(role)
-            if not names:
-                raise InputError(f"bad sample spec {item!r}: use healthy:train, healthy:tune or healthy:eval")
-            out.extend(str(healthy_volume(n)[0]) for n in names)
-        else:
-            plain.append(item)
-    out.extend(expand_inputs(plain))
-    return out
 
 
 def _install_signal_handlers() -> None:

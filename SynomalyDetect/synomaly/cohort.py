@@ -580,7 +580,7 @@ def _overview_picture(outdir: Path, rows: Sequence[dict[str, Any]], top: int, wi
     import numpy as np
     from PIL import Image
 
-    from .evalplots import _text_strip
+    from .outputs import text_strip
 
     found = sorted((r for r in rows if r["status"] == "ok" and r["lesion_count"]),
                    key=lambda r: (-r["anomalous_ml"], r["scan"]))[:top]
@@ -595,10 +595,10 @@ def _overview_picture(outdir: Path, rows: Sequence[dict[str, Any]], top: int, wi
         entries.append((caption, first))
     title = (f"Cohort: the {len(found)} scan(s) with the largest anomalous volumes" if found
              else "Cohort: no scan with a finding")
-    parts = [_text_strip(title, width, 18, bold=True),
-             _text_strip("input | counterfactual | anomaly map (0 to 2x threshold) | red: detected", width)]
+    parts = [text_strip(title, width, 18, bold=True),
+             text_strip("input | counterfactual | anomaly map (0 to 2x threshold) | red: detected", width)]
     for caption, picture in entries:
-        parts += [_text_strip(caption, width), picture]
+        parts += [text_strip(caption, width), picture]
     return np.concatenate(parts, axis=0)
 
 

@@ -881,7 +881,7 @@ def cmd_prepare(args) -> int:
                                min_liver_pixels=args.min_liver_pixels, min_anomaly_pixels=args.min_anomaly_pixels,
                                **common)
     else:
-        from .cli import resolve_data
+        from .sampledata import resolve_data
 
         summary = prepare_folder(resolve_data(args.healthy), resolve_data(args.anomalous) if args.anomalous else None,
                                  args.output, masks_dir=args.masks, patient_regex=args.patient_regex, **common)

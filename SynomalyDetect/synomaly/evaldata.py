@@ -217,9 +217,9 @@ class Template:
 
 def _site_file(parts: Sequence[str]) -> Optional[Path]:
     """A file inside an installed package, found without importing it."""
-    from .sampledata import _package_dir
+    from .sampledata import package_dir
 
-    base = _package_dir(parts[0])
+    base = package_dir(parts[0])
     if base is None:
         return None
     p = base.joinpath(*parts[1:])

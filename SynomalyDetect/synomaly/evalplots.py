@@ -6,15 +6,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .outputs import heat_colours, label_font, text_strip
+
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 Curve = tuple[str, np.ndarray, np.ndarray]  # (legend label, x in [0, 1], y in [0, 1])
-
-
-def _font():
-    from PIL import ImageFont
-
-    return ImageFont.load_default()
 
 
 def _decimate(x: np.ndarray, y: np.ndarray, n: int = 2000) -> tuple[np.ndarray, np.ndarray]:
@@ -33,7 +29,7 @@ def curve_panel(curves: Sequence[Curve], title: str, xlabel: str, ylabel: str, s
     """
     from PIL import Image, ImageDraw
 
-    font = _font()
+    font = label_font()
     width, height = size
     legend_h = 14 * max(1, len(curves)) + 8
     left, right, top, bottom = 46, 14, 38, 36
@@ -101,8 +97,6 @@ def tile_row(image: np.ndarray, counterfactual: np.ndarray, score: np.ndarray, p
     from skimage.segmentation import find_boundaries
     from skimage.transform import resize
 
-    from .outputs import _hot
-
     lo, hi = np.percentile(image, [0.5, 99.5])
     hi = hi if hi > lo else lo + 1.0
 
@@ -111,22 +105,13 @@ def tile_row(image: np.ndarray, counterfactual: np.ndarray, score: np.ndarray, p
         return (np.repeat(g[..., None], 3, -1) * 255).astype(np.uint8)
 
     scale = max(2.0 * float(threshold), 1e-6) if np.isfinite(threshold) else max(float(score.max()), 1e-6)
-    heat = _hot(resize(_square(score / scale, 0.0), (tile, tile), order=1))
+    heat = heat_colours(resize(_square(score / scale, 0.0), (tile, tile), order=1))
     outlined = grey(image)
     for mask, colour in ((truth, (40, 220, 40)), (pred, (255, 40, 40))):
         if mask is not None and mask.any():
             m = resize(_square(mask.astype(np.float32), 0.0), (tile, tile), order=0) > 0.5
             outlined[find_boundaries(m, mode="inner")] = colour
     return np.concatenate([grey(image), grey(counterfactual), heat, outlined], axis=1)
-
-
-def _text_strip(text: str, width: int, height: int = 16, bold: bool = False) -> np.ndarray:
-    """A white strip with one line of black text."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, height), (235, 235, 235) if bold else "white")
-    ImageDraw.Draw(img).text((4, 2), text, fill="black", font=_font())
-    return np.asarray(img)
 
 
 Section = tuple[str, Sequence[tuple[str, np.ndarray]]]  # (title, [(caption, tile_row)])
@@ -137,18 +122,18 @@ def gallery(columns: Sequence[tuple[str, Sequence[Section]]], tile: int = 128) -
     width = 4 * tile
     blocks = []
     for name, sections in columns:
-        parts = [_text_strip(name, width, 18, bold=True),
-                 _text_strip("input | counterfactual | map (0 to 2x threshold) | red: detected, green: truth", width)]
+        parts = [text_strip(name, width, 18, bold=True),
+                 text_strip("input | counterfactual | map (0 to 2x threshold) | red: detected, green: truth", width)]
         for title, rows in sections:
-            parts.append(_text_strip(title, width, 16, bold=True))
+            parts.append(text_strip(title, width, 16, bold=True))
             if not rows:
-                parts.append(_text_strip("(no case)", width))
+                parts.append(text_strip("(no case)", width))
             for caption, row in rows:
-                parts.append(_text_strip(caption, width))
+                parts.append(text_strip(caption, width))
                 parts.append(row)
         blocks.append(np.concatenate(parts, axis=0))
     if not blocks:
-        return _text_strip("no method", width)
+        return text_strip("no method", width)
     h = max(b.shape[0] for b in blocks)
     blocks = [np.pad(b, ((0, h - b.shape[0]), (0, 0), (0, 0)), constant_values=255) for b in blocks]
     return side_by_side(blocks, gap=12)

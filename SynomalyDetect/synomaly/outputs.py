@@ -74,13 +74,29 @@ def amount_text(report: dict[str, Any]) -> str:
     return f"{report['anomalous_volume_ml']:.2f} mL"
 
 
-def _hot(x: np.ndarray) -> np.ndarray:
+def heat_colours(x: np.ndarray) -> np.ndarray:
     """A black-red-yellow-white colour map of values in [0, 1], (..., 3) uint8."""
     x = np.clip(x, 0, 1)
     r = np.clip(3 * x, 0, 1)
     g = np.clip(3 * x - 1, 0, 1)
     b = np.clip(3 * x - 2, 0, 1)
     return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
+
+
+def label_font():
+    """Pillow's built-in font, for captions of pictures."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default()
+
+
+def text_strip(text: str, width: int, height: int = 16, bold: bool = False) -> np.ndarray:
+    """A white strip with one line of black text, (height, width, 3) uint8."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (235, 235, 235) if bold else "white")
+    ImageDraw.Draw(img).text((4, 2), text, fill="black", font=label_font())
+    return np.asarray(img)
 
 
 def lesion_slices(seg: np.ndarray, lesions: list[dict[str, Any]], transpose: tuple[int, int, int],
@@ -162,7 +178,7 @@ def overview_image(image: sitk.Image, counterfactual: sitk.Image, score: sitk.Im
         m = resize(np.asarray(vseg[z]) > 0, (th, tw), order=0)
         outlined = grey(vin[z]).copy()
         outlined[find_boundaries(m, mode="thick")] = (255, 40, 40)
-        row = np.concatenate([grey(vin[z]), grey(vcf[z]), _hot(sc), outlined], axis=1)
+        row = np.concatenate([grey(vin[z]), grey(vcf[z]), heat_colours(sc), outlined], axis=1)
         rows.append(row)
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows]
@@ -233,9 +249,9 @@ def write_results(result, image: sitk.Image, outdir: str | Path, overwrite: bool
                 full and isinstance(exc, (OSError, RuntimeError))):
             raise OutputError(f"disk full while writing results to {outdir}; nothing was written") from exc
         if isinstance(exc, RuntimeError) and "write" in str(exc).lower():
-            from .prepare import _first_line
+            from .prepare import error_line
 
-            raise OutputError(f"cannot write results to {outdir}: {_first_line(exc)}") from exc
+            raise OutputError(f"cannot write results to {outdir}: {error_line(exc)}") from exc
         raise
     return {k: str(outdir / v) for k, v in files.items()}
 

@@ -132,7 +132,7 @@ def read_image(path: str | os.PathLike, series_id: str | None = None, color: str
             for key in info.GetMetaDataKeys():  # modality, series description: checked against the model card
                 image.SetMetaData(key, info.GetMetaData(key))
         except RuntimeError as exc:
-            raise InputError(f"{p}: cannot read the DICOM series: {_first_line(exc)}") from exc
+            raise InputError(f"{p}: cannot read the DICOM series: {error_line(exc)}") from exc
     else:
         if p.stat().st_size == 0:
             raise InputError(f"{p}: file is empty")
@@ -141,7 +141,7 @@ def read_image(path: str | os.PathLike, series_id: str | None = None, color: str
         try:
             reader.ReadImageInformation()
         except RuntimeError as exc:
-            raise InputError(f"{p}: not a readable image ({_first_line(exc)})") from exc
+            raise InputError(f"{p}: not a readable image ({error_line(exc)})") from exc
         _check_size(tuple(reader.GetSize()), reader.GetNumberOfComponents(), str(p))
         if p.name.lower().endswith((".nii", ".nii.gz")):
             short = _nifti_shortfall(p)
@@ -150,7 +150,7 @@ def read_image(path: str | os.PathLike, series_id: str | None = None, color: str
         try:
             image = reader.Execute()
         except RuntimeError as exc:
-            raise InputError(f"{p}: image data cannot be read, the file may be truncated ({_first_line(exc)})") from exc
+            raise InputError(f"{p}: image data cannot be read, the file may be truncated ({error_line(exc)})") from exc
     image = to_scalar(image, str(p), color)
     if _no_physical_spacing(p, image):
         image.SetMetaData(UNITS_KEY, "pixels")
@@ -183,7 +183,7 @@ def read_scan(path: str | os.PathLike, series_id: str | None = None, expect: str
     return image
 
 
-def _first_line(exc: Exception) -> str:
+def error_line(exc: Exception) -> str:
     """The most useful line of an ITK exception message."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     for ln in lines:

