@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from synomaly import datasets
+from synomaly.cli.data import add_prepare_parser
 from synomaly.errors import InputError, OutputError
 
 FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # how ITK reads a typical RAS-stored NIfTI
@@ -408,7 +409,7 @@ def test_command_line_prepare(tmp_path, capsys):
     root = make_brats(tmp_path / "brats", {k: BRATS_CASES[k] for k in list(BRATS_CASES)[:4]})
     parser = argparse.ArgumentParser(prog="synomaly")
     sub = parser.add_subparsers(dest="command", required=True)
-    datasets.add_prepare_parser(sub)
+    add_prepare_parser(sub)
     args = parser.parse_args(["prepare", "brats", "--root", str(root), "-o", str(tmp_path / "out"),
                               "--slices", "85", "95", "--progress", "none", "--seed", "2"])
     assert args.func(args) == 0

@@ -18,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from synomaly import evaluate as ev
+from synomaly.cli.evaluation import add_evaluate_parser
 from synomaly.errors import InputError
 
 
@@ -79,7 +80,7 @@ def _evaluate(argv: list[str]) -> int:
     """Run the sub-command as the CLI will: a parser with add_evaluate_parser, then args.func(args)."""
     parser = argparse.ArgumentParser(prog="synomaly")
     sub = parser.add_subparsers(dest="command", required=True)
-    ev.add_evaluate_parser(sub)
+    add_evaluate_parser(sub)
     args = parser.parse_args(["evaluate", *map(str, argv), "--progress", "none"])
     return args.func(args)
 

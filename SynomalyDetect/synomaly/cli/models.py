@@ -1,0 +1,172 @@
+"""`synomaly models`, `calibrate`, `tune`, `install-model`, `import-upstream` and `remove-model`: the registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import InputError
+from ..sampledata import resolve_data
+from .common import DATA_SPEC_HELP, progress_for
+
+
+def cmd_models(args) -> int:
+    """List the registry's models with their cards."""
+    from ..card import ModelCard
+    from ..modelio import list_models, user_models_dir
+
+    models = list_models()
+    if args.json:
+        print(json.dumps(models, indent=1))
+        return 0
+    if not models:
+        print(f"no models found (user folder: {user_models_dir()})")
+    for m in models:
+        print(f"{m['name']}  [{m['source']}]  {m['path']}")
+        if "card" in m:
+            print(ModelCard.from_dict(m["card"]).summary())
+        else:
+            print(f"  unusable: {m['error']}")
+    print(f"user model folder: {user_models_dir()} (set SYNOMALY_MODELS_DIR to change)")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    """Recompute the model's thresholds on the user's healthy scans."""
+    from ..calibrate import calibrate_model
+    from ..modelio import resolve_model_path
+
+    paths = resolve_data(args.data)
+    if not paths:
+        raise InputError("no healthy scans found")
+    target = args.output or resolve_model_path(args.model)
+    cal = calibrate_model(args.model, paths, fprs=args.fprs, device=args.device,
+                          description=args.data_description or "", progress=progress_for(args), output=target)
+    for key, value in cal["thresholds"].items():
+        print(f"FPR {key}: threshold {value:.4f} (measured {cal['measured_fpr_on_calibration_data'][key]:.2g})")
+    print(f"calibration stored in {target}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    """Choose the detection setting and operating point on synthetic lesions in healthy volumes."""
+    from ..tune import TuneGrid, TuneOptions, tune_model
+
+    grid = TuneGrid()
+    if args.quick:
+        grid = TuneGrid(ts=(10, 25, 50, 100, 200), blurs=(3, 5, 7), ensembles=((10, 25, 50),), multi_top=1,
+                        more_draws=3)
+    if args.t:
+        grid.ts = tuple(args.t)
+    if args.blur:
+        grid.blurs = tuple(args.blur)
+    opts = TuneOptions(forms=tuple(args.forms), lesions_per_volume=args.lesions, seed=args.seed,
+                       batch_size=args.batch_size, grid=grid, max_healthy_ml=args.max_healthy_ml)
+    rec = tune_model(args.model, args.data, output=args.output, options=opts, device=args.device,
+                     description=args.data_description or "", progress=progress_for(args))
+    out = args.output or args.model
+    best = rec["chosen"]
+    print(f"tuned {out} on {rec['lesion_cases']} volumes with {rec['lesions']} implanted lesions "
+          f"({rec['seconds']['total']:.0f} s): t {best['t']}, blur {best['blur']}, {best['stages']} stage(s), "
+          f"pooled pixel AUPRC {best['auprc']:.3f}; default FPR {rec['chosen_fpr']}")
+    for p in rec["points"]:
+        lf = p["lesions_found"]
+        by = ", ".join(f"{k.replace('_', ' ')} {v['found']}/{v['of']}" for k, v in lf.items() if k != "all")
+        print(f"  FPR {p['fpr']}: threshold {p['threshold']:.4f}, mean Dice {p['dice_mean']:.3f}, "
+              f"at most {p['healthy_ml_max']:.2f} mL flagged in a lesion-free volume; "
+              f"lesions found {lf['all']['found']}/{lf['all']['of']} ({by})")
+    return 0
+
+
+def cmd_install_model(args) -> int:
+    """Copy a model file into the user model folder."""
+    from ..modelio import install_model
+
+    print(f"installed {install_model(args.file, args.name)}")
+    return 0
+
+
+def cmd_import_upstream(args) -> int:
+    """Convert one of the Synomaly authors' checkpoints (.pt) into a model file with a card."""
+    from ..modelio import MODEL_SUFFIX, read_card, user_models_dir
+    from ..upstream import import_checkpoint
+
+    src = Path(args.checkpoint)
+    # without --name the model is named after the file it is written to (import_checkpoint's rule)
+    target = Path(args.output) if args.output else user_models_dir() / f"{args.name or 'upstream-' + src.stem}{MODEL_SUFFIX}"
+    if target.exists() and not args.overwrite:
+        raise InputError(f"{target} exists; use --overwrite to replace it")
+    path = import_checkpoint(src, target, name=args.name, modality=args.modality, contrast=args.contrast,
+                             orientation=args.orientation)
+    print(f"imported {src} -> {path}")
+    print(read_card(path).summary())
+    print("not calibrated: it detects with the authors' threshold until you run "
+          f"'synomaly calibrate {path} --data HEALTHY_SCANS...'")
+    return 0
+
+
+def cmd_remove_model(args) -> int:
+    """Delete a user model."""
+    from ..modelio import remove_model
+
+    print(f"removed {remove_model(args.name)}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Add models, calibrate, tune, install-model, import-upstream and remove-model to the sub-parsers."""
+    m = sub.add_parser("models", help="list available models and their cards")
+    m.add_argument("--json", action="store_true", help="machine-readable output")
+    m.set_defaults(func=cmd_models)
+
+    c = sub.add_parser("calibrate", help="set thresholds from healthy scans (per-voxel false-positive rates)")
+    c.add_argument("model", help="model name or file")
+    c.add_argument("--data", nargs="+", required=True, help=DATA_SPEC_HELP)
+    c.add_argument("--fprs", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
+    c.add_argument("-o", "--output", help="write the calibrated model here (default: update the model file)")
+    c.add_argument("--data-description", help="what the healthy data is")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])
+    c.set_defaults(func=cmd_calibrate)
+
+    tu = sub.add_parser("tune", help="choose detection settings on synthetic lesions in healthy volumes "
+                        "(no labels), then calibrate")
+    tu.add_argument("model", help="model name or file")
+    tu.add_argument("--data", nargs="+", required=True,
+                    help="healthy 3D volumes not used in training: files, folders, .txt lists, or healthy-volume "
+                         "names (oasis, ...; 'healthy:tune' for every installed tuning volume)")
+    tu.add_argument("-o", "--output", help="write the tuned model here (default: update MODEL in place)")
+    tu.add_argument("--forms", nargs="+", default=["native", "brain", "oblique", "thick", "scaled"],
+                    choices=["native", "brain", "oblique", "thick", "scaled"],
+                    help="forms of each volume to tune on (brain: skull-stripped, for volumes with a mask)")
+    tu.add_argument("--lesions", type=int, default=3, help="lesions implanted per volume and form (default 3)")
+    tu.add_argument("--t", type=int, nargs="+", help="noise levels to try (default 5 10 25 50 100 200 400)")
+    tu.add_argument("--blur", type=int, nargs="+", help="blur kernels to try (default 3 5 7 9)")
+    tu.add_argument("--quick", action="store_true", help="a small grid (about a quarter of the time)")
+    tu.add_argument("--max-healthy-ml", type=float, default=1.0,
+                    help="the default FPR may flag at most this many mL in a lesion-free volume (default 1)")
+    tu.add_argument("--data-description", help="what the tuning volumes are (for the card)")
+    tu.add_argument("--seed", type=int, default=0)
+    tu.add_argument("--batch-size", type=int, default=8)
+    tu.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    tu.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])
+    tu.set_defaults(func=cmd_tune)
+
+    im = sub.add_parser("install-model", help="copy a model file into the user model folder")
+    im.add_argument("file")
+    im.add_argument("--name", help="registry name (default: the card's name)")
+    im.set_defaults(func=cmd_install_model)
+
+    iu = sub.add_parser("import-upstream", help="convert the Synomaly authors' checkpoint (.pt) into a model file")
+    iu.add_argument("checkpoint", help="the authors' torch.save checkpoint (e.g. best_model.pt)")
+    iu.add_argument("-o", "--output", help="model file to write (default: the user model folder, as NAME)")
+    iu.add_argument("--name", help="model name (default: from the output file name, else upstream-<checkpoint name>)")
+    iu.add_argument("--modality", help="override the modality the card states (default: from the checkpoint's dataset)")
+    iu.add_argument("--contrast", help="override the contrast the card states")
+    iu.add_argument("--orientation", choices=["axial", "coronal", "sagittal"], help="slice orientation of the training data")
+    iu.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    iu.set_defaults(func=cmd_import_upstream)
+
+    rm = sub.add_parser("remove-model", help="delete a model from the user model folder")
+    rm.add_argument("name")
+    rm.set_defaults(func=cmd_remove_model)
