@@ -10,6 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from synomaly import tune
+from synomaly.errors import ModelError
 from synomaly.lesions import FORMS, LesionSpec, brain_mask, implant_random_lesions, scan_form, tissue_range
 from synomaly.modelio import load_model, read_card
 
@@ -171,6 +172,15 @@ def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file,
     g_seg = sitk.GetArrayFromImage(grown.segmentation) > 0
     s_seg = sitk.GetArrayFromImage(strict.segmentation) > 0
     assert g_seg.sum() >= s_seg.sum() and not (s_seg & ~g_seg).any(), "growth only adds to the strict lesions"
+    from synomaly.detect import resolve_grow_threshold
+
+    loose = cal["thresholds"]["0.01"]
+    assert resolve_grow_threshold(DetectionSettings(threshold=1.0), model.card, 1.0, volume=True) is None, \
+        "an explicit threshold is taken as it is"
+    assert resolve_grow_threshold(DetectionSettings(threshold=1.0, grow_fpr=1e-2), model.card, 1.0, True) == loose
+    assert resolve_grow_threshold(DetectionSettings(fpr=1e-2, grow_fpr=1e-2), model.card, loose, True) is None
+    with pytest.raises(ModelError, match="no threshold calibrated for FPR 0.05"):
+        resolve_grow_threshold(DetectionSettings(grow_fpr=0.05), model.card, 1.0, volume=True)
     # an explicit t replaces the tuned ensemble
     assert resolve_settings(DetectionSettings(t=77), model.card, volume=True)[0] == (77,)
     # a single 2D slice keeps the card's slice setting

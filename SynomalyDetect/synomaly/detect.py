@@ -138,7 +138,10 @@ def resolve_settings(settings: DetectionSettings, card, volume: bool = False) ->
 
 def resolve_grow_threshold(settings: DetectionSettings, card, threshold: float, volume: bool = False) -> Optional[float]:
     """The hysteresis level lesions grow into (`postprocess`): the calibrated threshold at the asked or the card's
-    grow FPR, when the card has one for it and it lies below the segmentation threshold; else None (no growth)."""
+    grow FPR, when the card has one for it and it lies below the segmentation threshold; else None (no growth).
+    An explicit threshold means exactly that threshold: the card's growth then applies only when asked for."""
+    if settings.grow_fpr is None and settings.threshold is not None:
+        return None
     fpr = settings.grow_fpr if settings.grow_fpr is not None else card.detection_for(volume).grow_fpr
     if not fpr:
         return None

@@ -34,7 +34,8 @@ def detection_settings(args) -> DetectionSettings:
 
     return DetectionSettings(
         t=args.t, blur_kernel=args.blur, threshold=args.threshold, fpr=args.fpr, min_lesion_mm3=args.min_size,
-        max_stages=args.stages, noise_draws=args.draws, seed=args.seed, batch_size=args.batch_size,
+        max_stages=args.stages, noise_draws=args.draws, grow_fpr=args.grow_fpr, seed=args.seed,
+        batch_size=args.batch_size,
         device=args.device, precision=args.precision, allow_modality_mismatch=args.allow_modality_mismatch,
     )
 
@@ -70,6 +71,10 @@ def add_detection_arguments(d: argparse.ArgumentParser) -> None:
     sens = d.add_mutually_exclusive_group()
     sens.add_argument("--threshold", type=float, help="explicit anomaly-score threshold")
     sens.add_argument("--fpr", type=float, help="calibrated per-voxel false-positive rate: 0.01, 0.001 or 0.0001")
+    d.add_argument("--grow-fpr", type=float, default=None, metavar="FPR",
+                   help="lesions found at the threshold grow into their connected voxels above this calibrated "
+                        "false-positive rate's threshold (hysteresis; default: the model card's, 0: off; an "
+                        "explicit --threshold turns the card's growth off)")
     d.add_argument("--blur", type=int, help="Gaussian blur kernel of the map, odd, model-grid pixels")
     d.add_argument("--min-size", type=float, default=50.0, help="smallest lesion kept, mm^3 (default 50)")
     d.add_argument("--draws", type=int, default=None, help="noise draws averaged per stage and noise level (default: the model card's)")

@@ -68,11 +68,13 @@ def cmd_tune(args) -> int:
     best = rec["chosen"]
     print(f"tuned {out} on {rec['lesion_cases']} volumes with {rec['lesions']} implanted lesions "
           f"({rec['seconds']['total']:.0f} s): t {best['t']}, blur {best['blur']}, {best['stages']} stage(s), "
-          f"pooled pixel AUPRC {best['auprc']:.3f}; default FPR {rec['chosen_fpr']}")
+          f"pooled pixel AUPRC {best['auprc']:.3f}; default FPR {rec['chosen_fpr']}"
+          + (f", grown to FPR {rec['chosen_grow_fpr']}" if rec.get("chosen_grow_fpr") else ""))
     for p in rec["points"]:
         lf = p["lesions_found"]
         by = ", ".join(f"{k.replace('_', ' ')} {v['found']}/{v['of']}" for k, v in lf.items() if k != "all")
-        print(f"  FPR {p['fpr']}: threshold {p['threshold']:.4f}, mean Dice {p['dice_mean']:.3f}, "
+        grown = f" grown to FPR {p['grow_fpr']} ({p['grow_threshold']:.4f})" if p.get("grow_fpr") else ""
+        print(f"  FPR {p['fpr']}: threshold {p['threshold']:.4f}{grown}, mean Dice {p['dice_mean']:.3f}, "
               f"at most {p['healthy_ml_max']:.2f} mL flagged in a lesion-free volume; "
               f"lesions found {lf['all']['found']}/{lf['all']['of']} ({by})")
     return 0
