@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from synomaly import datasets
+from synomaly import datasets, datasplit, manifest
 from synomaly.cli.data import add_prepare_parser
 from synomaly.errors import InputError, OutputError
 
@@ -69,9 +69,9 @@ def read(path: Path) -> tuple[np.ndarray, sitk.Image]:
     return sitk.GetArrayFromImage(img), img
 
 
-def check_manifest_consistent(out: Path) -> list[datasets.ManifestRow]:
+def check_manifest_consistent(out: Path) -> list[manifest.ManifestRow]:
     """Checks every prepared dataset must pass; returns the rows."""
-    rows = datasets.load_manifest(out)
+    rows = manifest.load_manifest(out)
     summary = json.loads((out / "manifest.json").read_text())
     assert summary["split_unit"] == "patient"
     # no patient on two sides
@@ -95,7 +95,7 @@ def check_manifest_consistent(out: Path) -> list[datasets.ManifestRow]:
             assert int(mask.sum()) == r.anomaly_pixels
             assert r.label == int(mask.any())
     # counts in the summary are the manifest's counts
-    for split in datasets.SPLITS:
+    for split in manifest.SPLITS:
         sub = [r for r in rows if r.split == split]
         c = summary["counts"][split]
         assert c["images"] == len(sub)
@@ -214,16 +214,16 @@ def test_brats_split_is_reproducible_and_seeded(tmp_path):
 
 
 def test_split_patients_rules():
-    split = datasets.split_patients([f"p{i}" for i in range(10)], 0.1, 0.2, seed=0)
+    split = datasplit.split_patients([f"p{i}" for i in range(10)], 0.1, 0.2, seed=0)
     assert sorted(split.values()).count("train") == 7
     assert list(split.values()).count("val") == 1 and list(split.values()).count("test") == 2
-    assert datasets.split_patients(reversed(list(split)), 0.1, 0.2, seed=0) == split  # order does not matter
-    three = datasets.split_patients(["a", "b", "c"], 0.1, 0.2, seed=0)
+    assert datasplit.split_patients(reversed(list(split)), 0.1, 0.2, seed=0) == split  # order does not matter
+    three = datasplit.split_patients(["a", "b", "c"], 0.1, 0.2, seed=0)
     assert sorted(three.values()) == ["test", "train", "val"]
     with pytest.raises(InputError):
-        datasets.split_patients(["a", "b"], 0.1, 0.2)
+        datasplit.split_patients(["a", "b"], 0.1, 0.2)
     with pytest.raises(InputError):
-        datasets.split_patients(["a", "b", "c"], 0.6, 0.5)
+        datasplit.split_patients(["a", "b", "c"], 0.6, 0.5)
 
 
 def test_existing_output_is_refused_and_errors_leave_nothing(tmp_path):
@@ -394,15 +394,15 @@ def test_load_manifest_filters_and_refuses_bad_files(tmp_path):
     root = make_lits(tmp_path / "lits", count=4)
     out = tmp_path / "prepared"
     datasets.prepare_lits(root, out, val_fraction=0.25, test_fraction=0.25)
-    rows = datasets.load_manifest(out / "manifest.csv")
-    test_rows = datasets.load_manifest(out, split="test")
+    rows = manifest.load_manifest(out / "manifest.csv")
+    test_rows = manifest.load_manifest(out, split="test")
     assert test_rows == [r for r in rows if r.split == "test"] and test_rows
     assert all(r.image.is_absolute() for r in rows)
     with pytest.raises(InputError):
-        datasets.load_manifest(tmp_path / "nowhere")
+        manifest.load_manifest(tmp_path / "nowhere")
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     with pytest.raises(InputError, match="not a synomaly manifest"):
-        datasets.load_manifest(tmp_path / "bad.csv")
+        manifest.load_manifest(tmp_path / "bad.csv")
 
 
 def test_command_line_prepare(tmp_path, capsys):

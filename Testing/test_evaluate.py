@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from synomaly import evaluate as ev
+from synomaly import evalruns, evalstats
 from synomaly.cli.evaluation import add_evaluate_parser
 from synomaly.errors import InputError
 
@@ -144,20 +144,20 @@ def test_confidence_intervals_contain_their_estimate(report):
 
 
 def test_thresholds_never_come_from_test_masks(models, prepared, tmp_path, monkeypatch):
-    from synomaly.datasets import load_manifest
+    from synomaly.manifest import load_manifest
 
     data = tmp_path / "data"
     shutil.copytree(prepared, data)
     argv = ["--method", f"one={models['synomaly']}:1", "--method", f"two={models['synomaly']}:2",
             "--data", data, "--bootstrap", "0"]
     calls: list[tuple[str, set[str]]] = []
-    original = ev.run_cases
+    original = evalruns.run_cases
 
     def recording(model, cases, *a, **k):
         calls.append((k.get("what", ""), {c.name for c in cases}))
         return original(model, cases, *a, **k)
 
-    monkeypatch.setattr(ev, "run_cases", recording)
+    monkeypatch.setattr(evalruns, "run_cases", recording)
     assert _evaluate([*argv, "-o", tmp_path / "a"]) == 0
     before = _thresholds(tmp_path / "a")
     test_names = {r.image.name.split(".")[0] for r in load_manifest(data, split="test")}
@@ -320,19 +320,19 @@ def test_implanted_volumes_end_to_end(models, template, tmp_path):
 
 
 def test_method_names_and_specs(models):
-    auto = ev.auto_methods([str(models["synomaly"]), str(models["gaussian"]), str(models["coarse"])])
+    auto = evalruns.auto_methods([str(models["synomaly"]), str(models["gaussian"]), str(models["coarse"])])
     assert [(m.name, m.stages) for m in auto] == [("synomaly-multi", None), ("synomaly-single", 1),
                                                   ("gaussian-multi", None), ("gaussian-single", 1), ("dae", 1)]
-    assert ev.parse_method("x=models/a.safetensors:3") == ev.Method("x", "models/a.safetensors", 3)
-    assert ev.parse_method("x=models/a.safetensors:card").stages is None
-    assert ev.parse_method("x=brain-mri-axial").model == "brain-mri-axial"
+    assert evalruns.parse_method("x=models/a.safetensors:3") == evalruns.Method("x", "models/a.safetensors", 3)
+    assert evalruns.parse_method("x=models/a.safetensors:card").stages is None
+    assert evalruns.parse_method("x=brain-mri-axial").model == "brain-mri-axial"
     with pytest.raises(InputError):
-        ev.parse_method("models/a.safetensors")
+        evalruns.parse_method("models/a.safetensors")
     with pytest.raises(InputError, match="unknown method"):
-        ev.select_methods([str(models["synomaly"])], [], ["gaussian-multi"])
+        evalruns.select_methods([str(models["synomaly"])], [], ["gaussian-multi"])
     with pytest.raises(InputError, match="two models"):  # one kind, one card name: ambiguous names
-        ev.auto_methods([str(models["synomaly"]), str(models["synomaly"])])
-    chosen = ev.select_methods([str(models["synomaly"])], [], ["synomaly-single"], stages=3)
+        evalruns.auto_methods([str(models["synomaly"]), str(models["synomaly"])])
+    chosen = evalruns.select_methods([str(models["synomaly"])], [], ["synomaly-single"], stages=3)
     assert [m.name for m in chosen] == ["synomaly-single"]
 
 
@@ -342,12 +342,12 @@ def test_binned_pixel_metrics_match_exact_ones():
     rng = np.random.default_rng(0)
     y = rng.random(200_000) < 0.03
     s = np.clip(np.where(y, rng.gamma(3.0, 0.08, y.size), rng.gamma(1.5, 0.04, y.size)), 0, 2)
-    bins = ev._score_bins(s)
-    pos = np.bincount(bins[y], minlength=ev.HIST_BINS)
-    neg = np.bincount(bins[~y], minlength=ev.HIST_BINS)
-    assert ev.hist_auroc(pos, neg) == pytest.approx(auroc(s, y), abs=1e-3)
-    assert ev.hist_auprc(pos, neg) == pytest.approx(auprc(s, y), abs=2e-3)
+    bins = evalstats.score_bins(s)
+    pos = np.bincount(bins[y], minlength=evalstats.HIST_BINS)
+    neg = np.bincount(bins[~y], minlength=evalstats.HIST_BINS)
+    assert evalstats.hist_auroc(pos, neg) == pytest.approx(auroc(s, y), abs=1e-3)
+    assert evalstats.hist_auprc(pos, neg) == pytest.approx(auprc(s, y), abs=2e-3)
     # scores already on distinct bins: the binned values are exact
     q = bins.astype(float)
-    assert ev.hist_auroc(pos, neg) == pytest.approx(auroc(q, y), abs=1e-12)
-    assert ev.hist_auprc(pos, neg) == pytest.approx(auprc(q, y), abs=1e-12)
+    assert evalstats.hist_auroc(pos, neg) == pytest.approx(auroc(q, y), abs=1e-12)
+    assert evalstats.hist_auprc(pos, neg) == pytest.approx(auprc(q, y), abs=1e-12)

@@ -6,7 +6,7 @@ Every preparer writes one folder (paths in the manifest are relative to it, so i
     OUT/val/healthy, OUT/val/anomalous, OUT/test/healthy, OUT/test/anomalous
                                     slices of held-out patients, with and without an anomaly
     OUT/<split>/masks/*_mask.nrrd   ground truth (uint8 0/1) on the grid of its image, where known
-    OUT/manifest.csv                one row per image (MANIFEST_COLUMNS)
+    OUT/manifest.csv                one row per image (manifest.MANIFEST_COLUMNS)
     OUT/manifest.json               summary: counts per split, seed, fractions, what was dropped and why
 
 Images are 2D float32 files that keep the in-plane spacing of their source (in mm) and the physical
@@ -17,18 +17,15 @@ Intensities are not normalised: the engine normalises, and `ref_low`/`ref_high` 
 each source volume's robust range for whoever wants per-volume rather than per-slice normalisation.
 
 The whole folder is written under a temporary name and renamed at the end, so an error leaves nothing.
+The patient split lives in synomaly.datasplit; the manifest, its writer and its reader in synomaly.manifest;
+this module prepares each kind of dataset.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import math
 import os
 import re
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -36,83 +33,16 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, OutputError
+from .datasplit import split_held_out, split_patients
+from .errors import InputError
+from .manifest import DatasetWriter, common_summary
 from .progress import ProgressFn, null_progress
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ("split", "patient", "case", "slice", "label", "image", "mask",
-                    "anomaly_pixels", "ref_low", "ref_high")
-SPLITS = ("train", "val", "test")
 BRATS_CONTRASTS = ("t1n", "t1c", "t2w", "t2f")
-FORMATS = {"nrrd": ".nrrd", "nii.gz": ".nii.gz", "nii": ".nii", "mha": ".mha"}
 MASK_SUFFIXES = ("", "_mask", "-mask", "_seg", "-seg", "_label", "-label", "_gt", "-gt")
 REF_PERCENTILES = (1.0, 99.0)  # the engine's default normalisation percentiles
-
-
-@dataclass(frozen=True)
-class ManifestRow:
-    """One prepared image: where it came from, which split it is in, and its ground truth."""
-
-    split: str
-    patient: str
-    case: str
-    slice: Optional[int]  # index in the source volume (None: the whole image)
-    label: int  # 1: contains an anomaly, 0: healthy
-    image: Path  # absolute path
-    mask: Optional[Path]  # absolute path of a 0/1 mask on the image's grid; None: no pixel-level truth
-    anomaly_pixels: Optional[int]  # pixels in the mask (None without a mask)
-    ref_low: float  # robust low intensity of the source volume (nan if unknown)
-    ref_high: float  # robust high intensity of the source volume (nan if unknown)
-
-
-# ---------------------------------------------------------------- splitting
-
-
-def _rounded_share(n: int, fraction: float) -> int:
-    """Patients for a held-out split: round(n * fraction), at least one when the fraction is positive."""
-    if fraction <= 0 or n == 0:
-        return 0
-    return max(1, int(math.floor(n * fraction + 0.5)))
-
-
-def split_patients(patients: Iterable[str], val_fraction: float = 0.1, test_fraction: float = 0.2,
-                   seed: int = 0) -> dict[str, str]:
-    """Assign every patient to 'train', 'val' or 'test' (shuffled with `seed`, independent of input order).
-
-    Held-out splits get round(n * fraction) patients, at least one when their fraction is positive;
-    the training split must keep at least one patient.
-    """
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise InputError(f"val fraction {val_fraction} and test fraction {test_fraction} must be in [0, 1) "
-                         "and sum to less than 1")
-    ids = sorted(set(patients))
-    n = len(ids)
-    n_test = _rounded_share(n, test_fraction)
-    n_val = _rounded_share(n, val_fraction)
-    if n - n_test - n_val < 1:
-        raise InputError(f"{n} patient(s) are too few for a train/val/test split with fractions "
-                         f"{val_fraction}/{test_fraction}; every split needs whole patients")
-    order = np.random.default_rng(seed).permutation(n)
-    out: dict[str, str] = {}
-    for rank, i in enumerate(order):
-        out[ids[i]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-    return out
-
-
-def _split_held_out(patients: Iterable[str], val_fraction: float, test_fraction: float,
-                    seed: int) -> dict[str, str]:
-    """Assign patients to 'val' or 'test' only, in the ratio val_fraction : test_fraction."""
-    ids = sorted(set(patients))
-    if not ids:
-        return {}
-    total = val_fraction + test_fraction
-    if total <= 0:
-        raise InputError("anomalous images need a validation or test split: set a val or test fraction above 0")
-    n = len(ids)
-    n_test = 0 if test_fraction <= 0 else n if val_fraction <= 0 else min(n, max(1, round(n * test_fraction / total)))
-    order = np.random.default_rng(seed + 1).permutation(n)
-    return {ids[i]: ("test" if rank < n_test else "val") for rank, i in enumerate(order)}
 
 
 # ---------------------------------------------------------------- slices and geometry
@@ -230,148 +160,6 @@ def _stem(path: Path) -> str:
     return path.stem if path.suffix else name
 
 
-# ---------------------------------------------------------------- writing
-
-
-class _DatasetWriter:
-    """Writes images, masks and manifests into a temporary folder that becomes OUT on success."""
-
-    def __init__(self, out: str | os.PathLike, fmt: str = "nrrd", overwrite: bool = False) -> None:
-        if fmt not in FORMATS:
-            raise InputError(f"unknown image format {fmt!r}; choose one of {', '.join(FORMATS)}")
-        self.out = Path(out).absolute()
-        if self.out.exists():
-            if not self.out.is_dir():
-                raise OutputError(f"{self.out}: exists and is not a folder")
-            if any(self.out.iterdir()):
-                if not overwrite:
-                    raise OutputError(f"{self.out}: folder exists and is not empty (use --overwrite to replace "
-                                      "a prepared dataset)")
-                if not (self.out / "manifest.json").exists():
-                    raise OutputError(f"{self.out}: refusing to overwrite a folder that is not a prepared dataset")
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            # not tempfile.mkdtemp: its 0700 mode would follow the folder into place
-            self.tmp = self.out.parent / f".{self.out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
-            self.tmp.mkdir()
-        except OSError as exc:
-            raise OutputError(f"{self.out}: cannot write here ({exc})") from exc
-        self.ext = FORMATS[fmt]
-        self.overwrite = overwrite
-        self.rows: list[dict[str, Any]] = []
-        self.names: set[str] = set()
-
-    def __enter__(self) -> "_DatasetWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def _unique(self, split: str, name: str) -> str:
-        """A file stem not used before in this split."""
-        base, n = name, 1
-        while f"{split}/{name}" in self.names:
-            n += 1
-            name = f"{base}_{n}"
-        self.names.add(f"{split}/{name}")
-        return name
-
-    def _write(self, arr: np.ndarray, rel: str, spacing: Sequence[float], origin: Sequence[float],
-               reference: Optional[sitk.Image] = None) -> None:
-        """One image file; 2D arrays get spacing/origin, 3D ones the reference's geometry."""
-        path = self.tmp / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
-        if reference is not None:
-            img.CopyInformation(reference)
-        else:
-            img.SetSpacing([float(s) for s in spacing])
-            img.SetOrigin([float(o) for o in origin])
-        try:
-            sitk.WriteImage(img, str(path), useCompression=True)
-        except RuntimeError as exc:
-            raise OutputError(f"{path}: cannot write ({str(exc).strip().splitlines()[-1][:200]})") from exc
-
-    def add(self, *, split: str, patient: str, case: str, slice_index: Optional[int], label: int,
-            image: np.ndarray, mask: Optional[np.ndarray], spacing: Sequence[float] = (1.0, 1.0),
-            origin: Sequence[float] = (0.0, 0.0), ref: tuple[float, float] = (math.nan, math.nan),
-            reference: Optional[sitk.Image] = None) -> None:
-        """Write one image (and its mask) and record its manifest row."""
-        stem = case if slice_index is None else f"{case}_z{slice_index:03d}"
-        stem = self._unique(split, stem)
-        kind = "anomalous" if label else "healthy"
-        image_rel = f"{split}/{kind}/{stem}{self.ext}"
-        self._write(image.astype(np.float32, copy=False), image_rel, spacing, origin, reference)
-        mask_rel, pixels = "", ""
-        if mask is not None:
-            mask_rel = f"{split}/masks/{stem}_mask{self.ext}"
-            self._write(mask.astype(np.uint8), mask_rel, spacing, origin, reference)
-            pixels = int(np.count_nonzero(mask))
-        self.rows.append({
-            "split": split, "patient": patient, "case": case,
-            "slice": "" if slice_index is None else int(slice_index), "label": int(label),
-            "image": image_rel, "mask": mask_rel, "anomaly_pixels": pixels,
-            "ref_low": "" if math.isnan(ref[0]) else f"{ref[0]:.6g}",
-            "ref_high": "" if math.isnan(ref[1]) else f"{ref[1]:.6g}",
-        })
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Patients, cases, healthy and anomalous images per split, and in total."""
-        out: dict[str, dict[str, int]] = {}
-        for split in SPLITS + ("total",):
-            rows = [r for r in self.rows if split == "total" or r["split"] == split]
-            out[split] = {
-                "patients": len({r["patient"] for r in rows}),
-                "cases": len({r["case"] for r in rows}),
-                "images": len(rows),
-                "healthy": sum(1 for r in rows if r["label"] == 0),
-                "anomalous": sum(1 for r in rows if r["label"] == 1),
-                "with_mask": sum(1 for r in rows if r["mask"]),
-            }
-        return out
-
-    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        """Write manifest.csv and manifest.json, then move the folder into place; returns the summary."""
-        if not self.rows:
-            raise InputError("no image qualified for any split; nothing was written")
-        patients = {s: sorted({r["patient"] for r in self.rows if r["split"] == s}) for s in SPLITS}
-        summary = dict(summary)
-        summary["split_unit"] = "patient"
-        summary["counts"] = self.counts()
-        summary["patients"] = patients
-        summary["manifest_columns"] = list(MANIFEST_COLUMNS)
-        with open(self.tmp / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        (self.tmp / "manifest.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        try:
-            if self.out.exists():
-                if any(self.out.iterdir()):  # checked at the start: a prepared dataset we may replace
-                    shutil.rmtree(self.out)
-                else:
-                    self.out.rmdir()
-            os.replace(self.tmp, self.out)
-        except OSError as exc:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise OutputError(f"{self.out}: cannot move the prepared dataset into place ({exc})") from exc
-        return summary
-
-
-def _common_summary(dataset: str, source: Any, seed: int, val_fraction: float, test_fraction: float,
-                    grid: Optional[int], fmt: str) -> dict[str, Any]:
-    """The part of manifest.json every preparer writes."""
-    from .contract import __version__
-
-    return {
-        "dataset": dataset, "source": source, "created_by": f"synomaly {__version__}",
-        "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
-        "grid": grid, "format": fmt,
-        "orientation": "axial display: rows anterior to posterior, columns patient right to left (LPS +x)",
-    }
-
-
 def _classify(split: str, pixels: int, min_anomaly_pixels: int, dropped: dict[str, int]) -> Optional[int]:
     """Label of a slice with `pixels` anomalous pixels, or None (counted in `dropped`) if it is not kept."""
     if pixels == 0:
@@ -385,7 +173,7 @@ def _classify(split: str, pixels: int, min_anomaly_pixels: int, dropped: dict[st
     return 1
 
 
-def _slice_series(writer: _DatasetWriter, *, split: str, patient: str, case: str, image: sitk.Image,
+def _slice_series(writer: DatasetWriter, *, split: str, patient: str, case: str, image: sitk.Image,
                   arr: np.ndarray, truth: np.ndarray, indices: Iterable[int], grid: Optional[int],
                   min_anomaly_pixels: int, ref: tuple[float, float], dropped: dict[str, int],
                   eligible: Optional[np.ndarray] = None, window: Optional[tuple[float, float]] = None) -> None:
@@ -502,7 +290,7 @@ def prepare_brats(
         raise InputError(f"{root}: no BraTS case folders with '-{contrast}.nii.gz' and '-seg.nii.gz' files found")
     split_of = split_patients((brats_patient(c) for c, _, _ in cases), val_fraction, test_fraction, seed)
     dropped = _new_dropped()
-    with _DatasetWriter(out, fmt, overwrite) as writer:
+    with DatasetWriter(out, fmt, overwrite) as writer:
         for i, (case, image_path, seg_path) in enumerate(cases):
             progress("prepare", i, len(cases), case)
             patient = brats_patient(case)
@@ -517,7 +305,7 @@ def prepare_brats(
                           truth=truth, indices=indices, grid=grid, min_anomaly_pixels=min_anomaly_pixels,
                           ref=_robust_range(arr, background=0.0), dropped=dropped)
         progress("prepare", len(cases), len(cases), "writing manifest")
-        summary = _common_summary("brats", str(root), seed, val_fraction, test_fraction, grid, fmt)
+        summary = common_summary("brats", str(root), seed, val_fraction, test_fraction, grid, fmt)
         summary.update({
             "contrast": contrast,
             "slice_range": None if slice_range is None else [int(slice_range[0]), int(slice_range[1])],
@@ -586,7 +374,7 @@ def prepare_lits(
     split_of = split_patients(patient_of.values(), val_fraction, test_fraction, seed)
     dropped = _new_dropped()
     dropped["slices without liver"] = 0
-    with _DatasetWriter(out, fmt, overwrite) as writer:
+    with DatasetWriter(out, fmt, overwrite) as writer:
         for i, n in enumerate(numbers):
             patient = patient_of[n]
             progress("prepare", i, len(numbers), patient)
@@ -607,7 +395,7 @@ def prepare_lits(
                           min_anomaly_pixels=min_anomaly_pixels, ref=(lo, hi), dropped=dropped,
                           eligible=eligible, window=(lo, hi))
         progress("prepare", len(numbers), len(numbers), "writing manifest")
-        summary = _common_summary("lits", str(root), seed, val_fraction, test_fraction, grid, fmt)
+        summary = common_summary("lits", str(root), seed, val_fraction, test_fraction, grid, fmt)
         summary.update({
             "hu_window": [lo, hi],
             "intensity": f"CT in Hounsfield units clipped to [{lo:g}, {hi:g}] (not rescaled); "
@@ -719,11 +507,11 @@ def prepare_folder(
     anomalous_patients = {pat for _, label, pat in items if label}
     healthy_only = {pat for _, _, pat in items} - anomalous_patients
     split_of = split_patients(healthy_only, val_fraction, test_fraction, seed) if healthy_only else {}
-    split_of.update(_split_held_out(anomalous_patients, val_fraction, test_fraction, seed))
+    split_of.update(split_held_out(anomalous_patients, val_fraction, test_fraction, seed))
     masks = _mask_index(masks_dir)
     used_masks: set[str] = set()
     stats = {"volumes_kept_on_own_grid": 0, "anomalous_without_mask": 0, "anomalous_with_empty_mask": 0}
-    with _DatasetWriter(out, fmt, overwrite) as writer:
+    with DatasetWriter(out, fmt, overwrite) as writer:
         for i, (path, label, patient) in enumerate(items):
             progress("prepare", i, len(items), path.name)
             image = read_image(path, color="luminance")
@@ -761,7 +549,7 @@ def prepare_folder(
         progress("prepare", len(items), len(items), "writing manifest")
         source = {"healthy": _source_names(healthy_dir), "anomalous": _source_names(anomalous_dir),
                   "masks": None if masks_dir is None else str(masks_dir)}
-        summary = _common_summary("folder", source, seed, val_fraction, test_fraction, grid, fmt)
+        summary = common_summary("folder", source, seed, val_fraction, test_fraction, grid, fmt)
         summary.update({
             "labels": "from the folder: healthy 0, anomalous 1; masks above half their maximum",
             "patient_rule": f"regex {patient_regex!r} on the file stem" if patient_regex else "one patient per file stem",
@@ -778,36 +566,3 @@ def prepare_folder(
 # ---------------------------------------------------------------- reading
 
 
-def load_manifest(path: str | os.PathLike, split: Optional[str] = None) -> list[ManifestRow]:
-    """Rows of a prepared dataset's manifest.csv (give the file or its folder), optionally of one split."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "manifest.csv"
-    if not p.is_file():
-        raise InputError(f"{p}: no manifest.csv here; prepare the data with `synomaly prepare` first")
-    if split is not None and split not in SPLITS:
-        raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    base = p.parent.absolute()
-    rows: list[ManifestRow] = []
-    with open(p, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or [])
-        if missing:
-            raise InputError(f"{p}: not a synomaly manifest (missing columns {', '.join(sorted(missing))})")
-        for n, r in enumerate(reader, start=2):
-            try:
-                row = ManifestRow(
-                    split=r["split"], patient=r["patient"], case=r["case"],
-                    slice=int(r["slice"]) if r["slice"] else None, label=int(r["label"]),
-                    image=base / r["image"], mask=base / r["mask"] if r["mask"] else None,
-                    anomaly_pixels=int(r["anomaly_pixels"]) if r["anomaly_pixels"] else None,
-                    ref_low=float(r["ref_low"]) if r["ref_low"] else math.nan,
-                    ref_high=float(r["ref_high"]) if r["ref_high"] else math.nan,
-                )
-            except (TypeError, ValueError) as exc:
-                raise InputError(f"{p}, line {n}: malformed row ({exc})") from exc
-            if row.split not in SPLITS or row.label not in (0, 1):
-                raise InputError(f"{p}, line {n}: split must be train/val/test and label 0/1")
-            if split is None or row.split == split:
-                rows.append(row)
-    return rows

@@ -92,7 +92,7 @@ def _read_mask(path: Path) -> np.ndarray:
 
 def prepared_data(folder: str | Path, limit: Optional[int] = None) -> EvalData:
     """The val and test rows of a prepared dataset (manifest.csv from `synomaly prepare`)."""
-    from .datasets import load_manifest
+    from .manifest import load_manifest
 
     folder = Path(folder)
     rows = load_manifest(folder)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import heapq
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -137,3 +138,38 @@ def gallery(columns: Sequence[tuple[str, Sequence[Section]]], tile: int = 128) -
     h = max(b.shape[0] for b in blocks)
     blocks = [np.pad(b, ((0, h - b.shape[0]), (0, 0), (0, 0)), constant_values=255) for b in blocks]
     return side_by_side(blocks, gap=12)
+
+
+class Gallery:
+    """The best and worst anomalous images and the worst healthy image of one method, as picture rows."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.best: list = []
+        self.worst: list = []
+        self.alarm: list = []
+        self.n = 0
+
+    def _offer(self, heap: list, size: int, key: float, make: Callable[[], tuple[str, np.ndarray]]) -> None:
+        self.n += 1
+        if len(heap) < size:
+            heapq.heappush(heap, (key, self.n, make()))
+        elif key > heap[0][0]:
+            heapq.heapreplace(heap, (key, self.n, make()))
+
+    def offer(self, stats: dict[str, Any], make: Callable[[], tuple[str, np.ndarray]]) -> None:
+        """Consider one image: anomalous ranked by Dice (or image score without masks), healthy by image score."""
+        if stats["label"] == 1:
+            key = stats["dice"] if np.isfinite(stats["dice"]) else stats["image_score"]
+            self._offer(self.best, self.k, key, make)
+            self._offer(self.worst, self.k, -key, make)
+        else:
+            self._offer(self.alarm, 1, stats["image_score"], make)
+
+    def sections(self, method: str) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
+        """(title, rows) for the gallery picture."""
+        best = [p for _, _, p in sorted(self.best, key=lambda e: -e[0])]
+        worst = [p for _, _, p in sorted(self.worst, key=lambda e: -e[0])]
+        alarm = [p for _, _, p in self.alarm]
+        return [("best anomalous images", best), ("worst anomalous images", worst),
+                ("healthy image with the highest score", alarm)]

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .. import datasets
+from .. import datasets, manifest
 from ..errors import InputError
 from ..sampledata import resolve_data
 from .common import progress_for
@@ -43,7 +43,7 @@ def add_prepare_parser(subparsers) -> None:
     common.add_argument("--test-fraction", type=float, default=0.2, help="share of patients for testing")
     common.add_argument("--seed", type=int, default=0, help="seed of the patient split")
     common.add_argument("--grid", type=int, help="resample 2D slices to GRID x GRID pixels (same field of view)")
-    common.add_argument("--format", default="nrrd", choices=sorted(datasets.FORMATS), help="image file format")
+    common.add_argument("--format", default="nrrd", choices=sorted(manifest.FORMATS), help="image file format")
     common.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
     common.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])
 
@@ -103,7 +103,7 @@ def cmd_prepare(args) -> int:
     c = summary["counts"]
     print(f"prepared {c['total']['images']} images of {c['total']['patients']} patients in {args.output}: "
           + ", ".join(f"{s} {c[s]['healthy']} healthy + {c[s]['anomalous']} anomalous ({c[s]['patients']} patients)"
-                      for s in datasets.SPLITS), file=sys.stderr)
+                      for s in manifest.SPLITS), file=sys.stderr)
     return 0
 
 

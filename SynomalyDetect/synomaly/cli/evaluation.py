@@ -90,28 +90,29 @@ def add_evaluate_parser(subparsers) -> None:
 
 def cmd_evaluate(args) -> int:
     """Run `synomaly evaluate` and print where the report is, with one line per method."""
-    from .. import evaluate
+    from ..evalreport import ci_text, finite
+    from ..evalruns import EvalSettings, select_methods
+    from ..evalstats import METRICS
+    from ..evaluate import run_evaluation
 
-    methods = evaluate.select_methods(args.model, args.method, args.methods, args.stages)
-    s = evaluate.EvalSettings(threshold_from=args.threshold_from, val_rule=args.val_rule,
-                              target_fpr=args.target_fpr, card_fpr=args.fpr, t=args.t, blur=args.blur,
-                              min_size=args.min_size, seed=args.seed, bootstrap=args.bootstrap,
-                              batch_size=args.batch_size, device=args.device, precision=args.precision,
-                              gallery_k=args.gallery)
+    methods = select_methods(args.model, args.method, args.methods, args.stages)
+    s = EvalSettings(threshold_from=args.threshold_from, val_rule=args.val_rule, target_fpr=args.target_fpr,
+                     card_fpr=args.fpr, t=args.t, blur=args.blur, min_size=args.min_size, seed=args.seed,
+                     bootstrap=args.bootstrap, batch_size=args.batch_size, device=args.device,
+                     precision=args.precision, gallery_k=args.gallery)
     progress = make_progress(args.progress)
-    out = evaluate.run_evaluation(methods, args.data, args.output, s, command=command_line(args),
-                                  overwrite=args.overwrite, limit=args.limit, templates=args.templates,
-                                  cases=args.cases, val_cases=args.val_cases, forms=args.forms,
-                                  val_templates=args.val_templates, healthy_every=args.healthy_every,
-                                  progress=progress)
+    out = run_evaluation(methods, args.data, args.output, s, command=command_line(args), overwrite=args.overwrite,
+                         limit=args.limit, templates=args.templates, cases=args.cases, val_cases=args.val_cases,
+                         forms=args.forms, val_templates=args.val_templates, healthy_every=args.healthy_every,
+                         progress=progress)
     lines = []
     for name, m in out["methods"].items():
         key = "dice_image" if "dice_image" in m["metrics"] else "image_auroc"
         lines.append(f"{name}: threshold {m['threshold']:.4g} ({m['threshold_source']}); "
-                     f"{evaluate.METRICS[key][1]} {evaluate.ci_text(m['metrics'][key])}")
+                     f"{METRICS[key][1]} {ci_text(m['metrics'][key])}")
     if args.progress == "json":
         progress("done", 1, 1, f"report written to {out['files']['report.md']}", outputs=out["files"],
-                 methods=evaluate.finite(out["methods"]))
+                 methods=finite(out["methods"]))
     else:
         print("\n".join(lines))
         print(f"report: {out['files']['report.md']}", file=sys.stderr)
