@@ -351,3 +351,20 @@ def test_binned_pixel_metrics_match_exact_ones():
     q = bins.astype(float)
     assert evalstats.hist_auroc(pos, neg) == pytest.approx(auroc(q, y), abs=1e-12)
     assert evalstats.hist_auprc(pos, neg) == pytest.approx(auprc(q, y), abs=1e-12)
+
+
+def test_card_mode_leaves_the_operating_point_to_the_engine_and_validation_mode_fixes_the_threshold():
+    """With card thresholds the engine resolves the card's operating point itself (its grow FPR included);
+    with a validation threshold that threshold is used exactly, without the card's growth."""
+    from synomaly.card import DetectionDefaults
+    from synomaly.detect import resolve_grow_threshold
+    from synomaly.evalruns import EvalSettings, _detection_settings
+    from synomaly.train import new_card
+
+    card = new_card("g", grid=32, channels=(32, 32))
+    card.detection_3d = DetectionDefaults(t=25, blur_kernel=5, fpr=1e-4, grow_fpr=1e-2)
+    card.calibration_3d = {"thresholds": {"0.01": 0.1, "0.001": 0.2, "0.0001": 0.3}}
+    by_card = _detection_settings(5, 0.3, EvalSettings(threshold_from="card"))
+    assert by_card.threshold is None and resolve_grow_threshold(by_card, card, 0.3, volume=True) == 0.1
+    by_val = _detection_settings(5, 0.3, EvalSettings(threshold_from="val"))
+    assert by_val.threshold == 0.3 and resolve_grow_threshold(by_val, card, 0.3, volume=True) is None

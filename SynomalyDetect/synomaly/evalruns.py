@@ -186,8 +186,15 @@ def _pick(arr: Optional[np.ndarray], z: Optional[int]) -> Optional[np.ndarray]:
 
 
 def _detection_settings(stages: int, threshold: float, s: EvalSettings):
+    """The engine's settings for one run. Thresholds from the card are left for the engine to resolve (the
+    same calibrated value `threshold` holds), so the card's whole operating point applies, its hysteresis
+    (grow FPR) included, exactly as a user's detection at that rate gets it."""
     from .detect import DetectionSettings
 
+    if s.threshold_from == "card":
+        return DetectionSettings(t=s.t, blur_kernel=s.blur, fpr=s.card_fpr, max_stages=int(stages),
+                                 min_lesion_mm3=s.min_size, seed=s.seed, batch_size=s.batch_size, device=s.device,
+                                 precision=s.precision)
     return DetectionSettings(t=s.t, blur_kernel=s.blur, threshold=float(threshold), max_stages=int(stages),
                              min_lesion_mm3=s.min_size, seed=s.seed, batch_size=s.batch_size, device=s.device,
                              precision=s.precision)
