@@ -236,3 +236,18 @@ def test_lesion_recall_counts_found_lesions_by_polarity_and_size():
     assert rec["brighter"] == {"found": 1, "of": 1} and rec["darker"] == {"found": 0, "of": 1}
     assert rec["under_1ml"] == {"found": 1, "of": 1} and rec["1ml_or_more"] == {"found": 0, "of": 1}
     assert labels.max() == 2 and set(np.unique(labels[truth])) == {1, 2}
+
+
+def test_tune_command_with_a_single_stage_grid_of_our_choosing(tiny_model_file, tmp_path, capsys):
+    from synomaly.cli import main
+
+    vol = tmp_path / "healthy.nii.gz"
+    sitk.WriteImage(_head(seed=4), str(vol))
+    out = tmp_path / "tuned.safetensors"
+    assert main(["tune", str(tiny_model_file), "--data", str(vol), "--forms", "native", "--lesions", "2",
+                 "--t", "50", "--blur", "3", "5", "--ensembles", "50+200", "--single-stage", "-o", str(out),
+                 "--progress", "none"]) == 0
+    table = read_card(out).tuning["table"]
+    assert sorted((r["t"], r["blur"]) for r in table) == [("50", 3), ("50", 5), ("50+200", 3), ("50+200", 5)]
+    assert all(r["stages"] == 1 and r["draws"] == 1 for r in table)
+    assert "default FPR" in capsys.readouterr().out

@@ -60,6 +60,10 @@ def cmd_tune(args) -> int:
         grid.ts = tuple(args.t)
     if args.blur:
         grid.blurs = tuple(args.blur)
+    if args.ensembles is not None:
+        grid.ensembles = tuple(tuple(int(v) for v in e.split("+")) for e in args.ensembles)
+    if args.single_stage:  # no multi-stage rows, no extra noise draws: the cheapest sweep of the grid
+        grid.max_stages, grid.multi_top, grid.more_draws = 1, 0, 1
     opts = TuneOptions(forms=tuple(args.forms), lesions_per_volume=args.lesions, seed=args.seed,
                        batch_size=args.batch_size, grid=grid, max_healthy_ml=args.max_healthy_ml)
     rec = tune_model(args.model, args.data, output=args.output, options=opts, device=args.device,
@@ -145,6 +149,10 @@ def add_parsers(sub) -> None:
     tu.add_argument("--t", type=int, nargs="+", help="noise levels to try (default 5 10 25 50 100 200 400)")
     tu.add_argument("--blur", type=int, nargs="+", help="blur kernels to try (default 3 5 7 9)")
     tu.add_argument("--quick", action="store_true", help="a small grid (about a quarter of the time)")
+    tu.add_argument("--ensembles", nargs="*", metavar="T+T+T",
+                    help="ensembles of noise levels to try, e.g. 10+25+50 (default: four; none with no value)")
+    tu.add_argument("--single-stage", action="store_true",
+                    help="score single-stage settings only (no multi-stage rows, no extra noise draws)")
     tu.add_argument("--max-healthy-ml", type=float, default=1.0,
                     help="the default FPR may flag at most this many mL in a lesion-free volume (default 1)")
     tu.add_argument("--data-description", help="what the tuning volumes are (for the card)")
