@@ -127,15 +127,6 @@ def volume_to_sitk(volume_node):
     return image
 
 
-def update_volume_from_sitk(volume_node, image) -> None:
-    """Set an existing volume node's voxels and geometry from a 3D SimpleITK image."""
-    import SimpleITK as sitk
-
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise BridgeError("only single-component images can be put into a scalar volume")
-    update_volume_from_array(volume_node, sitk.GetArrayFromImage(image), ijk_to_ras_from_sitk(image))
-
-
 def add_volume_from_sitk(scene, image, name: str, class_name: str = "vtkMRMLScalarVolumeNode"):
     """A new volume node in `scene` from a 3D SimpleITK image."""
     import SimpleITK as sitk
