@@ -422,10 +422,8 @@ class SynomalyTrainingLogic(ScriptedLoadableModuleLogic):
             return False
 
     def removeModel(self, name: str) -> None:
-        path = self.modelsFolder() / f"{name}.safetensors"
-        if not path.exists():
-            raise FileNotFoundError(f"no user model named {name!r} in {self.modelsFolder()}")
-        path.unlink()
+        """Delete a user model from this logic's model folder (the engine's remove_model)."""
+        engine.remove_model(name, self.modelsFolder())
 
     @staticmethod
     def optionsFromParameters(params: SynomalyTrainingParameterNode) -> jobs.TrainingOptions:

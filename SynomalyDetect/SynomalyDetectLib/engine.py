@@ -84,9 +84,9 @@ def user_models_dir() -> Path:
     return Path(_modelio().user_models_dir())
 
 
-def remove_model(name: str) -> Path:
-    """Delete a user model (shipped models cannot be removed)."""
-    return _modelio().remove_model(name)
+def remove_model(name: str, models_dir: Optional[Path] = None) -> Path:
+    """Delete a user model from `models_dir` (default: the user model folder); shipped models cannot be removed."""
+    return _modelio().remove_model(name, models_dir)
 
 
 def _file_safe(text: str) -> str:

@@ -298,10 +298,12 @@ def install_model(path: str | Path, name: str | None = None) -> Path:
     return dest
 
 
-def remove_model(name: str) -> Path:
-    """Delete a user model by name (shipped models cannot be removed)."""
-    p = user_models_dir() / f"{name}{MODEL_SUFFIX}"
+def remove_model(name: str, models_dir: str | Path | None = None) -> Path:
+    """Delete a user model by name from `models_dir` (default: the user model folder); shipped models
+    cannot be removed."""
+    folder = Path(models_dir) if models_dir is not None else user_models_dir()
+    p = folder / f"{name}{MODEL_SUFFIX}"
     if not p.exists():
-        raise ModelFileError(f"no user model named {name!r} in {user_models_dir()}")
+        raise ModelFileError(f"no user model named {name!r} in {folder}")
     p.unlink()
     return p
