@@ -138,6 +138,23 @@ def test_a_slim_checkpoint_is_smaller_and_training_resumes_from_it(healthy, tmp_
     assert read_card(tmp_path / "b.safetensors").training["iterations"] == 14
 
 
+def test_snapshot_writes_the_ema_weights_of_a_checkpoint_as_a_model_file(healthy, tmp_path, capsys):
+    """`synomaly snapshot CHECKPOINT -o MODEL` (a model of a run still going) loads, with the checkpoint's EMA."""
+    from synomaly.cli import main
+
+    tr, va = healthy
+    summary = train(_card(), tr, va, tmp_path / "run.safetensors", _settings(iterations=6))
+    out = tmp_path / "snap.safetensors"
+    assert main(["snapshot", summary["checkpoint"], "-o", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    state = load_checkpoint(summary["checkpoint"])
+    model = load_model(out, device="cpu")
+    assert model.card.name == "tiny" and model.card.training["snapshot_of_checkpoint_at_iteration"] == 6
+    weights = model.network.state_dict()
+    assert set(weights) == set(state["ema"])
+    assert all(torch.equal(weights[k].float(), state["ema"][k].float()) for k in weights)
+
+
 FACTORIES = {torch.rand, torch.randn, torch.randint, torch.zeros, torch.ones, torch.full, torch.arange,
              torch.empty, torch.linspace, torch.randperm, torch.normal}
 

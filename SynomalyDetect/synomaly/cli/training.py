@@ -97,6 +97,15 @@ def cmd_slim_checkpoint(args) -> int:
     return 0
 
 
+def cmd_snapshot(args) -> int:
+    """Write the EMA weights of a training checkpoint as a model file (a snapshot of a run still going)."""
+    from ..train import model_from_checkpoint
+
+    out = model_from_checkpoint(args.checkpoint, args.output)
+    print(f"{out}: the EMA weights of {args.checkpoint}")
+    return 0
+
+
 def cmd_bench_train(args) -> int:
     """Training throughput at the default recipe: iterations per second and the noise's share of a step."""
     import time
@@ -128,7 +137,7 @@ def cmd_bench_train(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    """Add train, slim-checkpoint and bench-train to the sub-parsers."""
+    """Add train, slim-checkpoint, snapshot and bench-train to the sub-parsers."""
     from ..settings import TrainingSettings  # plain data, no torch: the defaults are written once, there
 
     t = sub.add_parser("train", help="train or fine-tune a model on healthy scans")
@@ -185,6 +194,12 @@ def add_parsers(sub) -> None:
     sc.add_argument("checkpoint")
     sc.add_argument("-o", "--output", required=True)
     sc.set_defaults(func=cmd_slim_checkpoint)
+
+    sn = sub.add_parser("snapshot", help="write the EMA weights of a training checkpoint as a model file "
+                        "(for a run still going)")
+    sn.add_argument("checkpoint")
+    sn.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
+    sn.set_defaults(func=cmd_snapshot)
 
     bt = sub.add_parser("bench-train", help="training throughput and the noise's share of a step")
     bt.add_argument("--steps", type=int, default=20)
