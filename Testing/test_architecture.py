@@ -66,6 +66,7 @@ MODULE_LAYERS = {
     "synomaly.cli.cohorts": "interface",
     "synomaly.cli.models": "interface",
     "synomaly.cli.data": "interface",
+    "synomaly.cli.preparation": "interface",
     "synomaly.cli.evaluation": "interface",
 }
 

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from synomaly import datasets, datasplit, manifest
-from synomaly.cli.data import add_prepare_parser
+from synomaly.cli.preparation import add_prepare_parser
 from synomaly.errors import InputError, OutputError
 
 FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # how ITK reads a typical RAS-stored NIfTI

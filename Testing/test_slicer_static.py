@@ -32,7 +32,8 @@ IGNORED_PARTS = {"__pycache__", ".pytest_cache"}
 
 
 def cmake_set(path: Path, variable: str) -> list[str]:
-    """Items of `set(VARIABLE ...)` in a CMakeLists.txt, with ${MODULE_NAME} resolved."""
+    """Items of `set(VARIABLE ...)` in a CMakeLists.txt, with ${MODULE_NAME} and the lists it names
+    (${OTHER_VARIABLE} of the same file) resolved."""
     text = re.sub(r"#[^\n]*", "", path.read_text())
     module = re.search(r"set\(\s*MODULE_NAME\s+(\S+?)\s*\)", text)
     match = re.search(r"set\(\s*" + re.escape(variable) + r"\s+(.*?)\)", text, re.S)
@@ -40,7 +41,16 @@ def cmake_set(path: Path, variable: str) -> list[str]:
     items = match.group(1).split()
     if module:
         items = [item.replace("${MODULE_NAME}", module.group(1)) for item in items]
-    return items
+    expanded = []
+    for item in items:
+        listed = re.fullmatch(r"\$\{(\w+)\}", item)
+        expanded += cmake_set(path, listed.group(1)) if listed else [item]
+    return expanded
+
+
+def cmake_variables(path: Path) -> set[str]:
+    """The names of the variables a CMakeLists.txt sets."""
+    return set(re.findall(r"^\s*set\(\s*(\w+)", re.sub(r"#[^\n]*", "", path.read_text()), re.M))
 
 
 def cmake_extension_vars(path: Path) -> dict[str, str]:
@@ -128,7 +138,10 @@ CONNECTORS = {
 
 @pytest.mark.parametrize("module", MODULES)
 def test_every_python_file_of_the_module_is_listed_in_its_cmakelists(module):
-    listed = set(cmake_set(ROOT / module / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS"))
+    cmake = ROOT / module / "CMakeLists.txt"
+    listed = set(cmake_set(cmake, "MODULE_PYTHON_SCRIPTS"))
+    if "SYNOMALY_RESEARCH_SCRIPTS" in cmake_variables(cmake):  # listed too, but not installed (see below)
+        listed |= set(cmake_set(cmake, "SYNOMALY_RESEARCH_SCRIPTS"))
     present = module_files(module, ".py")
     missing = sorted(present - listed)
     assert not missing, f"add these to MODULE_PYTHON_SCRIPTS in {module}/CMakeLists.txt: {missing}"
@@ -136,14 +149,65 @@ def test_every_python_file_of_the_module_is_listed_in_its_cmakelists(module):
     assert not stale, f"{module}/CMakeLists.txt lists files that do not exist: {stale}"
 
 
-def test_every_engine_file_is_installed_with_synomaly_detect():
-    listed = set(cmake_set(ROOT / "SynomalyDetect" / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS"))
+def engine_files_by_kind() -> tuple[set[str], set[str]]:
+    """The engine's files (as CMake names them) that Slicer gets, and the research ones it does not: the modules
+    of the research layer (Testing/test_architecture.py) and the command modules that import one of them."""
+    from test_architecture import MODULE_LAYERS, graph, package_modules
+
     package = ROOT / "SynomalyDetect" / "synomaly"
-    engine = {f"synomaly/{p.relative_to(package).as_posix()}" for p in package.rglob("*.py")
-              if not (IGNORED_PARTS & set(p.parts))}
-    assert engine, "the engine package is missing"
-    missing = sorted(engine - listed)
+    sources = package_modules(package)
+    research = {m for m in sources if MODULE_LAYERS.get(m) == "research"}
+    research |= {a for a, b, _ in graph(sources) if a.startswith("synomaly.cli") and b in research}
+
+    def file_of(name: str) -> str:
+        path = package.parent.joinpath(*name.split("."))
+        return (path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).relative_to(package.parent).as_posix()
+
+    return {file_of(m) for m in sources if m not in research}, {file_of(m) for m in research}
+
+
+def test_the_engine_is_installed_into_slicer_by_layer_without_the_research_layer():
+    """Core, model, pipeline and the command line Slicer runs are installed; datasets, evaluation and their
+    commands are not (they come with `pip install synomaly`)."""
+    cmake = ROOT / "SynomalyDetect" / "CMakeLists.txt"
+    installed = {f for f in cmake_set(cmake, "MODULE_PYTHON_SCRIPTS") if f.startswith("synomaly/")}
+    product, research = engine_files_by_kind()
+    assert product and research, "the engine package is missing"
+    missing = sorted(product - installed)
     assert not missing, f"engine files not installed into Slicer (add to SynomalyDetect/CMakeLists.txt): {missing}"
+    shipped = sorted(research & installed)
+    assert not shipped, f"research files installed into Slicer (move to SYNOMALY_RESEARCH_SCRIPTS): {shipped}"
+    assert set(cmake_set(cmake, "SYNOMALY_RESEARCH_SCRIPTS")) == research
+    for layer in ("CORE", "MODEL", "PIPELINE", "INTERFACE"):
+        assert f"${{SYNOMALY_{layer}_SCRIPTS}}" in cmake.read_text()
+
+
+def test_the_command_line_works_with_only_what_slicer_installs(tmp_path):
+    """The installed files alone (copied as Slicer installs them): the parser builds, `detect --help` works,
+    no research module is imported, and a research command says where it is."""
+    import subprocess
+
+    installed = [f for f in cmake_set(ROOT / "SynomalyDetect" / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS")
+                 if f.startswith("synomaly/")]
+    for f in installed:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_bytes((ROOT / "SynomalyDetect" / f).read_bytes())
+    _, research = engine_files_by_kind()
+    research_modules = sorted(f[:-3].replace("/", ".") for f in research)
+    check = ("import sys, synomaly.cli as cli; cli.build_parser(); "
+             f"assert cli.__file__.startswith({str(tmp_path)!r}), cli.__file__; "
+             f"loaded = [m for m in {research_modules!r} if m in sys.modules]; assert not loaded, loaded")
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
+    run = lambda *args: subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True,  # noqa: E731
+                                       text=True, timeout=120)
+    built = run("-c", check)
+    assert built.returncode == 0, built.stderr
+    detect = run("-m", "synomaly.cli", "detect", "--help")
+    assert detect.returncode == 0 and "--fpr" in detect.stdout, detect.stderr
+    for command in ("evaluate", "prepare"):
+        refused = run("-m", "synomaly.cli", command, "--data", "x")
+        assert refused.returncode != 0 and "pip install synomaly" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -6,15 +6,23 @@ argparse lives only in this package. `python -m synomaly.cli` and the `synomaly`
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import sys
 
 from ..contract import ERROR_PREFIX, EXIT_FAILED, EXIT_INPUT, EXIT_MODEL, __version__
 from ..errors import Cancelled, SynomalyError
-from . import cohorts, data, detection, evaluation, models, training
+from . import cohorts, data, detection, models, training
 
 __all__ = ["build_parser", "main"]
+
+#: Command modules of the research layer (datasets, evaluation), by the sub-commands they add: installed with
+#: the pip package, not into Slicer (SynomalyDetect/CMakeLists.txt). Imported only when the parser is built,
+#: and only where they are present; elsewhere their commands answer with RESEARCH_MISSING.
+RESEARCH_COMMANDS = {"preparation": ("prepare",), "evaluation": ("evaluate",)}
+RESEARCH_MISSING = ("`synomaly {command}` is not installed here: the research modules (datasets, evaluation) "
+                    "come with the pip package (pip install synomaly), not with the Slicer extension")
 
 
 def _install_signal_handlers() -> None:
@@ -36,9 +44,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"synomaly {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (training, detection, cohorts, models, data, evaluation):
+    for group in (training, detection, cohorts, models, data):
         group.add_parsers(sub)
+    for module, commands in RESEARCH_COMMANDS.items():
+        try:
+            group = importlib.import_module(f".{module}", __name__)
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("synomaly."):
+                raise
+            for command in commands:
+                _add_missing_command(sub, command)
+        else:
+            group.add_parsers(sub)
     return p
+
+
+def _add_missing_command(sub, command: str) -> None:
+    """A sub-command whose module is not installed: it takes any arguments and fails with RESEARCH_MISSING."""
+
+    def missing(args) -> int:
+        raise SynomalyError(RESEARCH_MISSING.format(command=command))
+
+    # no option prefix: `--help` and every option land in `arguments`, so each call gets the message
+    p = sub.add_parser(command, help="(not installed here: pip install synomaly)", add_help=False, prefix_chars="\0")
+    p.add_argument("arguments", nargs="*")
+    p.set_defaults(func=missing)
 
 
 def main(argv: list[str] | None = None) -> int:
