@@ -153,6 +153,12 @@ def test_snapshot_writes_the_ema_weights_of_a_checkpoint_as_a_model_file(healthy
     weights = model.network.state_dict()
     assert set(weights) == set(state["ema"])
     assert all(torch.equal(weights[k].float(), state["ema"][k].float()) for k in weights)
+    raw = tmp_path / "raw.safetensors"
+    assert main(["snapshot", summary["checkpoint"], "--weights", "model", "-o", str(raw)]) == 0
+    raw_weights = load_model(raw, device="cpu").network.state_dict()
+    assert all(torch.equal(raw_weights[k].float(), state["model"][k].float()) for k in raw_weights)
+    assert not all(torch.equal(raw_weights[k], weights[k]) for k in weights), "raw and EMA weights differ after 6 steps"
+    assert read_card(raw).calibration_3d == {} and read_card(raw).detection_3d is None, "no thresholds of the base"
 
 
 FACTORIES = {torch.rand, torch.randn, torch.randint, torch.zeros, torch.ones, torch.full, torch.arange,

@@ -523,11 +523,19 @@ def new_card(name: str, grid: int = 64, channels: tuple[int, ...] = (32, 64, 128
     )
 
 
-def model_from_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the EMA weights of a checkpoint as a model file (a snapshot of a run still going)."""
+def model_from_checkpoint(checkpoint: str | Path, out: str | Path, weights: str = "ema") -> Path:
+    """Write the EMA (or, with weights="model", the raw) weights of a checkpoint as a model file (a snapshot of a
+    run still going). Like a finished run's file, it carries no thresholds or tuned setting: those of the base
+    model do not hold for new weights."""
     from .modelio import save_model
 
+    if weights not in ("ema", "model"):
+        raise InputError(f"weights must be 'ema' or 'model', not {weights!r}")
     state = load_checkpoint(checkpoint)
     card = ModelCard.from_json(state["card"])
-    card.training = {"snapshot_of_checkpoint_at_iteration": int(state["iteration"])}
-    return save_model(out, card, state["ema"])
+    card.training = {"snapshot_of_checkpoint_at_iteration": int(state["iteration"]), "weights": weights}
+    card.calibration = {}
+    card.calibration_3d = {}
+    card.detection_3d = None
+    card.tuning = {}
+    return save_model(out, card, state[weights])

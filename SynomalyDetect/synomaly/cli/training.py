@@ -101,8 +101,8 @@ def cmd_snapshot(args) -> int:
     """Write the EMA weights of a training checkpoint as a model file (a snapshot of a run still going)."""
     from ..train import model_from_checkpoint
 
-    out = model_from_checkpoint(args.checkpoint, args.output)
-    print(f"{out}: the EMA weights of {args.checkpoint}")
+    out = model_from_checkpoint(args.checkpoint, args.output, weights=args.weights)
+    print(f"{out}: the {'EMA' if args.weights == 'ema' else 'raw'} weights of {args.checkpoint}")
     return 0
 
 
@@ -199,6 +199,9 @@ def add_parsers(sub) -> None:
                         "(for a run still going)")
     sn.add_argument("checkpoint")
     sn.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
+    sn.add_argument("--weights", default="ema", choices=["ema", "model"],
+                    help="the EMA weights (default) or the raw weights of the last step (early in a fine-tuning "
+                         "run the EMA still holds much of the base model)")
     sn.set_defaults(func=cmd_snapshot)
 
     bt = sub.add_parser("bench-train", help="training throughput and the noise's share of a step")
