@@ -137,11 +137,19 @@ def test_parts_of_an_array_job_cover_the_cohort_once(tiny_model_file, scans, tmp
     assert [r["status"] for r in rows] == ["ok"] * 3
 
 
-def test_two_workers_give_the_same_results_as_one(tiny_model_file, scans, tmp_path):
-    cohort = find_scans([str(scans)])
+def test_two_workers_give_the_same_results_as_one(tiny_model_file, tmp_path):
+    # eight scans: a worker takes the next scan as soon as it has loaded the model, so with only three tiny
+    # scans the first worker could finish them all while the second was still starting on a loaded machine
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i in range(8):
+        img = sitk.GetImageFromArray(make_phantom((10, 40, 40), seed=i))
+        img.SetSpacing((1.2, 1.2, 3.0))
+        sitk.WriteImage(img, str(folder / f"sub-{i:02d}.mha"))
+    cohort = find_scans([str(folder)])
     one = run_cohort(cohort, tmp_path / "one", tiny_model_file, _settings())
     two = run_cohort(cohort, tmp_path / "two", tiny_model_file, _settings(), CohortOptions(workers=2))
-    assert one["ok"] == two["ok"] == 3
+    assert one["ok"] == two["ok"] == 8
     pids = {json.loads(ln)["pid"] for ln in (tmp_path / "two" / "_cohort" / "part-0-of-1.jsonl").read_text().splitlines()}
     assert len(pids) == 2, "two worker processes did the work"
     for s in cohort:
