@@ -122,13 +122,9 @@ def resolve_settings(settings: DetectionSettings, card, volume: bool = False) ->
     thresholds = cal.get("thresholds", {})
     fpr = settings.fpr
     if fpr is not None:
-        key = fpr_key(fpr)
-        if key not in thresholds:
-            have = ", ".join(sorted(thresholds)) or "none"
-            raise ModelError(f"model {card.name!r} has no threshold calibrated for FPR {fpr:g} (has: {have}); "
-                             "run `synomaly calibrate` or give --threshold")
+        value = calibrated_threshold(card, thresholds, fpr, "", "give --threshold")
         _warn_if_calibration_differs(cal, ts, k, stages)
-        return ts, k, stages, float(thresholds[key]), f"calibrated FPR {key}"
+        return ts, k, stages, value, f"calibrated FPR {fpr_key(fpr)}"
     default = fpr_key(d.fpr)
     if default in thresholds:
         _warn_if_calibration_differs(cal, ts, k, stages)
@@ -146,13 +142,18 @@ def resolve_grow_threshold(settings: DetectionSettings, card, threshold: float, 
     if not fpr:
         return None
     thresholds = (card.calibration_for(volume) or {}).get("thresholds", {})
+    grow = calibrated_threshold(card, thresholds, fpr, " to grow lesions into", "turn growth off (grow FPR 0)")
+    return grow if grow < threshold else None
+
+
+def calibrated_threshold(card, thresholds: dict[str, float], fpr: float, purpose: str, instead: str) -> float:
+    """The card's threshold calibrated at `fpr`, or a ModelError that names the rates it has and what to do."""
     key = fpr_key(fpr)
     if key not in thresholds:
         have = ", ".join(sorted(thresholds)) or "none"
-        raise ModelError(f"model {card.name!r} has no threshold calibrated for FPR {fpr:g} to grow lesions into "
-                         f"(has: {have}); run `synomaly calibrate` or turn growth off (grow FPR 0)")
-    grow = float(thresholds[key])
-    return grow if grow < threshold else None
+        raise ModelError(f"model {card.name!r} has no threshold calibrated for FPR {fpr:g}{purpose} (has: {have}); "
+                         f"run `synomaly calibrate` or {instead}")
+    return float(thresholds[key])
 
 
 def resolve_fusion_threshold(settings: DetectionSettings, card, ts: tuple[int, ...], k: int, threshold: float,

@@ -191,13 +191,10 @@ def _detection_settings(stages: int, threshold: float, s: EvalSettings):
     (grow FPR) included, exactly as a user's detection at that rate gets it."""
     from .detect import DetectionSettings
 
-    if s.threshold_from == "card":
-        return DetectionSettings(t=s.t, blur_kernel=s.blur, fpr=s.card_fpr, max_stages=int(stages),
-                                 min_lesion_mm3=s.min_size, seed=s.seed, batch_size=s.batch_size, device=s.device,
-                                 precision=s.precision)
-    return DetectionSettings(t=s.t, blur_kernel=s.blur, threshold=float(threshold), max_stages=int(stages),
-                             min_lesion_mm3=s.min_size, seed=s.seed, batch_size=s.batch_size, device=s.device,
-                             precision=s.precision)
+    by_card = s.threshold_from == "card"
+    return DetectionSettings(t=s.t, blur_kernel=s.blur, threshold=None if by_card else float(threshold),
+                             fpr=s.card_fpr if by_card else None, max_stages=int(stages), min_lesion_mm3=s.min_size,
+                             seed=s.seed, batch_size=s.batch_size, device=s.device, precision=s.precision)
 
 
 def run_cases(model, cases: Sequence[EvalCase], stages: int, threshold: float, s: EvalSettings, *,
