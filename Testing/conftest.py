@@ -36,6 +36,19 @@ def synomaly_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session", autouse=True)
+def plan_cache(tmp_path_factory) -> Iterator[Path]:
+    """Execution plans (synomaly.plan) measured in this test session go to a temporary cache, not the user's."""
+    path = tmp_path_factory.mktemp("synomaly-cache")
+    before = os.environ.get("SYNOMALY_CACHE_DIR")
+    os.environ["SYNOMALY_CACHE_DIR"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("SYNOMALY_CACHE_DIR", None)
+    else:
+        os.environ["SYNOMALY_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_model_file(tmp_path_factory) -> Path:
     """A valid model file (card + random weights) on a 32 x 32 grid with two 32-channel levels."""

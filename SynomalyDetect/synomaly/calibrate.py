@@ -24,7 +24,7 @@ def quantile_threshold(values: torch.Tensor, fpr: float) -> float:
 
 
 def calibration_maps(model, slices: torch.Tensor, masks: torch.Tensor, *, ts: tuple[int, ...], kernel: int,
-                     max_stages: int, draws: int = 1, fusion_fpr: float = FUSION_FPR, batch_size: int = 8,
+                     max_stages: int, draws: int = 1, fusion_fpr: float = FUSION_FPR, batch_size: Optional[int] = None,
                      seed: int = 0, progress: ProgressFn = null_progress):
     """The fusion threshold (the stage-1 level that flags `fusion_fpr` of healthy foreground voxels) and the
     multi-stage result on healthy slices (S, 1, G, G) run with it."""
@@ -57,7 +57,7 @@ def thresholds_at_fprs(values: torch.Tensor, fprs: Sequence[float]) -> tuple[dic
 def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequence[float] = DEFAULT_FPRS,
               t: Optional[int | Sequence[int]] = None, draws: Optional[int] = None,
               kernel: Optional[int] = None, max_stages: Optional[int] = None,
-              fusion_fpr: float = FUSION_FPR, batch_size: int = 8, seed: int = 0, volume: bool = False,
+              fusion_fpr: float = FUSION_FPR, batch_size: Optional[int] = None, seed: int = 0, volume: bool = False,
               progress: ProgressFn = null_progress) -> dict[str, Any]:
     """Thresholds giving each FPR on healthy slices (S, 1, G, G), for the multi-stage map.
 

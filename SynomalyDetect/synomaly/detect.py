@@ -34,7 +34,7 @@ class DetectionSettings:
     noise_draws: Optional[int] = None  # None: the card's
     grow_fpr: Optional[float] = None  # lesions grow to connected voxels above this FPR's threshold; None: the card's, 0: off
     seed: int = 0
-    batch_size: int = 8
+    batch_size: Optional[int] = None  # slices per network call; None: the measured plan (synomaly.plan)
     device: str = "auto"
     precision: str = "auto"
     allow_modality_mismatch: bool = False
@@ -66,7 +66,7 @@ class DetectionSettings:
             bad(f"stages must lie between 1 and 50, got {self.max_stages}")
         if self.noise_draws is not None and not 1 <= int(self.noise_draws) <= 64:
             bad(f"noise draws must lie between 1 and 64, got {self.noise_draws}")
-        if int(self.batch_size) < 1:
+        if self.batch_size is not None and int(self.batch_size) < 1:
             bad(f"the batch size must be at least 1 slice, got {self.batch_size}")
         if not 0 <= float(self.tolerance) < 1:
             bad(f"the stage tolerance must lie in [0, 1), got {self.tolerance}")
@@ -195,15 +195,26 @@ def _warn_if_calibration_differs(cal: dict, ts: tuple[int, ...], k: int, stages:
                         name, cal[name], name, value)
 
 
-def _denoise(model, x: torch.Tensor, ts: int | Sequence[int], draws: int, gen: torch.Generator) -> torch.Tensor:
+def slice_generators(count: int, seed: int, device: torch.device) -> list[torch.Generator]:
+    """One random stream per slice, so that a slice's noise does not depend on batching or on the other slices."""
+    return [torch.Generator(device=device).manual_seed((int(seed) * 1_000_003 + i) % (2**63)) for i in range(count)]
+
+
+def _slice_noise(shape: torch.Size, gens: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
+    """Gaussian noise (B, 1, G, G), slice b drawn from gens[b]."""
+    return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in gens])
+
+
+def _denoise(model, x: torch.Tensor, ts: int | Sequence[int], draws: int, gens: Sequence[torch.Generator]) -> torch.Tensor:
     """One stage for a batch (B, 1, G, G): noise to each level in `ts`, predict x0 in one call per level
-    and draw, and average the predictions (one level and one draw: the original method)."""
+    and draw, and average the predictions (one level and one draw: the original method). Slice b's noise
+    comes from its own stream gens[b], in the order level, draw."""
     levels = (int(ts),) if isinstance(ts, int) else tuple(int(t) for t in ts)
     out = torch.zeros_like(x)
     for t in levels:
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         for _ in range(draws):
-            noise = torch.randn(x.shape, generator=gen, device=x.device)
+            noise = _slice_noise(x.shape, gens, x.device)
             if model.card.noise.kind == "coarse":
                 # denoising autoencoder: the input itself is the corrupted image; predict its noise at t = 0
                 eps = model.predict_noise(x, torch.zeros_like(tt))
@@ -221,11 +232,16 @@ def anomaly_score(x0: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor, ker
 
 
 def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int | Sequence[int], kernel: int, threshold: float,
-               max_stages: int, tolerance: float = 0.01, batch_size: int = 8, draws: int = 1, seed: int = 0,
+               max_stages: int, tolerance: float = 0.01, batch_size: Optional[int] = None, draws: int = 1, seed: int = 0,
                progress: ProgressFn = null_progress) -> StageResult:
     """Multi-stage healing of S slices (S, 1, G, G): each stage noises the fused image, denoises it in one
     call, and keeps healed pixels only where the map (against the original x0) exceeds the threshold.
-    A slice stops when its anomalous area changes by less than `tolerance` (or is zero after stage 1)."""
+    A slice stops when its anomalous area changes by less than `tolerance` (or is zero after stage 1).
+    `batch_size` None: slices per call from the model's execution plan (measured once per machine)."""
+    from .plan import execution_plan
+
+    if batch_size is None:
+        batch_size = execution_plan(model, progress).batch_size
     device = model.device
     x0 = x0.to(device)
     mask = mask.to(device).float()
@@ -236,7 +252,7 @@ def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int | Sequence
     stages = torch.zeros(s, dtype=torch.long, device=device)
     prev_area = torch.full((s,), -1.0, device=device)
     active = torch.arange(s, device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gens = slice_generators(s, seed, device)
     calls = 0
     total = s * max_stages
     done = 0
@@ -249,7 +265,7 @@ def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int | Sequence
         while start < active.numel():
             idx = active[start : start + bs]
             try:
-                xh = _denoise(model, x[idx], t, draws, gen)
+                xh = _denoise(model, x[idx], t, draws, [gens[i] for i in idx.tolist()])
             except torch.cuda.OutOfMemoryError:
                 if bs > 1:
                     bs = max(1, bs // 2)
@@ -482,6 +498,8 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
         "seconds": {"prepare": round(t_prep - t0, 3), "diffusion": round(t_net - t_prep, 3),
                     "postprocess": round(t_end - t_net, 3), "total": round(t_end - t0, 3)},
         "device": str(model.device),
+        "batch_size": settings.batch_size or (model.plan.batch_size if model.plan is not None else None),
+        "channels_last": model.channels_last,
         "precision": str(model.dtype) if model.dtype is not None else "float32",
         "lesion_count": len(lesions),
         "anomalous_volume_ml": round(sum(r["volume_ml"] for r in lesions), 4),

@@ -116,7 +116,7 @@ class EvalSettings:
     min_size: float = 50.0
     seed: int = 0
     bootstrap: int = 1000
-    batch_size: int = 8
+    batch_size: Optional[int] = None  # slices per network call; None: the measured plan
     device: str = "auto"
     precision: str = "auto"
     gallery_k: int = 2

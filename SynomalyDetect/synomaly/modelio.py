@@ -82,11 +82,28 @@ class SynomalyModel:
         self.network = network.to(self.device).eval()
         self.precision = precision
         self.dtype = autocast_dtype(self.device, precision)
-        if self.device.type == "cpu" and self.dtype is not None:
-            self.network = self.network.to(memory_format=torch.channels_last)
+        self._channels_last = False
+        # before a measured plan (synomaly.plan): channels-last where bf16 runs on the CPU, as measured there
+        self.channels_last = self.device.type == "cpu" and self.dtype is not None
+        self.plan = None  # the ExecutionPlan once synomaly.plan has chosen one for this device
         self.abar = cosine_alphas_cumprod(card.timesteps).to(self.device)
         self.calls = 0
         self.call_seconds = 0.0
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the network and its inputs use the channels-last memory format."""
+        return self._channels_last
+
+    @channels_last.setter
+    def channels_last(self, value: bool) -> None:
+        import torch
+
+        value = bool(value)
+        if value != self._channels_last:
+            fmt = torch.channels_last if value else torch.contiguous_format
+            self.network = self.network.to(memory_format=fmt)
+            self._channels_last = value
 
     def to(self, device: str | torch.device, precision: str | None = None) -> "SynomalyModel":
         """Move to another device (re-choosing mixed precision)."""
@@ -104,7 +121,7 @@ class SynomalyModel:
             raise ValueError(f"x must have shape (N, 1, H, W), got {tuple(x.shape)}")
         start = time.perf_counter()
         x = x.to(self.device, torch.float32)
-        if self.device.type == "cpu" and self.dtype is not None:
+        if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast(self.device, self.dtype):
             out = self.network(x, timesteps=t.to(self.device).long())

@@ -57,7 +57,7 @@ class TuneOptions:
     max_healthy_ml: float = 1.0  # the default FPR flags at most this much in every lesion-free volume
     min_lesion_mm3: float = 50.0
     seed: int = 0
-    batch_size: int = 8
+    batch_size: Optional[int] = None  # slices per network call; None: the measured plan
     max_pixels: int = 4_000_000  # pixels sampled for the pooled AUPRC
     grid: TuneGrid = field(default_factory=TuneGrid)
 

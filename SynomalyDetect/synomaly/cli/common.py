@@ -79,7 +79,8 @@ def add_detection_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("--min-size", type=float, default=50.0, help="smallest lesion kept, mm^3 (default 50)")
     d.add_argument("--draws", type=int, default=None, help="noise draws averaged per stage and noise level (default: the model card's)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--batch-size", type=int, default=8, help="slices per network call")
+    d.add_argument("--batch-size", type=int, default=None,
+                   help="slices per network call (default: the fastest, measured once on this machine)")
     d.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     d.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     d.add_argument("--allow-modality-mismatch", action="store_true",

@@ -140,7 +140,13 @@ def cmd_bench(args) -> int:
     print(f"volume: 240 x 240 x 155, {rep['slices_analysed']} slices with foreground; model {model.card.name} "
           f"on {model.device} ({rep['precision']}), {rep['stages_per_slice_mean']:.2f} stages per slice")
     print(f"seconds per volume, end to end (read, detect, write): {wall:.2f} (median of {len(results)})")
-    print(f"network calls: {best[1]} (batches of up to {settings.batch_size}), time inside the network: "
+    plan = model.plan
+    if plan is not None:
+        tried = ", ".join(f"{k.replace('/cl', ' channels-last').replace('/c', '')}: {v * 1000:.1f}"
+                          for k, v in sorted(plan.trials.items(), key=lambda kv: kv[1]))
+        print(f"execution plan: {plan.describe()}" + (f"; ms per slice by batch: {tried}" if tried else ""))
+    batch = settings.batch_size or (plan.batch_size if plan is not None else "?")
+    print(f"network calls: {best[1]} (batches of up to {batch}), time inside the network: "
           f"{best[2]:.2f} s = {100 * best[2] / best[0]:.1f} % of wall time")
     print(f"stage times: " + ", ".join(f"{k} {v:.2f} s" for k, v in rep['seconds'].items()))
     print(f"peak RSS: {peak / 1024:.2f} GB")

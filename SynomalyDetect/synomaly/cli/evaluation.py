@@ -81,7 +81,8 @@ def add_evaluate_parser(subparsers) -> None:
                    choices=["native", "brain", "oblique", "thick", "scaled"],
                    help="implanted: forms of each volume (default all five)")
     e.add_argument("--gallery", type=int, default=2, help="best and worst cases per method in the gallery")
-    e.add_argument("--batch-size", type=int, default=8, help="slices per network call")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="slices per network call (default: the fastest, measured once on this machine)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     e.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])

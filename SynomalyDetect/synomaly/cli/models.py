@@ -157,7 +157,8 @@ def add_parsers(sub) -> None:
                     help="the default FPR may flag at most this many mL in a lesion-free volume (default 1)")
     tu.add_argument("--data-description", help="what the tuning volumes are (for the card)")
     tu.add_argument("--seed", type=int, default=0)
-    tu.add_argument("--batch-size", type=int, default=8)
+    tu.add_argument("--batch-size", type=int, default=None,
+                    help="slices per network call (default: the fastest, measured once on this machine)")
     tu.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     tu.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])
     tu.set_defaults(func=cmd_tune)
