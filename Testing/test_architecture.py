@@ -37,6 +37,7 @@ MODULE_LAYERS = {
     "synomaly.metrics": "core",
     "synomaly.gdunet": "model",
     "synomaly.modelio": "model",
+    "synomaly.plan": "model",
     "synomaly.upstream": "model",
     "synomaly.prepare": "pipeline",
     "synomaly.detect": "pipeline",
@@ -57,6 +58,7 @@ MODULE_LAYERS = {
     "synomaly.evalthresholds": "research",
     "synomaly.evalreport": "research",
     "synomaly.evaluate": "research",
+    "synomaly.authorsloop": "research",
     "synomaly": "interface",
     "synomaly.cli": "interface",
     "synomaly.cli.__main__": "interface",
@@ -68,6 +70,7 @@ MODULE_LAYERS = {
     "synomaly.cli.data": "interface",
     "synomaly.cli.preparation": "interface",
     "synomaly.cli.evaluation": "interface",
+    "synomaly.cli.benchmarks": "interface",
 }
 
 Edge = tuple[str, str, str]  # (importing module, imported module, the name taken: "" for the module itself)

@@ -20,7 +20,7 @@ __all__ = ["build_parser", "main"]
 #: Command modules of the research layer (datasets, evaluation), by the sub-commands they add: installed with
 #: the pip package, not into Slicer (SynomalyDetect/CMakeLists.txt). Imported only when the parser is built,
 #: and only where they are present; elsewhere their commands answer with RESEARCH_MISSING.
-RESEARCH_COMMANDS = {"preparation": ("prepare",), "evaluation": ("evaluate",)}
+RESEARCH_COMMANDS = {"preparation": ("prepare",), "evaluation": ("evaluate",), "benchmarks": ("bench-authors",)}
 RESEARCH_MISSING = ("`synomaly {command}` is not installed here: the research modules (datasets, evaluation) "
                     "come with the pip package (pip install synomaly), not with the Slicer extension")
 
