@@ -51,6 +51,7 @@ def test_comparison_reports_both_times_and_their_ratio(tiny_model_file):
     assert result.speedup == pytest.approx(result.per_slice_stage(result.authors) / result.per_slice_stage(result.engine))
     text = "\n".join(result.lines("cpu (float32)", "tiny"))
     assert "authors' loop" in text and "synomaly engine" in text and f"{result.speedup:.2f}x" in text
+    assert 0 < result.gflop_per_slice_call < 10 and "GFLOP per slice-call" in text
 
 
 def test_bench_authors_runs_on_the_command_line(tiny_model_file, synomaly_run):

@@ -120,6 +120,7 @@ class Comparison:
     plan: str
     probe_seconds: float
     peak_rss_gb: float
+    gflop_per_slice_call: float = float("nan")
 
     def per_slice_stage(self, runs: list[LoopTiming], what: str = "seconds") -> float:
         values = sorted(getattr(r, what) / (self.slices * self.stages) for r in runs)
@@ -138,6 +139,8 @@ class Comparison:
             f"sides ({self.slices * self.stages} network slice-calls each), median of {n} interleaved rounds",
             f"authors' loop (re-implemented): {a:.3f} s per slice per stage (network {an:.3f})",
             f"synomaly engine ({self.plan}): {e:.3f} s per slice per stage (network {en:.3f})",
+            f"network work: {self.gflop_per_slice_call:.1f} GFLOP per slice-call, so the engine's network ran at "
+            f"{self.gflop_per_slice_call / en:.0f} GFLOP/s and the authors' at {self.gflop_per_slice_call / an:.0f}",
             f"speed-up: {a / e:.2f}x (network alone {an / en:.2f}x); choosing the plan took {self.probe_seconds:.1f} s "
             f"once (cached); peak RSS {self.peak_rss_gb:.2f} GB",
         ]
@@ -166,8 +169,9 @@ def compare(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int, kernel: int,
                 engine.append(engine_loop(model, x0, mask, stages=stages, batch_size=batch_size, **args))
     progress("bench", rounds, rounds, "done")
     desc = plan.describe() if batch_size is None else f"batches of {batch_size} (given)"
+    gflop = network_gflop(model)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
-    return Comparison(int(x0.shape[0]), stages, authors, engine, desc, probe_s, peak)
+    return Comparison(int(x0.shape[0]), stages, authors, engine, desc, probe_s, peak, gflop)
 
 
 def brats_model(device: str = "auto", precision: str = "auto", seed: int = 0):
@@ -196,9 +200,20 @@ def bench_slices(model, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     return prep.slices[first : first + count], prep.masks[first : first + count]
 
 
+def network_gflop(model) -> float:
+    """Floating-point operations of one network call on one slice (a multiply-add counts two), in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = int(model.card.grid_size)
+    x = torch.zeros(1, 1, g, g, device=model.device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.network(x, timesteps=torch.full((1,), 100, device=model.device))
+    return counter.get_total_flops() / 1e9
+
+
 def network_parameters(model) -> float:
     return sum(p.numel() for p in model.network.parameters()) / 1e6
 
 
 __all__ = ["authors_loop", "engine_loop", "compare", "brats_model", "bench_slices", "host_map", "Comparison",
-           "LoopTiming", "network_parameters"]
+           "LoopTiming", "network_gflop", "network_parameters"]
