@@ -148,12 +148,12 @@ class Comparison:
 
 def compare(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int, kernel: int, threshold: float = 0.0,
             stages: int = 5, rounds: int = 2, seed: int = 0, batch_size: Optional[int] = None,
-            progress: ProgressFn = null_progress) -> Comparison:
+            progress: ProgressFn = null_progress, replan: bool = False) -> Comparison:
     """Time both loops on the same slices and weights, interleaved (order alternating) after one warm-up each."""
     from .plan import execution_plan
 
     s0 = time.perf_counter()
-    plan = execution_plan(model, progress)
+    plan = execution_plan(model, progress, refresh=replan)
     probe_s = time.perf_counter() - s0
     args = dict(t=t, kernel=kernel, threshold=threshold, seed=seed)
     authors_loop(model, x0[:1], stages=1, **args)

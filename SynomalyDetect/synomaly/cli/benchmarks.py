@@ -19,7 +19,7 @@ def cmd_bench_authors(args) -> int:
     kernel = args.blur if args.blur is not None else int(card.detection.blur_kernel)
     result = compare(model, x0, mask, t=t, kernel=kernel, threshold=args.threshold, stages=args.stages,
                      rounds=args.rounds, seed=args.seed, batch_size=args.batch_size,
-                     progress=make_progress(args.progress))
+                     progress=make_progress(args.progress), replan=args.replan)
     precision = str(model.dtype).replace("torch.", "") if model.dtype is not None else "float32"
     name = f"{card.name} ({network_parameters(model):.1f} M parameters, {card.grid_size} x {card.grid_size})"
     for line in result.lines(f"{model.device} ({precision})", name):
@@ -41,6 +41,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--threshold", type=float, default=0.0,
                    help="map threshold of the fusion (default 0: timing does not depend on it)")
     b.add_argument("--batch-size", type=int, default=None, help="engine's slices per call (default: the plan's)")
+    b.add_argument("--replan", action="store_true", help="measure the engine's execution plan again")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     b.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])

@@ -117,6 +117,10 @@ def cmd_bench(args) -> int:
         sitk.WriteImage(vol, str(vol_path))
         model = load_model(args.model, device=args.device, precision=args.precision)
         settings = detection_settings(args)
+        if args.replan and settings.batch_size is None:
+            from ..plan import execution_plan
+
+            execution_plan(model, refresh=True)  # re-measured, and cached again
         if args.all_stages:
             settings.tolerance = -1.0  # no slice stops early (unless nothing is anomalous): the worst case
         results = []
@@ -175,5 +179,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--repeat", type=int, default=2, help="timed runs after one warm-up run")
     b.add_argument("--all-stages", action="store_true",
                    help="worst case: every slice runs all stages (with --threshold 0 even an untrained model does)")
+    b.add_argument("--replan", action="store_true",
+                   help="measure the execution plan again (after a probe that ran on a busy machine)")
     add_detection_arguments(b)
     b.set_defaults(func=cmd_bench)
