@@ -230,3 +230,21 @@ def test_bootstrap_strata_keep_both_classes():
     assert not math.isnan(lo)
     with pytest.raises(ValueError):
         metrics.bootstrap_ci(np.mean, np.ones(3), np.ones(4))
+
+
+def test_calibration_and_evaluation_share_one_threshold_rule():
+    """Slicer's calibrated thresholds (calibrate) and the evaluation's (metrics) come from the same rule: at
+    most `fpr` of the healthy scores reach the threshold, ties included."""
+    import torch
+
+    from synomaly.calibrate import quantile_threshold, thresholds_at_fprs
+
+    rng = np.random.default_rng(4)
+    scores = np.round(rng.random(10_000), 2).astype(np.float32)  # many ties
+    for fpr in (1e-2, 1e-3, 1e-4):
+        t = quantile_threshold(torch.from_numpy(scores), fpr)
+        assert t == metrics.threshold_at_fpr(scores, fpr)
+        assert (scores >= t).mean() <= fpr
+    thresholds, measured = thresholds_at_fprs(torch.from_numpy(scores), (1e-2,))
+    assert measured["0.01"] <= 1e-2
+    assert np.isnan(quantile_threshold(torch.zeros(0), 0.01))

@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 
 from .progress import ProgressFn, null_progress
@@ -18,9 +17,13 @@ FUSION_FPR = 1e-2  # stages keep healing where a stage-1 map flags 1 % of health
 
 
 def quantile_threshold(values: torch.Tensor, fpr: float) -> float:
-    """The score exceeded by a fraction `fpr` of foreground voxels."""
+    """The threshold that at most a fraction `fpr` of these (healthy foreground) scores reach: the one rule
+    of the project (metrics.threshold_at_fpr), so Slicer's calibrated thresholds and the evaluation's agree.
+    NaN when there are no scores."""
+    from .metrics import threshold_at_fpr
+
     v = values.float().flatten().cpu().numpy()
-    return float(np.quantile(v, 1.0 - fpr)) if v.size else float("nan")
+    return threshold_at_fpr(v, fpr) if v.size else float("nan")
 
 
 def calibration_maps(model, slices: torch.Tensor, masks: torch.Tensor, *, ts: tuple[int, ...], kernel: int,
