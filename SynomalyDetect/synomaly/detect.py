@@ -226,9 +226,13 @@ def _denoise(model, x: torch.Tensor, ts: int | Sequence[int], draws: int, gens: 
     return out / (draws * len(levels))
 
 
-def anomaly_score(x0: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor, kernel: int) -> torch.Tensor:
-    """D = |G_k * x0 - G_k * x_hat| inside the foreground, (N, 1, G, G)."""
-    return (blur_kernel(x0, kernel) - blur_kernel(x_hat, kernel)).abs() * mask
+def anomaly_score(x0: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor, kernel: int,
+                  x0_blurred: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """D = |G_k * x0 - G_k * x_hat| inside the foreground, (N, 1, G, G); `x0_blurred` (G_k * x0) saves
+    blurring the unchanging input again at every stage."""
+    if x0_blurred is None:
+        x0_blurred = blur_kernel(x0, kernel)
+    return (x0_blurred - blur_kernel(x_hat, kernel)).abs() * mask
 
 
 def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int | Sequence[int], kernel: int, threshold: float,
@@ -253,6 +257,7 @@ def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int | Sequence
     prev_area = torch.full((s,), -1.0, device=device)
     active = torch.arange(s, device=device)
     gens = slice_generators(s, seed, device)
+    x0_blurred = blur_kernel(x0, kernel)  # the input never changes: blur it once, not at every stage
     calls = 0
     total = s * max_stages
     done = 0
@@ -274,7 +279,7 @@ def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int | Sequence
                     continue
                 raise
             calls += draws * (1 if isinstance(t, int) else len(t))
-            d = anomaly_score(x0[idx], xh, mask[idx], kernel)
+            d = anomaly_score(x0[idx], xh, mask[idx], kernel, x0_blurred[idx])
             m = (d > threshold).float()
             area[start : start + idx.numel()] = m.sum(dim=(1, 2, 3))
             x[idx] = xh * m + x0[idx] * (1 - m)
@@ -296,7 +301,7 @@ def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int | Sequence
             done += n_conv * (max_stages - stage)
         active = active[~converged]
     progress("detect", total, total, "multi-stage diffusion finished")
-    score = anomaly_score(x0, healed, mask, kernel)
+    score = anomaly_score(x0, healed, mask, kernel, x0_blurred)
     return StageResult(healed, score, stages, calls, first)
 
 
