@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from synomaly.contract import RESULT_FILES  # standard library only, no torch
+from synomaly.contract import DETECTION_SETTING, RESULT_FILES  # standard library only, no torch
 from synomaly.settings import TrainingSettings  # plain data, no torch: the engine's training defaults
 
 from . import bridge
@@ -55,22 +55,30 @@ class DetectionOptions:
     device: str = "auto"
 
     def cli_args(self) -> list[str]:
-        """The `synomaly detect` options for these settings."""
+        """The `synomaly detect` options for these settings (flags from contract.DETECTION_SETTINGS)."""
+        flag = {name: DETECTION_SETTING[name].flag for name in DETECTION_SETTING}
         args: list[str] = []
         if self.model:
             args += ["--model", self.model]
         if self.threshold is not None:
-            args += ["--threshold", repr(float(self.threshold))]
+            args += [flag["threshold"], repr(float(self.threshold))]
         elif self.fpr is not None:
-            args += ["--fpr", f"{float(self.fpr):g}"]
-        for flag, value in (("--t", self.t), ("--stages", self.stages), ("--blur", self.blur),
-                            ("--batch-size", self.batch_size)):
+            args += [flag["fpr"], f"{float(self.fpr):g}"]
+        for name, value in (("t", self.t), ("max_stages", self.stages), ("blur_kernel", self.blur),
+                            ("batch_size", self.batch_size)):
             if value and int(value) > 0:
-                args += [flag, str(int(value))]
+                args += [flag[name], str(int(value))]
         if self.min_size_mm3 and self.min_size_mm3 > 0:
-            args += ["--min-size", repr(float(self.min_size_mm3))]
-        args += ["--seed", str(int(self.seed)), "--device", self.device or "auto"]
+            args += [flag["min_lesion_mm3"], repr(float(self.min_size_mm3))]
+        args += [flag["seed"], str(int(self.seed)), flag["device"], self.device or "auto"]
         return args
+
+    def problems(self) -> list[str]:
+        """What the engine would refuse in these settings, in its own words (checked before a job starts)."""
+        values = {"t": self.t or None, "max_stages": self.stages or None, "blur_kernel": self.blur or None,
+                  "batch_size": self.batch_size or None, "threshold": self.threshold, "fpr": self.fpr,
+                  "min_lesion_mm3": self.min_size_mm3, "seed": self.seed}
+        return [p for name, v in values.items() if (p := DETECTION_SETTING[name].problem(v))]
 
 
 @dataclass
@@ -147,8 +155,9 @@ class DetectionJob(RunnerJob):
         self.temp_dir: Optional[Path] = None
         self.result: Optional[DetectionResult] = None
         self._check_input(input_volume)
-        if options.blur and int(options.blur) % 2 == 0:
-            raise JobError(f"the blur kernel must be odd, got {options.blur}")
+        problems = options.problems()  # the engine's own rules, so a bad value fails here, not in the engine
+        if problems:
+            raise JobError(problems[0])
         self.input_id = input_volume.GetID()
         self.input_name = input_volume.GetName()
         outputs = outputs or DetectionOutputs()

@@ -6,9 +6,12 @@ engine is copied into Slicer rather than pip-installed (Testing/test_slicer_stat
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any, Optional
 
 #: The distribution name in pyproject.toml.
 DISTRIBUTION = "synomaly"
@@ -64,6 +67,89 @@ LESION_FILE_COLUMNS = (*LESION_COLUMNS, LESION_UNITS_COLUMN)
 #: The demo case `synomaly demo-data` writes (a healthy template with an implanted lesion) and its true mask.
 DEMO_FILE = "demo_lesion.nrrd"
 DEMO_TRUTH_FILE = "demo_lesion_truth.seg.nrrd"
+
+@dataclass(frozen=True)
+class Setting:
+    """One detection option, defined once: its DetectionSettings field, its command-line flag, its help and
+    the values it accepts. The engine's validation and argument parser and the Slicer job's command line
+    are all built from DETECTION_SETTINGS."""
+
+    name: str  # the field of synomaly.detect.DetectionSettings
+    flag: str  # the option of `synomaly detect`, `demo`, `bench` and `cohort`
+    kind: type  # int, float, str or bool
+    help: str
+    what: str  # the value's name in messages
+    low: Optional[float] = None  # smallest value allowed
+    high: Optional[float] = None  # largest value allowed
+    low_open: bool = False  # `low` itself is not allowed
+    high_open: bool = False  # `high` itself is not allowed
+    odd: bool = False  # odd whole numbers only
+    choices: tuple[str, ...] = ()
+    default: Any = None  # None: the model card's value (or "not set")
+    example: str = ""  # added to the message of a refused value
+
+    def problem(self, value: Any) -> Optional[str]:
+        """Why `value` is refused, in one sentence; None when it is allowed (None itself always is)."""
+        if value is None or self.kind is bool:
+            return None
+        if self.choices:
+            return None if value in self.choices else \
+                f"{self.what} must be {', '.join(self.choices[:-1])} or {self.choices[-1]}, got {value!r}"
+        if self.kind is str:
+            return None
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            return f"{self.what} must be a number, got {value!r}"
+        lo_ok = self.low is None or (v > self.low if self.low_open else v >= self.low)
+        hi_ok = self.high is None or (v < self.high if self.high_open else v <= self.high)
+        odd_ok = not self.odd or (v == int(v) and int(v) % 2 == 1)
+        if math.isfinite(v) and lo_ok and hi_ok and odd_ok:
+            return None
+        return f"{self.what} must be {self.allowed()}{self.example}, got {value}"
+
+    def allowed(self) -> str:
+        """The allowed values in words, e.g. 'an odd number of 1 or more', 'in [0, 1)'."""
+        noun = "an odd number" if self.odd else ("a whole number" if self.kind is int else "a number")
+        if self.low is not None and self.high is not None:
+            return f"{noun} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{noun} {'above' if self.low_open else 'of'} {self.low:g}{'' if self.low_open else ' or more'}"
+        return noun
+
+
+#: Every option of one detection, in the order the help lists them.
+DETECTION_SETTINGS = (
+    Setting("t", "--t", int, "noise level t of each stage (default: the model's)", "t (the noise level)",
+            low=1, high=999),
+    Setting("max_stages", "--stages", int, "maximum number of stages (default: the model's, 5)", "stages",
+            low=1, high=50),
+    Setting("threshold", "--threshold", float, "explicit anomaly-score threshold", "the threshold", low=0),
+    Setting("fpr", "--fpr", float, "calibrated per-voxel false-positive rate: 0.01, 0.001 or 0.0001",
+            "the false-positive rate", low=0, high=1, low_open=True, high_open=True, example=" (e.g. 0.001)"),
+    Setting("grow_fpr", "--grow-fpr", float,
+            "lesions found at the threshold grow into their connected voxels above this calibrated false-positive "
+            "rate's threshold (hysteresis; default: the model card's, 0: off; an explicit --threshold turns the "
+            "card's growth off)", "the grow false-positive rate", low=0, high=1, high_open=True,
+            example=" (0: no growth)"),
+    Setting("blur_kernel", "--blur", int, "Gaussian blur kernel of the map, odd, model-grid pixels", "the blur kernel",
+            low=1, odd=True),
+    Setting("min_lesion_mm3", "--min-size", float, "smallest lesion kept, mm^3 (default 50)",
+            "the minimum lesion size (mm^3)", low=0, default=50.0),
+    Setting("noise_draws", "--draws", int, "noise draws averaged per stage and noise level (default: the model card's)",
+            "noise draws", low=1, high=64),
+    Setting("seed", "--seed", int, "random seed of the noise (default 0)", "the seed", default=0),
+    Setting("batch_size", "--batch-size", int,
+            "slices per network call (default: the fastest, measured once on this machine)", "the batch size", low=1),
+    Setting("device", "--device", str, "auto, cpu, cuda or mps", "the device", default="auto"),
+    Setting("precision", "--precision", str, "numeric precision of the network (auto: bf16 where it is fast)",
+            "precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto"),
+    Setting("allow_modality_mismatch", "--allow-modality-mismatch", bool,
+            "run even if the DICOM modality differs from the model's", "", default=False),
+)
+#: DETECTION_SETTINGS by field name.
+DETECTION_SETTING = {s.name: s for s in DETECTION_SETTINGS}
+
 
 #: pyproject.toml of a source checkout (engine used from the tree, not installed).
 _PYPROJECT = Path(__file__).resolve().parent.parent.parent / "pyproject.toml"

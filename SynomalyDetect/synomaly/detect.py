@@ -11,6 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .contract import DETECTION_SETTING
 from .errors import ModelError
 from .filters import blur_kernel
 from .progress import ProgressFn, null_progress
@@ -28,50 +29,34 @@ class DetectionSettings:
     threshold: Optional[float] = None
     fpr: Optional[float] = None
     fusion_threshold: Optional[float] = None  # where stages keep healing; None: the card's, else `threshold`
-    min_lesion_mm3: float = 50.0
+    min_lesion_mm3: float = DETECTION_SETTING["min_lesion_mm3"].default
     max_stages: Optional[int] = None
-    tolerance: float = 0.01
+    tolerance: float = 0.01  # a slice stops when its anomalous area changes by less; negative: never early
     noise_draws: Optional[int] = None  # None: the card's
     grow_fpr: Optional[float] = None  # lesions grow to connected voxels above this FPR's threshold; None: the card's, 0: off
-    seed: int = 0
+    seed: int = DETECTION_SETTING["seed"].default
     batch_size: Optional[int] = None  # slices per network call; None: the measured plan (synomaly.plan)
-    device: str = "auto"
-    precision: str = "auto"
-    allow_modality_mismatch: bool = False
+    device: str = DETECTION_SETTING["device"].default
+    precision: str = DETECTION_SETTING["precision"].default
+    allow_modality_mismatch: bool = DETECTION_SETTING["allow_modality_mismatch"].default
 
     def validate(self) -> "DetectionSettings":
-        """Refuse impossible values with one clear sentence (SettingsError), before any work is done."""
+        """Refuse impossible values with one clear sentence (SettingsError), before any work is done; the
+        allowed values are those of contract.DETECTION_SETTINGS, which the command line is built from."""
         import math
 
+        from .contract import DETECTION_SETTINGS
         from .errors import SettingsError
 
-        def bad(text: str) -> None:
-            raise SettingsError(text)
-
-        if self.t is not None and not 1 <= int(self.t) <= 999:
-            bad(f"t must lie between 1 and 999 (the noise level), got {self.t}")
-        if self.blur_kernel is not None and (int(self.blur_kernel) < 1 or int(self.blur_kernel) % 2 == 0):
-            bad(f"the blur kernel must be an odd number of pixels, 1 or more, got {self.blur_kernel}")
-        for name in ("threshold", "fusion_threshold"):
-            v = getattr(self, name)
-            if v is not None and not (math.isfinite(float(v)) and float(v) >= 0):
-                bad(f"{name.replace('_', ' ')} must be a number of 0 or more, got {v}")
-        if self.fpr is not None and not 0 < float(self.fpr) < 1:
-            bad(f"the false-positive rate must lie between 0 and 1 (e.g. 0.001), got {self.fpr}")
-        if self.grow_fpr is not None and not 0 <= float(self.grow_fpr) < 1:
-            bad(f"the grow false-positive rate must lie in [0, 1) (0: no growth), got {self.grow_fpr}")
-        if not (math.isfinite(float(self.min_lesion_mm3)) and float(self.min_lesion_mm3) >= 0):
-            bad(f"the minimum lesion size must be 0 mm^3 or more, got {self.min_lesion_mm3}")
-        if self.max_stages is not None and not 1 <= int(self.max_stages) <= 50:
-            bad(f"stages must lie between 1 and 50, got {self.max_stages}")
-        if self.noise_draws is not None and not 1 <= int(self.noise_draws) <= 64:
-            bad(f"noise draws must lie between 1 and 64, got {self.noise_draws}")
-        if self.batch_size is not None and int(self.batch_size) < 1:
-            bad(f"the batch size must be at least 1 slice, got {self.batch_size}")
-        if not 0 <= float(self.tolerance) < 1:
-            bad(f"the stage tolerance must lie in [0, 1), got {self.tolerance}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            bad(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        for spec in DETECTION_SETTINGS:
+            problem = spec.problem(getattr(self, spec.name))
+            if problem:
+                raise SettingsError(problem)
+        v = self.fusion_threshold
+        if v is not None and not (math.isfinite(float(v)) and float(v) >= 0):
+            raise SettingsError(f"the fusion threshold must be a number of 0 or more, got {v}")
+        if not float(self.tolerance) < 1:
+            raise SettingsError(f"the stage tolerance must be under 1 (negative: every stage runs), got {self.tolerance}")
         return self
 
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..contract import DEFAULT_MODEL
+from ..contract import DEFAULT_MODEL, DETECTION_SETTINGS
 from ..progress import ProgressFn
 
 if TYPE_CHECKING:  # torch loads on first use
@@ -29,15 +29,10 @@ def progress_for(args) -> ProgressFn:
 
 
 def detection_settings(args) -> DetectionSettings:
-    """The detection settings of the shared detection options."""
+    """The detection settings of the shared detection options (contract.DETECTION_SETTINGS)."""
     from ..detect import DetectionSettings
 
-    return DetectionSettings(
-        t=args.t, blur_kernel=args.blur, threshold=args.threshold, fpr=args.fpr, min_lesion_mm3=args.min_size,
-        max_stages=args.stages, noise_draws=args.draws, grow_fpr=args.grow_fpr, seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device, precision=args.precision, allow_modality_mismatch=args.allow_modality_mismatch,
-    )
+    return DetectionSettings(**{spec.name: getattr(args, spec.name) for spec in DETECTION_SETTINGS})
 
 
 def check_writable(out: Path) -> None:
@@ -64,25 +59,14 @@ def add_result_arguments(d: argparse.ArgumentParser) -> None:
 
 
 def add_detection_arguments(d: argparse.ArgumentParser) -> None:
-    """Options shared by detect, demo and bench."""
+    """Options shared by detect, demo and bench: --model, every one of contract.DETECTION_SETTINGS, --progress."""
     d.add_argument("--model", default=DEFAULT_MODEL, help="model name (see `synomaly models`) or file")
-    d.add_argument("--t", type=int, help="noise level t of each stage (default: the model's)")
-    d.add_argument("--stages", type=int, help="maximum number of stages (default: the model's, 5)")
-    sens = d.add_mutually_exclusive_group()
-    sens.add_argument("--threshold", type=float, help="explicit anomaly-score threshold")
-    sens.add_argument("--fpr", type=float, help="calibrated per-voxel false-positive rate: 0.01, 0.001 or 0.0001")
-    d.add_argument("--grow-fpr", type=float, default=None, metavar="FPR",
-                   help="lesions found at the threshold grow into their connected voxels above this calibrated "
-                        "false-positive rate's threshold (hysteresis; default: the model card's, 0: off; an "
-                        "explicit --threshold turns the card's growth off)")
-    d.add_argument("--blur", type=int, help="Gaussian blur kernel of the map, odd, model-grid pixels")
-    d.add_argument("--min-size", type=float, default=50.0, help="smallest lesion kept, mm^3 (default 50)")
-    d.add_argument("--draws", type=int, default=None, help="noise draws averaged per stage and noise level (default: the model card's)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--batch-size", type=int, default=None,
-                   help="slices per network call (default: the fastest, measured once on this machine)")
-    d.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    d.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    d.add_argument("--allow-modality-mismatch", action="store_true",
-                   help="run even if the DICOM modality differs from the model's")
+    sensitivity = d.add_mutually_exclusive_group()  # an explicit threshold, or one calibrated at a rate
+    for spec in DETECTION_SETTINGS:
+        target = sensitivity if spec.name in ("threshold", "fpr") else d
+        if spec.kind is bool:
+            target.add_argument(spec.flag, dest=spec.name, action="store_true", help=spec.help)
+        else:
+            target.add_argument(spec.flag, dest=spec.name, type=spec.kind, default=spec.default, help=spec.help,
+                                choices=spec.choices or None, metavar=None if spec.choices else spec.flag[2:].upper())
     d.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])

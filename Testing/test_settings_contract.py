@@ -1,0 +1,73 @@
+"""Detection options are defined once (contract.DETECTION_SETTINGS): the settings, the command line, the
+validation and the Slicer job's command line all follow that one table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from synomaly.cli import build_parser
+from synomaly.contract import DETECTION_SETTING, DETECTION_SETTINGS
+from synomaly.detect import DetectionSettings
+from synomaly.errors import SettingsError
+
+
+def parse(*options: str):
+    return build_parser().parse_args(["detect", "scan.nii.gz", "-o", "out", *options])
+
+
+def test_every_setting_is_a_field_with_the_same_default():
+    fields = {f.name: f for f in dataclasses.fields(DetectionSettings)}
+    defaults = DetectionSettings()
+    for spec in DETECTION_SETTINGS:
+        assert spec.name in fields, spec.name
+        assert getattr(defaults, spec.name) == spec.default, spec.name
+    # the fields without a flag are the engine's internal knobs
+    assert set(fields) - set(DETECTION_SETTING) == {"fusion_threshold", "tolerance"}
+
+
+def test_the_command_line_gives_back_the_defaults_and_every_value():
+    from synomaly.cli.common import detection_settings
+
+    assert detection_settings(parse()) == DetectionSettings()
+    given = detection_settings(parse("--t", "25", "--stages", "3", "--fpr", "0.001", "--grow-fpr", "0.01",
+                                     "--blur", "7", "--min-size", "20", "--draws", "2", "--seed", "4",
+                                     "--batch-size", "3", "--device", "cpu", "--precision", "fp32",
+                                     "--allow-modality-mismatch"))
+    assert given == DetectionSettings(t=25, max_stages=3, fpr=0.001, grow_fpr=0.01, blur_kernel=7, min_lesion_mm3=20.0,
+                                      noise_draws=2, seed=4, batch_size=3, device="cpu", precision="fp32",
+                                      allow_modality_mismatch=True)
+    with pytest.raises(SystemExit):
+        parse("--threshold", "0.3", "--fpr", "0.001")  # one or the other
+
+
+@pytest.mark.parametrize("name, bad, good", [("t", 0, 999), ("max_stages", 51, 50), ("blur_kernel", 4, 5),
+                                             ("fpr", 1.0, 0.5), ("grow_fpr", 1.0, 0.0), ("noise_draws", 65, 64),
+                                             ("batch_size", 0, 1), ("threshold", -0.1, 0.0),
+                                             ("min_lesion_mm3", -1.0, 0.0), ("precision", "fp8", "bf16")])
+def test_validation_follows_the_table(name, bad, good):
+    DetectionSettings(**{name: good}).validate()
+    with pytest.raises(SettingsError) as err:
+        DetectionSettings(**{name: bad}).validate()
+    assert str(err.value) == DETECTION_SETTING[name].problem(bad)
+
+
+def test_a_negative_tolerance_runs_every_stage_and_is_allowed():
+    DetectionSettings(tolerance=-1.0).validate()  # what `synomaly bench --all-stages` sets
+    with pytest.raises(SettingsError):
+        DetectionSettings(tolerance=1.0).validate()
+
+
+def test_the_slicer_job_command_line_is_read_back_by_the_engine():
+    from synomaly.cli.common import detection_settings
+    from SynomalyDetectLib import jobs
+
+    options = jobs.DetectionOptions(model="m", fpr=1e-4, t=25, stages=3, blur=7, min_size_mm3=20.0, seed=2,
+                                    batch_size=4, device="cpu")
+    args = build_parser().parse_args(["detect", "scan.nii.gz", "-o", "out", *options.cli_args()])
+    assert args.model == "m"
+    assert detection_settings(args) == DetectionSettings(fpr=1e-4, t=25, max_stages=3, blur_kernel=7,
+                                                         min_lesion_mm3=20.0, seed=2, batch_size=4, device="cpu")
+    assert not options.problems()
+    assert jobs.DetectionOptions(t=1000).problems() == [DETECTION_SETTING["t"].problem(1000)]
