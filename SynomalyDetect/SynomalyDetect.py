@@ -1,21 +1,13 @@
-import logging
 import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import qt
-import vtk
 
 import slicer
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
-from slicer.util import VTKObservationMixin
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest
 from slicer.parameterNodeWrapper import (
     Choice,
     WithinRange,
@@ -29,6 +21,8 @@ from slicer import (
 )
 
 from SynomalyDetectLib import bridge, engine, jobs, review, runner
+from SynomalyDetectLib.panel import EngineLogic, JobPanel, runSelfTests
+from synomaly.contract import DETECTION_SETTING  # standard library only: the engine's option ranges
 
 FPR_MODE = "Calibrated false-positive rate"
 THRESHOLD_MODE = "Explicit threshold"
@@ -133,6 +127,14 @@ def followWithProgressDialog(job, label: str):
 FPR_CHOICES = [0.01, 0.001, 0.0001]  # per-voxel false-positive rates the panel offers
 
 
+def settingRange(name: str, high: float, modelDefault: bool = True) -> WithinRange:
+    """The panel's range of a detection setting: the engine's own bounds (contract.DETECTION_SETTINGS), with 0
+    meaning "the model's default" where `modelDefault`, and `high` where the engine sets no upper bound."""
+    setting = DETECTION_SETTING[name]
+    low = 0 if modelDefault or setting.low is None else setting.low
+    return WithinRange(low, setting.high if setting.high is not None else high)
+
+
 @parameterNodeWrapper
 class SynomalyDetectParameterNode:
     """
@@ -153,12 +155,12 @@ class SynomalyDetectParameterNode:
     modelName: str = ""
     sensitivityMode: Annotated[str, Choice([FPR_MODE, THRESHOLD_MODE])] = FPR_MODE
     falsePositiveRate: Annotated[float, Choice(FPR_CHOICES)] = 0.001
-    threshold: Annotated[float, WithinRange(0.0, 100.0)] = 0.25
-    noiseLevel: Annotated[int, WithinRange(0, 999)] = 0
-    stages: Annotated[int, WithinRange(0, 10)] = 0
-    blurKernel: Annotated[int, WithinRange(0, 63)] = 0
-    minLesionSize: Annotated[float, WithinRange(0.0, 1000000.0)] = 0.0
-    seed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    threshold: Annotated[float, settingRange("threshold", 100.0, modelDefault=False)] = 0.25
+    noiseLevel: Annotated[int, settingRange("t", 999)] = 0
+    stages: Annotated[int, settingRange("max_stages", 50)] = 0
+    blurKernel: Annotated[int, settingRange("blur_kernel", 63)] = 0
+    minLesionSize: Annotated[float, settingRange("min_lesion_mm3", 1000000.0)] = 0.0
+    seed: Annotated[int, settingRange("seed", 2147483647)] = 0
     device: Annotated[str, Choice(DEVICES)] = "auto"
     showResults: bool = True
     outputSegmentation: vtkMRMLSegmentationNode
@@ -172,89 +174,43 @@ class SynomalyDetectParameterNode:
 #
 
 
-class SynomalyDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: reads the GUI, starts and polls the logic's job, shows results."""
+class SynomalyDetectWidget(JobPanel):
+    """The panel: reads the GUI, starts and polls the logic's job (JobPanel), shows results."""
 
-    POLL_INTERVAL_MS = 200
+    LOCKED_SECTIONS = ("inputsCollapsibleButton", "sensitivityCollapsibleButton", "advancedCollapsibleButton",
+                       "outputsCollapsibleButton")
 
     def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._job = None
+        JobPanel.__init__(self, parent)
         self._result = None
         self._lesionIndex = -1
         self._models = []
-        self._timer = None
 
     def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SynomalyDetect.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
+        JobPanel.setup(self)
         self.logic = SynomalyDetectLogic()
-
-        self._timer = qt.QTimer()
-        self._timer.setInterval(self.POLL_INTERVAL_MS)
-        self._timer.connect("timeout()", self.onPoll)
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
         self.ui.addModelButton.connect("clicked(bool)", self.onAddModel)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.nextLesionButton.connect("clicked(bool)", lambda: self.onJumpLesion(+1))
         self.ui.previousLesionButton.connect("clicked(bool)", lambda: self.onJumpLesion(-1))
-        self.ui.progressBar.hide()
-
         self.initializeParameterNode()
         self.refreshModels()
 
-    def cleanup(self) -> None:
-        """Called when the application closes: stop a running engine and its temporary files."""
-        self._cancelJob()
-        self.removeObservers()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-
     def onSceneStartClose(self, caller, event) -> None:
-        self._cancelJob()
+        JobPanel.onSceneStartClose(self, caller, event)
         self._result = None
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        JobPanel.initializeParameterNode(self)
         if not self._parameterNode.inputVolume:
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode:
                 self._parameterNode.inputVolume = firstVolumeNode
 
-    def setParameterNode(self, inputParameterNode: Optional[SynomalyDetectParameterNode]) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._selectModelInComboBox(self._parameterNode.modelName)
-            self._checkCanApply()
+    def showCodeManagedParameters(self) -> None:
+        self._selectModelInComboBox(self._parameterNode.modelName)
 
     # -------------------------------------------------------------- models
 
@@ -321,19 +277,12 @@ class SynomalyDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if fallback is not None:  # e.g. an imported model: use its card's threshold rather than refuse to run
                 self._parameterNode.sensitivityMode = THRESHOLD_MODE
                 self._parameterNode.threshold = fallback
-        self._checkCanApply()
+        self.updateButtons()
 
     # -------------------------------------------------------------- apply / cancel
 
-    def _isRunning(self) -> bool:
-        return self._job is not None and self._job.state is runner.RunState.RUNNING
-
-    def _checkCanApply(self, caller=None, event=None) -> None:
-        running = self._isRunning()
-        for section in (self.ui.inputsCollapsibleButton, self.ui.sensitivityCollapsibleButton,
-                        self.ui.advancedCollapsibleButton, self.ui.outputsCollapsibleButton):
-            section.enabled = not running
-        if running:
+    def updateButtons(self, caller=None, event=None) -> None:
+        if self.lockWhileRunning():
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the detection; nothing is added to the scene")
             self.ui.applyButton.enabled = True
@@ -372,54 +321,24 @@ class SynomalyDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if engine.missing_packages():
                 self.logic.ensureDependencies()
                 self.refreshModels()  # the registry can now read the model cards
-            self._job = self.logic.startDetection(self._parameterNode)
+            job = self.logic.startDetection(self._parameterNode)
             self._result = None
             self._lesionIndex = -1
-            self.ui.progressBar.value = 0
-            self.ui.progressBar.maximum = 0  # busy until the first progress line
-            self.ui.progressBar.show()
-            self.ui.statusLabel.text = _("Starting the engine...")
-            self._timer.start()
-        self._checkCanApply()
+            self.followJob(job, _("Starting the engine..."))
+        self.updateButtons()
 
-    def _cancelJob(self) -> None:
-        if self._timer is not None:
-            self._timer.stop()
-        if self._job is not None:
-            self._job.cancel()
-            self._job = None
-        self.ui.progressBar.hide()
-        self._checkCanApply()
+    def onJobSucceeded(self, job) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the results."), waitCursor=True):
+            self._result = self.logic.finishDetection(job, showResults=self._parameterNode.showResults)
+            count = len(self._result.lesions)
+            self.ui.statusLabel.text = _("Done in {seconds:.0f} s: {count} lesion(s) found.").format(
+                seconds=job.runner.elapsed_s, count=count)
+            self._lesionIndex = -1
+            if count and self._parameterNode.showResults:
+                self.onJumpLesion(+1)
 
-    def onPoll(self) -> None:
-        job = self._job
-        if job is None:
-            self._timer.stop()
-            return
-        for event in job.poll():
-            if event.total > 0:
-                self.ui.progressBar.maximum = event.total
-                self.ui.progressBar.value = event.done
-                self.ui.progressBar.format = f"{event.stage} %p%"
-            self.ui.statusLabel.text = event.describe()
-        if job.state is runner.RunState.RUNNING:
-            return
-        self._timer.stop()
-        self._job = None
-        self.ui.progressBar.hide()
-        if job.state is runner.RunState.SUCCEEDED:
-            with slicer.util.tryWithErrorDisplay(_("Failed to load the results."), waitCursor=True):
-                self._result = self.logic.finishDetection(job, showResults=self._parameterNode.showResults)
-                count = len(self._result.lesions)
-                self.ui.statusLabel.text = _("Done in {seconds:.0f} s: {count} lesion(s) found.").format(
-                    seconds=job.runner.elapsed_s, count=count)
-                self._lesionIndex = -1
-                if count and self._parameterNode.showResults:
-                    self.onJumpLesion(+1)
-        elif job.state is runner.RunState.FAILED:
-            self.ui.statusLabel.text = _("Failed.")
-            slicer.util.errorDisplay(_("The detection failed:\n\n{message}").format(message=job.error_message))
-        self._checkCanApply()
+    def failureMessage(self, message: str) -> str:
+        return _("The detection failed:\n\n{message}").format(message=message)
 
     # -------------------------------------------------------------- review
 
@@ -440,35 +359,12 @@ class SynomalyDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class SynomalyDetectLogic(ScriptedLoadableModuleLogic):
-    """Detection without the GUI: start a job from parameters, load its results, review helpers.
-
-    `runnerFactory` lets tests (and other modules) run the engine through something else than a
-    plain child process.
-    """
-
-    def __init__(self, runnerFactory=None, python=None, extraEnvironment=None) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        self.runnerFactory = runnerFactory or runner.ProcessRunner
-        self.python = list(python) if python else runner.python_command()
-        self.extraEnvironment = dict(extraEnvironment or {})
+class SynomalyDetectLogic(EngineLogic):
+    """Detection without the GUI: start a job from parameters, load its results, review helpers. The engine
+    processes, their environment, the dependencies and the model registry come from EngineLogic."""
 
     def getParameterNode(self):
         return SynomalyDetectParameterNode(super().getParameterNode())
-
-    @staticmethod
-    def ensureDependencies() -> None:
-        """Install torch (PyTorch extension) and the engine's packages on first use, with consent."""
-        from SynomalyDetectLib import dependencies
-
-        dependencies.ensure_dependencies("SynomalyDetect")
-
-    def environment(self) -> dict:
-        """The environment of engine processes: Slicer's own (as slicer.util.executePythonModule uses it)
-        with the engine's folder on PYTHONPATH, plus `extraEnvironment`."""
-        env = engine.engine_environment()
-        env.update(self.extraEnvironment)
-        return env
 
     def startAddModel(self, path: str, overwrite: bool = False) -> jobs.EngineJob:
         """Start adding our model file, or converting the authors' checkpoint, into the user model folder
@@ -479,18 +375,6 @@ class SynomalyDetectLogic(ScriptedLoadableModuleLogic):
     def addModelFromFile(self, path: str, overwrite: bool = False, timeout: Optional[float] = 1800) -> str:
         """Add a model file and wait for it (blocking; for scripts and tests); its name."""
         return jobs.run_to_end(self.startAddModel(path, overwrite=overwrite), timeout)
-
-    @staticmethod
-    def listModels() -> list:
-        """Registry entries; model files by name only if the engine cannot be loaded yet."""
-        try:
-            return engine.list_models()
-        except engine.EngineUnavailable as exc:
-            logging.info(f"Synomaly model registry unavailable: {exc}")
-            shipped = engine.ENGINE_PARENT / "Resources" / "Models"
-            return [{"name": p.name[: -len(".safetensors")], "path": str(p), "source": "shipped",
-                     "card": {"name": p.stem, "description": _("details appear once the dependencies are installed")}}
-                    for p in sorted(shipped.glob("*.safetensors"))]
 
     @staticmethod
     def optionsFromParameters(params: SynomalyDetectParameterNode) -> jobs.DetectionOptions:
@@ -530,13 +414,7 @@ class SynomalyDetectLogic(ScriptedLoadableModuleLogic):
     def process(self, inputVolume, options: jobs.DetectionOptions, outputs=None, showResults: bool = False,
                 timeout: Optional[float] = None) -> jobs.DetectionResult:
         """Run a detection to the end (blocking; for scripts and tests)."""
-        job = self.start(inputVolume, options, outputs)
-        state = job.wait(timeout)
-        if state is runner.RunState.RUNNING:
-            job.cancel()
-            raise TimeoutError("the detection did not finish in time")
-        if state is not runner.RunState.SUCCEEDED:
-            raise RuntimeError(job.error_message or f"the detection {state.value}")
+        job = self.waitFor(self.start(inputVolume, options, outputs), timeout, "the detection")
         return self.finishDetection(job, showResults)
 
     @staticmethod
@@ -582,15 +460,6 @@ class SynomalyDetectTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        import importlib.util
-        import unittest
-
         self.setUp()
-        path = os.path.join(os.path.dirname(__file__), "Testing", "Python", "SynomalyDetectSelfTest.py")
-        spec = importlib.util.spec_from_file_location("SynomalyDetectSelfTest", path)
-        selfTests = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(selfTests)
-        suite = unittest.defaultTestLoader.loadTestsFromModule(selfTests)
-        outcome = unittest.TextTestRunner(verbosity=2).run(suite)
-        self.assertTrue(outcome.wasSuccessful(), "Synomaly self-tests failed; see the Python console")
+        runSelfTests(self, __file__, "Synomaly self-tests failed; see the Python console")
         self.delayDisplay("Test passed")

@@ -1,21 +1,12 @@
-import logging
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import qt
-import vtk
 
 import slicer
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
-from slicer.util import VTKObservationMixin
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest
 from slicer.parameterNodeWrapper import (
     Choice,
     WithinRange,
@@ -24,7 +15,8 @@ from slicer.parameterNodeWrapper import (
 
 from slicer import vtkMRMLScalarVolumeNode
 
-from SynomalyDetectLib import engine, jobs, review, runner
+from SynomalyDetectLib import engine, jobs, review
+from SynomalyDetectLib.panel import EngineLogic, JobPanel, runSelfTests
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 FROM_SCRATCH = ""
@@ -95,36 +87,19 @@ class SynomalyTrainingParameterNode:
 #
 
 
-class SynomalyTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: data, settings, Train/Cancel, Resume, loss curve, user models."""
+class SynomalyTrainingWidget(JobPanel):
+    """The panel: data, settings, Train/Cancel, Resume, Tune, loss curve, user models (the job itself: JobPanel)."""
 
     POLL_INTERVAL_MS = 500
+    LOCKED_SECTIONS = ("dataCollapsibleButton", "settingsCollapsibleButton", "modelsCollapsibleButton")
 
     def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._job = None
-        self._timer = None
+        JobPanel.__init__(self, parent)
         self._updatingGui = False
 
     def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SynomalyTraining.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
+        JobPanel.setup(self)
         self.logic = SynomalyTrainingLogic()
-
-        self._timer = qt.QTimer()
-        self._timer.setInterval(self.POLL_INTERVAL_MS)
-        self._timer.connect("timeout()", self.onPoll)
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
         self.ui.trainingVolumesComboBox.connect("checkedNodesChanged()", self.onTrainingVolumesChanged)
         self.ui.baseModelComboBox.connect("currentIndexChanged(int)", self.onBaseModelChanged)
         self.ui.browseDataFolderButton.connect("clicked(bool)", lambda: self._browseFolder("dataFolder"))
@@ -135,49 +110,12 @@ class SynomalyTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
         self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
         self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
-        self.ui.progressBar.hide()
-
         self.initializeParameterNode()
         self.refreshModels()
 
-    def cleanup(self) -> None:
-        self._cancelJob()
-        self.removeObservers()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self._cancelJob()
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-
-    def setParameterNode(self, inputParameterNode: Optional[SynomalyTrainingParameterNode]) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-            self._showCodeManagedParameters()
-            self._updateButtons()
-
     # -------------------------------------------------------------- code-managed parameters
 
-    def _showCodeManagedParameters(self) -> None:
+    def showCodeManagedParameters(self) -> None:
         self._updatingGui = True
         try:
             checked = {node.GetID() for node in self._parameterNode.trainingVolumes if node}
@@ -225,8 +163,8 @@ class SynomalyTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._updatingGui = False
         if self._parameterNode:
-            self._showCodeManagedParameters()
-        self._updateButtons()
+            self.showCodeManagedParameters()
+        self.updateButtons()
 
     def onRemoveModel(self) -> None:
         name = self.ui.userModelsComboBox.currentData
@@ -247,15 +185,8 @@ class SynomalyTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -------------------------------------------------------------- train / cancel / resume
 
-    def _isRunning(self) -> bool:
-        return self._job is not None and self._job.state is runner.RunState.RUNNING
-
-    def _updateButtons(self, caller=None, event=None) -> None:
-        running = self._isRunning()
-        for section in (self.ui.dataCollapsibleButton, self.ui.settingsCollapsibleButton,
-                        self.ui.modelsCollapsibleButton):
-            section.enabled = not running
-        if running:
+    def updateButtons(self, caller=None, event=None) -> None:
+        if self.lockWhileRunning():
             self.ui.trainButton.text = _("Cancel")
             self.ui.trainButton.toolTip = _("Stop training; a checkpoint is kept so that you can resume")
             self.ui.trainButton.enabled = True
@@ -308,53 +239,24 @@ class SynomalyTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if engine.missing_packages():
                 self.logic.ensureDependencies()
                 self.refreshModels()
-            self._job = (self.logic.startTuning(params) if tune else self.logic.startTraining(params, resume=resume))
-            self.ui.progressBar.maximum = 0
-            self.ui.progressBar.show()
-            self.ui.statusLabel.text = _("Preparing the training data...")
-            self._timer.start()
-        self._updateButtons()
+            job = self.logic.startTuning(params) if tune else self.logic.startTraining(params, resume=resume)
+            self.followJob(job, _("Preparing the training data..."))
+        self.updateButtons()
 
-    def _cancelJob(self) -> None:
-        if self._timer is not None:
-            self._timer.stop()
-        if self._job is not None:
-            self._job.cancel()
-            self._job = None
-        self.ui.progressBar.hide()
-        self._updateButtons()
+    def describeProgress(self, event) -> str:
+        text = event.describe()
+        if "loss" in event.extra:
+            text += f"  loss {float(event.extra['loss']):.4g}"
+        if "it_per_s" in event.extra:
+            text += f"  ({float(event.extra['it_per_s']):.1f} it/s)"
+        return text
 
-    def onPoll(self) -> None:
-        job = self._job
-        if job is None:
-            self._timer.stop()
-            return
-        for event in job.poll():
-            if event.total > 0:
-                self.ui.progressBar.maximum = event.total
-                self.ui.progressBar.value = event.done
-                self.ui.progressBar.format = f"{event.stage} %p%"
-            text = event.describe()
-            if "loss" in event.extra:
-                text += f"  loss {float(event.extra['loss']):.4g}"
-            if "it_per_s" in event.extra:
-                text += f"  ({float(event.extra['it_per_s']):.1f} it/s)"
-            self.ui.statusLabel.text = text
-        if job.state is runner.RunState.RUNNING:
-            return
-        self._timer.stop()
-        self._job = None
-        self.ui.progressBar.hide()
-        if job.state is runner.RunState.SUCCEEDED:
-            done = _("tuned") if isinstance(job, jobs.TuningJob) else _("trained")
-            self.ui.statusLabel.text = _("Model '{name}' is {done}, calibrated and installed.").format(
-                name=job.options.name, done=done)
-            self.refreshModels()
-            _refreshDetectModule()
-        elif job.state is runner.RunState.FAILED:
-            self.ui.statusLabel.text = _("Failed.")
-            slicer.util.errorDisplay(_("The run failed:\n\n{message}").format(message=job.error_message))
-        self._updateButtons()
+    def onJobSucceeded(self, job) -> None:
+        done = _("tuned") if isinstance(job, jobs.TuningJob) else _("trained")
+        self.ui.statusLabel.text = _("Model '{name}' is {done}, calibrated and installed.").format(
+            name=job.options.name, done=done)
+        self.refreshModels()
+        _refreshDetectModule()
 
 
 def _refreshDetectModule() -> None:
@@ -370,36 +272,14 @@ def _refreshDetectModule() -> None:
 #
 
 
-class SynomalyTrainingLogic(ScriptedLoadableModuleLogic):
-    """Training without the GUI: a TrainingJob from parameters, the loss chart, the user model folder."""
+class SynomalyTrainingLogic(EngineLogic):
+    """Training without the GUI: a TrainingJob from parameters, the loss chart, the user model folder. The
+    engine processes, their environment, the dependencies and the model registry come from EngineLogic."""
 
-    def __init__(self, runnerFactory=None, python=None, extraEnvironment=None) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        self.runnerFactory = runnerFactory or runner.ProcessRunner
-        self.python = list(python) if python else runner.python_command()
-        self.extraEnvironment = dict(extraEnvironment or {})
+    DEPENDENCY_MODULE = "SynomalyTraining"
 
     def getParameterNode(self):
         return SynomalyTrainingParameterNode(super().getParameterNode())
-
-    @staticmethod
-    def ensureDependencies() -> None:
-        from SynomalyDetectLib import dependencies
-
-        dependencies.ensure_dependencies("SynomalyTraining")
-
-    def environment(self) -> dict:
-        env = engine.engine_environment()
-        env.update(self.extraEnvironment)
-        return env
-
-    @staticmethod
-    def listModels() -> list:
-        try:
-            return engine.list_models()
-        except engine.EngineUnavailable as exc:
-            logging.info(f"Synomaly model registry unavailable: {exc}")
-            return []
 
     def modelsFolder(self):
         """The user model folder (the engine's SYNOMALY_MODELS_DIR or per-user default)."""
@@ -463,14 +343,8 @@ class SynomalyTrainingLogic(ScriptedLoadableModuleLogic):
     def train(self, options: jobs.TrainingOptions, volumes=(), folders=(), validationFolders=(), resume=False,
               timeout: Optional[float] = None) -> jobs.TrainingJob:
         """Train to the end (blocking; for scripts and tests)."""
-        job = self.start(options, volumes, folders, validationFolders, resume=resume, showChart=False)
-        state = job.wait(timeout)
-        if state is runner.RunState.RUNNING:
-            job.cancel()
-            raise TimeoutError("training did not finish in time")
-        if state is not runner.RunState.SUCCEEDED:
-            raise RuntimeError(job.error_message or f"training {state.value}")
-        return job
+        return self.waitFor(self.start(options, volumes, folders, validationFolders, resume=resume, showChart=False),
+                            timeout, "training")
 
 
 #
@@ -485,15 +359,6 @@ class SynomalyTrainingTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        import importlib.util
-        import unittest
-
         self.setUp()
-        path = os.path.join(os.path.dirname(__file__), "Testing", "Python", "SynomalyTrainingSelfTest.py")
-        spec = importlib.util.spec_from_file_location("SynomalyTrainingSelfTest", path)
-        selfTests = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(selfTests)
-        suite = unittest.defaultTestLoader.loadTestsFromModule(selfTests)
-        outcome = unittest.TextTestRunner(verbosity=2).run(suite)
-        self.assertTrue(outcome.wasSuccessful(), "Synomaly training self-tests failed; see the Python console")
+        runSelfTests(self, __file__, "Synomaly training self-tests failed; see the Python console")
         self.delayDisplay("Test passed")

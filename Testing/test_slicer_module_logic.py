@@ -53,6 +53,7 @@ def _stub_parameter_node_wrapper():
 
         Wrapped.__name__ = Wrapped.__qualname__ = cls.__name__
         Wrapped.fields = tuple(annotations)
+        Wrapped.annotations = annotations
         return Wrapped
 
     module.Choice, module.WithinRange, module.parameterNodeWrapper = Choice, WithinRange, parameterNodeWrapper
@@ -104,7 +105,7 @@ def slicer_app(monkeypatch, tmp_path):
     monkeypatch.setattr(slicer, "app", app, raising=False)
     monkeypatch.setattr(slicer.util, "resetSliceViews", lambda: None)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # engine processes inherit Slicer's environment
-    for name in ("SynomalyDetect", "SynomalyTraining"):
+    for name in ("SynomalyDetect", "SynomalyTraining", "SynomalyDetectLib.panel"):  # re-imported with these stand-ins
         monkeypatch.delitem(sys.modules, name, raising=False)
     return scene
 
@@ -134,6 +135,25 @@ def test_detect_module_parameter_node_defaults_and_options(slicer_app):
     params.sensitivityMode, params.threshold = module.THRESHOLD_MODE, 0.4
     options = module.SynomalyDetectLogic.optionsFromParameters(params)
     assert options.fpr is None and options.threshold == 0.4
+
+
+def test_detect_panel_ranges_are_the_engines(slicer_app):
+    """The panel's number fields accept what `synomaly detect` accepts (0: the model's default) and no more
+    where the engine has a bound: the ranges come from contract.DETECTION_SETTINGS."""
+    from synomaly.contract import DETECTION_SETTING
+
+    module = load_module("SynomalyDetect")
+    fields = {"noiseLevel": "t", "stages": "max_stages", "blurKernel": "blur_kernel", "threshold": "threshold",
+              "minLesionSize": "min_lesion_mm3", "seed": "seed"}
+    for field, name in fields.items():
+        annotation = module.SynomalyDetectParameterNode.annotations[field]
+        limits = typing.get_args(annotation)[1]
+        setting = DETECTION_SETTING[name]
+        assert setting.problem(limits.high if not setting.odd else limits.high - (limits.high % 2 == 0)) is None, field
+        if setting.high is not None:
+            assert limits.high == setting.high and setting.problem(limits.high + 1) is not None, field
+        if setting.low is not None and limits.low != 0:
+            assert limits.low == setting.low, field
 
 
 def test_detect_module_logic_runs_a_detection_and_reviews_it(slicer_app):
@@ -283,3 +303,101 @@ def test_add_model_from_file_converts_the_authors_checkpoint_and_installs_ours(s
     with pytest.raises(RuntimeError, match="not a model file"):
         logic.addModelFromFile(str(tmp_path / "notes.txt"))
     assert sorted(p.name for p in models.glob("*.safetensors")) == ["best_model.safetensors", "tiny.safetensors"]
+
+
+class _Widget(types.SimpleNamespace):
+    """A Qt widget stand-in: attributes only (enabled, text, value, ...); show/hide set `visible`."""
+
+    def show(self):
+        self.visible = True
+
+    def hide(self):
+        self.visible = False
+
+
+class _Timer:
+    def __init__(self):
+        self.active = False
+
+    def start(self):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+
+class _ScriptedJob:
+    """A job that reports the given progress records, then ends in `final` on the next poll."""
+
+    def __init__(self, events, final):
+        self.events, self.final = list(events), final
+        self.state = jobs.RunState.RUNNING
+        self.error_message = "the engine said no" if final is jobs.RunState.FAILED else ""
+        self.cancelled = False
+
+    def poll(self):
+        if self.events:
+            return [self.events.pop(0)]
+        self.state = self.final
+        return []
+
+    def cancel(self):
+        self.cancelled = True
+        self.state = jobs.RunState.CANCELLED
+
+
+def job_panel(slicer_app, monkeypatch):
+    """A JobPanel subclass with stand-in widgets (the Qt layer is not in slicer-core), recording what it is told."""
+    from SynomalyDetectLib import panel
+
+    errors = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: errors.append(text), raising=False)
+
+    class Panel(panel.JobPanel):
+        LOCKED_SECTIONS = ("settings",)
+
+        def __init__(self):
+            super().__init__()
+            self.ui = types.SimpleNamespace(progressBar=_Widget(value=0, maximum=0, format="", visible=False),
+                                            statusLabel=_Widget(text=""), settings=_Widget(enabled=True))
+            self._timer = _Timer()
+            self.succeeded, self.updates = [], 0
+
+        def updateButtons(self, caller=None, event=None):
+            self.updates += 1
+            self.lockWhileRunning()
+
+        def onJobSucceeded(self, job):
+            self.succeeded.append(job)
+
+    return Panel(), errors
+
+
+def test_the_job_panel_follows_a_job_to_success(slicer_app, monkeypatch):
+    p, errors = job_panel(slicer_app, monkeypatch)
+    job = _ScriptedJob([jobs.Progress("detect", 3, 10, "slice 3 of 10")], jobs.RunState.SUCCEEDED)
+    p.followJob(job, "starting")
+    p.updateButtons()
+    assert p.ui.progressBar.visible and p._timer.active and p.ui.statusLabel.text == "starting"
+    assert p.ui.settings.enabled is False  # locked while the job runs
+    p.onPoll()
+    assert (p.ui.progressBar.value, p.ui.progressBar.maximum, p.ui.progressBar.format) == (3, 10, "detect %p%")
+    assert "slice 3 of 10" in p.ui.statusLabel.text and not p.succeeded
+    p.onPoll()
+    assert p.succeeded == [job] and not errors
+    assert not p._timer.active and not p.ui.progressBar.visible and p._job is None
+    assert p.ui.settings.enabled is True
+
+
+def test_the_job_panel_reports_a_failure_and_cancels(slicer_app, monkeypatch):
+    p, errors = job_panel(slicer_app, monkeypatch)
+    p.followJob(_ScriptedJob([], jobs.RunState.FAILED), "starting")
+    p.onPoll()
+    assert p.ui.statusLabel.text == "Failed." and len(errors) == 1 and "the engine said no" in errors[0]
+    assert not p.succeeded and p.ui.settings.enabled is True
+    running = _ScriptedJob([], jobs.RunState.SUCCEEDED)
+    p.followJob(running, "starting")
+    p._cancelJob()
+    assert running.cancelled and p._job is None and not p._timer.active and not p.ui.progressBar.visible
+    p.onPoll()  # a poll after the cancel does nothing
+    assert not p.succeeded and len(errors) == 1

@@ -271,6 +271,21 @@ def test_widgets_used_by_the_module_exist_in_its_ui(module):
 
 
 @pytest.mark.parametrize("module", MODULES)
+def test_the_shared_job_panel_finds_its_widgets_in_every_module_ui(module):
+    """SynomalyDetectLib/panel.py drives the progress bar, the status line and the sections it locks while a
+    job runs (each module's LOCKED_SECTIONS): all of them must be in the module's .ui."""
+    panel = (ROOT / "SynomalyDetect" / "SynomalyDetectLib" / "panel.py").read_text()
+    names = {name for _, name, _ in ui_widgets(module)}
+    used = set(re.findall(r"self\.ui\.(\w+)", panel))
+    tree = ast.parse((ROOT / module / f"{module}.py").read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == f"{module}Widget")
+    locked = next(ast.literal_eval(n.value) for n in widget.body
+                  if isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "LOCKED_SECTIONS" for t in n.targets))
+    assert used and locked
+    assert not sorted((used | set(locked)) - names), f"missing from {module}.ui: {sorted((used | set(locked)) - names)}"
+
+
+@pytest.mark.parametrize("module", MODULES)
 def test_mrml_widgets_receive_the_scene(module):
     tree = ET.parse(ROOT / module / "Resources" / "UI" / f"{module}.ui")
     receivers = {c.findtext("receiver") for c in tree.iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
