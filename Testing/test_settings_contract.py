@@ -60,6 +60,7 @@ def test_a_negative_tolerance_runs_every_stage_and_is_allowed():
 
 
 def test_the_slicer_job_command_line_is_read_back_by_the_engine():
+    import slicer_support  # noqa: F401  (puts SynomalyDetect/ on sys.path, as Slicer does; alone, too)
     from synomaly.cli.common import detection_settings
     from SynomalyDetectLib import jobs
 

@@ -119,12 +119,15 @@ def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file,
     vol = tmp_path / "healthy.nii.gz"
     sitk.WriteImage(_head(seed=4), str(vol))
     out = tmp_path / "tuned.safetensors"
-    grid = tune.TuneGrid(ts=(50, 200), blurs=(1, 3), ensembles=((50, 200),), max_stages=2, multi_top=1, more_draws=2)
+    grid = tune.TuneGrid(ts=(50, 200), blurs=(1, 3), ensembles=((50, 200),), max_stages=2, multi_top=1, more_draws=2,
+                         smooths=(3.0,), smooth_top=2)
     opts = tune.TuneOptions(forms=("native", "thick"), lesions_per_volume=2, grid=grid, seed=1)
     record = tune.tune_model(tiny_model_file, [str(vol)], output=out, options=opts, device="cpu")
     card = read_card(out)
     table = card.tuning["table"]
-    assert len(table) == 3 * 2 + 1 + 1  # 3 level settings x 2 blurs, one with more draws, one multi-stage
+    # 3 level settings x 2 blurs, the 2 best smoothed, one with more draws, one multi-stage
+    assert len(table) == 3 * 2 + 2 + 1 + 1
+    assert sum(r["smooth"] == 3.0 for r in table[:8]) == 2
     assert {r["t"] for r in table} >= {"50", "200", "50+200"} and any(r["draws"] == 2 for r in table)
     chosen = card.tuning["chosen"]
     assert chosen in table and chosen["auprc"] >= max(r["auprc"] for r in table) * (1 - tune.AUPRC_TIE)
@@ -132,6 +135,7 @@ def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file,
     d3 = card.detection_3d
     assert list(d3.t_ensemble or [d3.t]) == ts
     assert d3.blur_kernel == chosen["blur"] and d3.max_stages == chosen["stages"] and d3.noise_draws == chosen["draws"]
+    assert d3.smooth_mm == chosen["smooth"] and card.calibration_3d.get("smooth_mm", 0.0) == chosen["smooth"]
     assert f"{d3.fpr:g}" == card.tuning["chosen_fpr"]
     grow_key = card.tuning["chosen_grow_fpr"]
     assert (d3.grow_fpr is None) if grow_key is None else (f"{d3.grow_fpr:g}" == grow_key)
@@ -161,6 +165,7 @@ def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file,
     assert source == f"calibrated FPR {card.tuning['chosen_fpr']}"
     result = detect(_head(seed=9), model, DetectionSettings(device="cpu"))
     assert result.report["t"] == (ts[0] if len(ts) == 1 else ts) and result.threshold == pytest.approx(thr)
+    assert result.report["smooth_mm"] == d3.smooth_mm
     if d3.grow_fpr:
         assert result.report["grow_threshold"] == pytest.approx(cal["thresholds"][grow_key])
     else:
@@ -244,9 +249,38 @@ def test_tune_command_with_a_single_stage_grid_of_our_choosing(tiny_model_file, 
     sitk.WriteImage(_head(seed=4), str(vol))
     out = tmp_path / "tuned.safetensors"
     assert main(["tune", str(tiny_model_file), "--data", str(vol), "--forms", "native", "--lesions", "2",
-                 "--t", "50", "--blur", "3", "5", "--ensembles", "50+200", "--single-stage", "-o", str(out),
-                 "--progress", "none"]) == 0
+                 "--t", "50", "--blur", "3", "5", "--ensembles", "50+200", "--single-stage", "--smooth", "3",
+                 "-o", str(out), "--progress", "none"]) == 0
     table = read_card(out).tuning["table"]
-    assert sorted((r["t"], r["blur"]) for r in table) == [("50", 3), ("50", 5), ("50+200", 3), ("50+200", 5)]
+    settings = [("50", 3), ("50", 5), ("50+200", 3), ("50+200", 5)]
+    assert sorted((r["t"], r["blur"], r["smooth"]) for r in table) == sorted(
+        [(t, b, 0.0) for t, b in settings] + [(t, b, 3.0) for t, b in settings])  # the 4 best, smoothed 3 mm
     assert all(r["stages"] == 1 and r["draws"] == 1 for r in table)
     assert "default FPR" in capsys.readouterr().out
+
+
+def test_smoothing_across_slices_lowers_one_slice_errors_more_than_lesions_through_slices():
+    """A lesion spans neighbouring slices; a healing error of one slice does not: the smoothing keeps the first
+    and lowers the second, in mm of the slice axis, and nothing outside the foreground."""
+    from types import SimpleNamespace
+
+    from synomaly.detect import slice_spacing, smooth_across_slices
+
+    def prep(dz):
+        image = sitk.Image(8, 8, 21, sitk.sitkFloat32)
+        image.SetSpacing((1.0, 1.0, dz))
+        fg = np.ones((21, 8, 8), bool)
+        fg[:, 0, :] = False
+        return SimpleNamespace(geometry=SimpleNamespace(reference=image, transpose=(0, 1, 2)), foreground=fg)
+
+    score = np.zeros((21, 8, 8), np.float32)
+    score[5:16, 4, 4] = 1.0  # a lesion through 11 slices
+    score[10, 2, 2] = 1.0  # an error of one slice
+    score[10, 0, 3] = 1.0  # outside the foreground
+    p = prep(1.0)
+    assert slice_spacing(p) == 1.0
+    assert smooth_across_slices(score, p, 0.0) is score
+    out = smooth_across_slices(score, p, 3.0)
+    assert out[10, 4, 4] > 0.9 and out[10, 2, 2] < 0.15 and out[:, 0, :].max() == 0
+    thick = smooth_across_slices(score, prep(6.0), 3.0)  # the same sigma in mm is half a slice at 6 mm
+    assert thick[10, 2, 2] > 0.6

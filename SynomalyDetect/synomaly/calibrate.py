@@ -106,6 +106,26 @@ def calibration_record(res, masks: torch.Tensor, fprs: Sequence[float], *, fusio
     }
 
 
+def smoothed_volume_thresholds(cal: dict[str, Any], scores: torch.Tensor, preps: Sequence[Any], smooth_mm: float,
+                               fprs: Sequence[float]) -> dict[str, Any]:
+    """A volume calibration whose maps are smoothed across slices (detect.smooth_across_slices): the thresholds
+    recomputed on each scan's smoothed map on its own grid (`scores`: the scans' model-grid maps, concatenated
+    in the order of `preps`), foreground voxels pooled, as detection thresholds them."""
+    import numpy as np
+
+    from .detect import smooth_across_slices
+    from .prepare import grid_to_oriented
+
+    parts = torch.split(scores, [p.slices.shape[0] for p in preps])
+    values = [smooth_across_slices(grid_to_oriented(s, p) * p.foreground, p, smooth_mm)[p.foreground]
+              for s, p in zip(parts, preps)]
+    pooled = torch.from_numpy(np.concatenate(values))
+    thresholds, measured = thresholds_at_fprs(pooled, fprs)
+    return {**cal, "thresholds": thresholds, "measured_fpr_on_calibration_data": measured, "smooth_mm": smooth_mm,
+            "foreground_voxels": int(pooled.numel()),
+            "unit": "per foreground voxel of each scan's own grid, the map smoothed across slices"}
+
+
 def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[float] = DEFAULT_FPRS,
                     device: str = "auto", description: str = "", progress: ProgressFn = null_progress,
                     output: str | Path | None = None) -> dict[str, Any]:
@@ -115,13 +135,25 @@ def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[
     (calibration_3d); otherwise the slice setting (calibration)."""
     from .detect import is_volume
     from .modelio import load_model, save_model
-    from .prepare import prepare_images_for_training, read_image
+    from .prepare import prepare_images_for_training, prepare_scan, read_image
 
     model = load_model(model_path, device=device)
     progress("calibrate", 0, len(fprs), "preparing healthy scans")
     volume = model.card.detection_3d is not None and all(is_volume(read_image(p, color="luminance")) for p in paths)
-    x, m, n = prepare_images_for_training(paths, model.card)
-    cal = calibrate(model, x, m, fprs=fprs, volume=volume, progress=progress)
+    smooth = model.card.detection_3d.smooth_mm if volume else 0.0
+    if smooth > 0:  # thresholds on each scan's map smoothed across slices, as detection makes it
+        preps = [prepare_scan(read_image(p, color="luminance"), model.card) for p in paths]
+        x, m, n = torch.cat([p.slices for p in preps]), torch.cat([p.masks for p in preps]), len(preps)
+        d = model.card.detection_3d
+        ts = d.noise_levels()
+        fusion, res = calibration_maps(model, x, m, ts=ts, kernel=d.blur_kernel, max_stages=d.max_stages,
+                                       draws=d.noise_draws, progress=progress)
+        cal = calibration_record(res, m, fprs, fusion=fusion, fusion_fpr=FUSION_FPR, ts=ts, kernel=d.blur_kernel,
+                                 max_stages=d.max_stages, draws=d.noise_draws)
+        cal = smoothed_volume_thresholds(cal, res.score, preps, smooth, fprs)
+    else:
+        x, m, n = prepare_images_for_training(paths, model.card)
+        cal = calibrate(model, x, m, fprs=fprs, volume=volume, progress=progress)
     cal["scans"] = n
     cal["data"] = description or f"{n} healthy scans"
     card = model.card.copy()

@@ -82,6 +82,7 @@ class DetectionDefaults:
     noise_draws: int = 1  # noise draws averaged per noise level
     fpr: float = 1e-3  # the calibrated false-positive rate used when none is asked for
     grow_fpr: Optional[float] = None  # lesions grow into connected voxels above this rate's threshold (hysteresis)
+    smooth_mm: float = 0.0  # a volume's map is smoothed across slices (Gaussian sigma, mm; 0: not)
 
     def noise_levels(self) -> tuple[int, ...]:
         """The noise levels of one stage: the ensemble, else t alone."""
@@ -247,7 +248,8 @@ class ModelCard:
         t = "+".join(str(v) for v in d.t_ensemble) if d.t_ensemble else str(d.t)
         draws = f", {d.noise_draws} draws" if d.noise_draws > 1 else ""
         grow = f" grown to FPR {d.grow_fpr:g}" if d.grow_fpr else ""
-        return f"t {t}, blur {d.blur_kernel}, up to {d.max_stages} stages{draws}, FPR {d.fpr:g}{grow}"
+        smooth = f", smoothed {d.smooth_mm:g} mm across slices" if volume and d.smooth_mm else ""
+        return f"t {t}, blur {d.blur_kernel}{smooth}, up to {d.max_stages} stages{draws}, FPR {d.fpr:g}{grow}"
 
     def summary(self) -> str:
         """A few human lines: what the model is for and what it expects."""

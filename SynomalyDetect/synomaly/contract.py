@@ -134,6 +134,9 @@ DETECTION_SETTINGS = (
             example=" (0: no growth)"),
     Setting("blur_kernel", "--blur", int, "Gaussian blur kernel of the map, odd, model-grid pixels", "the blur kernel",
             low=1, odd=True),
+    Setting("smooth_mm", "--smooth", float,
+            "volumes: Gaussian smoothing of the anomaly map across slices, sigma in mm (default: the model card's; "
+            "0: none)", "the smoothing across slices (mm)", low=0),
     Setting("min_lesion_mm3", "--min-size", float, "smallest lesion kept, mm^3 (default 50)",
             "the minimum lesion size (mm^3)", low=0, default=50.0),
     Setting("noise_draws", "--draws", int, "noise draws averaged per stage and noise level (default: the model card's)",

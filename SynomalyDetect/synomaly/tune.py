@@ -36,7 +36,8 @@ AUPRC_TIE = 0.02  # settings within 2 % (relative) of the best pooled AUPRC coun
 @dataclass
 class TuneGrid:
     """The settings tried. Blur kernels in model-grid pixels; ensembles average the healed images of
-    several noise levels; the `multi_top` best single-stage settings are also tried multi-stage."""
+    several noise levels; the `smooth_top` best single-stage settings are also tried with the map smoothed
+    across slices by each of `smooths` (sigma, mm); the `multi_top` best so far are also tried multi-stage."""
 
     ts: tuple[int, ...] = (5, 10, 25, 50, 100, 200, 400)
     blurs: tuple[int, ...] = (3, 5, 7, 9)
@@ -45,6 +46,8 @@ class TuneGrid:
     multi_top: int = 2  # the best settings so far also tried multi-stage
     draws: int = 1
     more_draws: int = 4  # the best single-stage setting is also tried with this many noise draws (1: not)
+    smooths: tuple[float, ...] = (2.0, 3.0, 4.0, 6.0)
+    smooth_top: int = 4
 
 
 @dataclass
@@ -144,11 +147,13 @@ def build_cases(volumes: Sequence[TuneVolume], card, opts: TuneOptions,
     return lesion_cases, healthy_cases
 
 
-def _oriented_map(score: torch.Tensor, case: TuneCase) -> np.ndarray:
-    """A model-grid map of one case (S, 1, G, G) on its oriented input grid, zero outside the foreground."""
+def _oriented_map(score: torch.Tensor, case: TuneCase, smooth_mm: float = 0.0) -> np.ndarray:
+    """A model-grid map of one case (S, 1, G, G) on its oriented input grid, zero outside the foreground,
+    smoothed across slices as detection does."""
+    from .detect import smooth_across_slices
     from .prepare import grid_to_oriented
 
-    return grid_to_oriented(score, case.prep) * case.prep.foreground
+    return smooth_across_slices(grid_to_oriented(score, case.prep) * case.prep.foreground, case.prep, smooth_mm)
 
 
 def _pooled_auprc(maps: list[np.ndarray], cases: Sequence[TuneCase], opts: TuneOptions) -> float:
@@ -198,9 +203,10 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
                 done += 1
         return torch.stack([healed[(t, draws)] for t in ts]).mean(0)
 
-    def score_row(ts: tuple[int, ...], k: int, draws: int, score: torch.Tensor, stages: int, mean_stages: float):
-        maps = [_oriented_map(s, c) for s, c in zip(_split(score, cases), cases)]
-        return {"t": _label(ts), "blur": k, "stages": stages, "draws": draws,
+    def score_row(ts: tuple[int, ...], k: int, draws: int, score: torch.Tensor, stages: int, mean_stages: float,
+                  smooth: float = 0.0):
+        maps = [_oriented_map(s, c, smooth) for s, c in zip(_split(score, cases), cases)]
+        return {"t": _label(ts), "blur": k, "smooth": smooth, "stages": stages, "draws": draws,
                 "auprc": round(_pooled_auprc(maps, cases, opts), 4),
                 "cost": round(len(ts) * draws * mean_stages, 2), "stages_mean": round(mean_stages, 2)}
 
@@ -209,11 +215,18 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
         xh = predictions(ts, g.draws)
         for k in g.blurs:
             rows.append(score_row(ts, k, g.draws, anomaly_score(x0, xh, fmask, k), 1, 1.0))
+    if g.smooths and g.smooth_top > 0:
+        progress("tune", done, steps, f"the {g.smooth_top} best smoothed across slices by {g.smooths} mm")
+        for row in sorted(rows, key=lambda r: -r["auprc"])[: g.smooth_top]:
+            ts = tuple(int(v) for v in row["t"].split("+"))
+            score = anomaly_score(x0, predictions(ts, g.draws), fmask, row["blur"])
+            rows.extend(score_row(ts, row["blur"], g.draws, score, 1, 1.0, float(s)) for s in g.smooths if s > 0)
     best = max(rows, key=lambda r: r["auprc"])
     if g.more_draws > g.draws:
         ts = tuple(int(v) for v in best["t"].split("+"))
         xh = predictions(ts, g.more_draws)
-        rows.append(score_row(ts, best["blur"], g.more_draws, anomaly_score(x0, xh, fmask, best["blur"]), 1, 1.0))
+        rows.append(score_row(ts, best["blur"], g.more_draws, anomaly_score(x0, xh, fmask, best["blur"]), 1, 1.0,
+                              best["smooth"]))
     if g.max_stages > 1:
         lesion = torch.cat([_grid_truth(c) for c in cases])
         healthy = masks.bool() & ~lesion
@@ -225,7 +238,7 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
             res = run_stages(model, x0, masks, t=ts, kernel=row["blur"], threshold=fusion, max_stages=g.max_stages,
                              batch_size=opts.batch_size, draws=row["draws"], seed=opts.seed)
             rows.append(score_row(ts, row["blur"], row["draws"], res.score, g.max_stages,
-                                  float(res.stages.float().mean())))
+                                  float(res.stages.float().mean()), row["smooth"]))
             done += 1
     progress("tune", steps, steps, f"{len(rows)} settings scored")
     return rows
@@ -251,25 +264,28 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
                      progress: ProgressFn = null_progress) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Calibrate on the untouched volumes under `setting`, then score every calibrated FPR: mean Dice on
     the lesion cases and the volume flagged in each lesion-free one (after the minimum lesion size)."""
-    from .calibrate import FUSION_FPR, calibration_maps, calibration_record
+    from .calibrate import FUSION_FPR, calibration_maps, calibration_record, smoothed_volume_thresholds
     from .detect import postprocess, run_stages
     from .metrics import dice
 
     ts = tuple(int(v) for v in setting["t"].split("+"))
     k, stages, draws = int(setting["blur"]), int(setting["stages"]), int(setting["draws"])
+    smooth = float(setting.get("smooth", 0.0))
     hx = torch.cat([c.prep.slices for c in healthy_cases])
     hm = torch.cat([c.prep.masks for c in healthy_cases])
     fusion, hres = calibration_maps(model, hx, hm, ts=ts, kernel=k, max_stages=stages, draws=draws,
                                     batch_size=opts.batch_size, seed=opts.seed, progress=progress)
     cal = calibration_record(hres, hm, opts.fprs, fusion=fusion, fusion_fpr=FUSION_FPR, ts=ts, kernel=k,
                              max_stages=stages, draws=draws)
+    if smooth > 0:
+        cal = smoothed_volume_thresholds(cal, hres.score, [c.prep for c in healthy_cases], smooth, opts.fprs)
     thresholds = cal["thresholds"]
     lx = torch.cat([c.prep.slices for c in lesion_cases])
     lm = torch.cat([c.prep.masks for c in lesion_cases])
     lres = run_stages(model, lx, lm, t=ts, kernel=k, threshold=fusion, max_stages=stages,
                       batch_size=opts.batch_size, draws=draws, seed=opts.seed)
-    lmaps = [_oriented_map(s, c) for s, c in zip(_split(lres.score, lesion_cases), lesion_cases)]
-    hmaps = [_oriented_map(s, c) for s, c in zip(_split(hres.score, healthy_cases), healthy_cases)]
+    lmaps = [_oriented_map(s, c, smooth) for s, c in zip(_split(lres.score, lesion_cases), lesion_cases)]
+    hmaps = [_oriented_map(s, c, smooth) for s, c in zip(_split(hres.score, healthy_cases), healthy_cases)]
     components = [lesion_polarities(c, h) for c, h in zip(lesion_cases, healthy_cases)]
     points = []
     for key, thr in thresholds.items():
@@ -352,7 +368,8 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
     rows = sweep(model, lesion_cases, opts, progress)
     chosen = choose(rows)
     t_sweep = time.perf_counter()
-    progress("tune", 0, 1, f"chosen: t {chosen['t']}, blur {chosen['blur']}, {chosen['stages']} stage(s); "
+    progress("tune", 0, 1, f"chosen: t {chosen['t']}, blur {chosen['blur']}, smoothing {chosen['smooth']:g} mm, "
+             f"{chosen['stages']} stage(s); "
              "calibrating on the lesion-free volumes")
     cal, points = operating_points(model, lesion_cases, healthy_cases, chosen, opts, progress)
     op = choose_fpr(points, opts.max_healthy_ml)
@@ -363,7 +380,8 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
     card.detection_3d = DetectionDefaults(t=ts[0], blur_kernel=int(chosen["blur"]), threshold=card.detection.threshold,
                                           max_stages=int(chosen["stages"]), t_ensemble=tuple(ts) if len(ts) > 1 else (),
                                           noise_draws=int(chosen["draws"]), fpr=float(op["fpr"]),
-                                          grow_fpr=float(op["grow_fpr"]) if op.get("grow_fpr") else None)
+                                          grow_fpr=float(op["grow_fpr"]) if op.get("grow_fpr") else None,
+                                          smooth_mm=float(chosen.get("smooth", 0.0)))
     what = description or ", ".join(f"{v.name} ({v.source})" for v in volumes)
     cal["data"] = f"the lesion-free forms of: {what}"
     cal["scans"] = len(healthy_cases)

@@ -62,6 +62,8 @@ def cmd_tune(args) -> int:
         grid.blurs = tuple(args.blur)
     if args.ensembles is not None:
         grid.ensembles = tuple(tuple(int(v) for v in e.split("+")) for e in args.ensembles)
+    if args.smooth is not None:
+        grid.smooths = tuple(float(v) for v in args.smooth)
     if args.single_stage:  # no multi-stage rows, no extra noise draws: the cheapest sweep of the grid
         grid.max_stages, grid.multi_top, grid.more_draws = 1, 0, 1
     opts = TuneOptions(forms=tuple(args.forms), lesions_per_volume=args.lesions, seed=args.seed,
@@ -71,7 +73,8 @@ def cmd_tune(args) -> int:
     out = args.output or args.model
     best = rec["chosen"]
     print(f"tuned {out} on {rec['lesion_cases']} volumes with {rec['lesions']} implanted lesions "
-          f"({rec['seconds']['total']:.0f} s): t {best['t']}, blur {best['blur']}, {best['stages']} stage(s), "
+          f"({rec['seconds']['total']:.0f} s): t {best['t']}, blur {best['blur']}, smoothing {best['smooth']:g} mm, "
+          f"{best['stages']} stage(s), "
           f"pooled pixel AUPRC {best['auprc']:.3f}; default FPR {rec['chosen_fpr']}"
           + (f", grown to FPR {rec['chosen_grow_fpr']}" if rec.get("chosen_grow_fpr") else ""))
     for p in rec["points"]:
@@ -151,6 +154,9 @@ def add_parsers(sub) -> None:
     tu.add_argument("--quick", action="store_true", help="a small grid (about a quarter of the time)")
     tu.add_argument("--ensembles", nargs="*", metavar="T+T+T",
                     help="ensembles of noise levels to try, e.g. 10+25+50 (default: four; none with no value)")
+    tu.add_argument("--smooth", type=float, nargs="*", metavar="MM",
+                    help="smoothings of the map across slices to try on the best settings, sigma in mm "
+                         "(default 2 3 4 6; none with no value)")
     tu.add_argument("--single-stage", action="store_true",
                     help="score single-stage settings only (no multi-stage rows, no extra noise draws)")
     tu.add_argument("--max-healthy-ml", type=float, default=1.0,
