@@ -124,7 +124,7 @@ def followWithProgressDialog(job, label: str):
 #
 
 
-FPR_CHOICES = [0.01, 0.001, 0.0001]  # per-voxel false-positive rates the panel offers
+FPR_CHOICES = [0.01, 0.001, 0.0001, 0.00001]  # per-voxel false-positive rates the panel offers (1e-5: tuned volumes)
 
 
 def settingRange(name: str, high: float, modelDefault: bool = True) -> WithinRange:

@@ -140,8 +140,9 @@ def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file,
     grow_key = card.tuning["chosen_grow_fpr"]
     assert (d3.grow_fpr is None) if grow_key is None else (f"{d3.grow_fpr:g}" == grow_key)
     points = card.tuning["operating_points"]
-    assert {(p["fpr"], p["grow_fpr"]) for p in points} == {("0.01", None), ("0.001", None), ("0.0001", None),
-                                                            ("0.001", "0.01"), ("0.0001", "0.01"), ("0.0001", "0.001")}
+    rates = ["0.01", "0.001", "0.0001", "1e-05"]
+    assert {(p["fpr"], p["grow_fpr"]) for p in points} == {(r, None) for r in rates} | {
+        (strict, loose) for i, strict in enumerate(rates) for loose in rates[:i]}  # each rate alone and grown
     for p in points:  # growing a rate's lesions never flags less in a lesion-free volume than the rate alone
         if p["grow_fpr"]:
             alone = next(q for q in points if q["fpr"] == p["fpr"] and q["grow_fpr"] is None)
@@ -149,8 +150,8 @@ def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file,
     assert card.detection == read_card(tiny_model_file).detection, "single slices keep the untuned setting"
     assert card.calibration == read_card(tiny_model_file).calibration
     cal = card.calibration_3d
-    assert set(cal["thresholds"]) == {"0.01", "0.001", "0.0001"}
-    assert cal["thresholds"]["0.01"] < cal["thresholds"]["0.001"] < cal["thresholds"]["0.0001"]
+    assert set(cal["thresholds"]) == {"0.01", "0.001", "0.0001", "1e-05"}
+    assert cal["thresholds"]["0.01"] < cal["thresholds"]["0.001"] < cal["thresholds"]["0.0001"] <= cal["thresholds"]["1e-05"]
     assert cal["scans"] == 2 and cal["blur_kernel"] == chosen["blur"]
     assert record["lesions"] == 4 and card.tuning["seconds"]["total"] > 0
     for p in card.tuning["operating_points"]:  # every truth component counted once, split by polarity

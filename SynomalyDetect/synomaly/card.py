@@ -249,7 +249,8 @@ class ModelCard:
         draws = f", {d.noise_draws} draws" if d.noise_draws > 1 else ""
         grow = f" grown to FPR {d.grow_fpr:g}" if d.grow_fpr else ""
         smooth = f", smoothed {d.smooth_mm:g} mm across slices" if volume and d.smooth_mm else ""
-        return f"t {t}, blur {d.blur_kernel}{smooth}, up to {d.max_stages} stages{draws}, FPR {d.fpr:g}{grow}"
+        stages = "1 stage" if d.max_stages == 1 else f"up to {d.max_stages} stages"
+        return f"t {t}, blur {d.blur_kernel}{smooth}, {stages}{draws}, FPR {d.fpr:g}{grow}"
 
     def summary(self) -> str:
         """A few human lines: what the model is for and what it expects."""

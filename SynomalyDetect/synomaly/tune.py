@@ -56,7 +56,7 @@ class TuneOptions:
 
     forms: tuple[str, ...] = ("native", "brain", "oblique", "thick", "scaled")
     lesions_per_volume: int = 3
-    fprs: tuple[float, ...] = (1e-2, 1e-3, 1e-4)
+    fprs: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 1e-5)  # 1e-5: a smoothed map may need a stricter rate for 1 mL
     max_healthy_ml: float = 1.0  # the default FPR flags at most this much in every lesion-free volume
     min_lesion_mm3: float = 50.0
     seed: int = 0
@@ -354,9 +354,10 @@ def choose_fpr(points: Sequence[dict[str, Any]], max_healthy_ml: float) -> dict[
 
 def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Path | None = None,
                options: Optional[TuneOptions] = None, device: str = "auto", description: str = "",
-               progress: ProgressFn = null_progress) -> dict[str, Any]:
+               version: Optional[str] = None, progress: ProgressFn = null_progress) -> dict[str, Any]:
     """Tune a model file on healthy volumes and write the chosen setting, the calibrated thresholds and the
-    sweep table into its card (atomically, in place unless `output` is given). Returns the tuning record."""
+    sweep table into its card (atomically, in place unless `output` is given; `version`: the card's new
+    version, the weights being the same). Returns the tuning record."""
     from .modelio import load_model, save_model
 
     opts = options or TuneOptions()
@@ -377,6 +378,8 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
     from .card import DetectionDefaults
 
     card = model.card.copy()
+    if version:
+        card.version = version
     card.detection_3d = DetectionDefaults(t=ts[0], blur_kernel=int(chosen["blur"]), threshold=card.detection.threshold,
                                           max_stages=int(chosen["stages"]), t_ensemble=tuple(ts) if len(ts) > 1 else (),
                                           noise_draws=int(chosen["draws"]), fpr=float(op["fpr"]),

@@ -69,7 +69,7 @@ def cmd_tune(args) -> int:
     opts = TuneOptions(forms=tuple(args.forms), lesions_per_volume=args.lesions, seed=args.seed,
                        batch_size=args.batch_size, grid=grid, max_healthy_ml=args.max_healthy_ml)
     rec = tune_model(args.model, args.data, output=args.output, options=opts, device=args.device,
-                     description=args.data_description or "", progress=progress_for(args))
+                     description=args.data_description or "", version=args.model_version, progress=progress_for(args))
     out = args.output or args.model
     best = rec["chosen"]
     print(f"tuned {out} on {rec['lesion_cases']} volumes with {rec['lesions']} implanted lesions "
@@ -162,6 +162,7 @@ def add_parsers(sub) -> None:
     tu.add_argument("--max-healthy-ml", type=float, default=1.0,
                     help="the default FPR may flag at most this many mL in a lesion-free volume (default 1)")
     tu.add_argument("--data-description", help="what the tuning volumes are (for the card)")
+    tu.add_argument("--model-version", help="the tuned card's version (default: the model's; the weights are the same)")
     tu.add_argument("--seed", type=int, default=0)
     tu.add_argument("--batch-size", type=int, default=None,
                     help="slices per network call (default: the fastest, measured once on this machine)")
