@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..contract import DEFAULT_MODEL, DETECTION_SETTINGS
+from ..contract import DEFAULT_MODEL, DETECTION_SETTING, DETECTION_SETTINGS
 from ..progress import ProgressFn
 
 if TYPE_CHECKING:  # torch loads on first use
@@ -58,15 +58,23 @@ def add_result_arguments(d: argparse.ArgumentParser) -> None:
                    help="refuse inputs that are not of this kind")
 
 
+def add_setting_argument(parser, name: str, help: str | None = None, default=None, dest: str | None = None) -> None:
+    """The command-line option of one detection setting (contract.DETECTION_SETTINGS: its flag, type, choices and
+    default); `help`, `default` and `dest` override the table's where a command gives the option another role."""
+    spec = DETECTION_SETTING[name]
+    dest = dest or spec.name
+    if spec.kind is bool:
+        parser.add_argument(spec.flag, dest=dest, action="store_true", help=help or spec.help)
+        return
+    parser.add_argument(spec.flag, dest=dest, type=spec.kind, default=spec.default if default is None else default,
+                        help=help or spec.help, choices=spec.choices or None,
+                        metavar=None if spec.choices else spec.flag[2:].upper())
+
+
 def add_detection_arguments(d: argparse.ArgumentParser) -> None:
     """Options shared by detect, demo and bench: --model, every one of contract.DETECTION_SETTINGS, --progress."""
     d.add_argument("--model", default=DEFAULT_MODEL, help="model name (see `synomaly models`) or file")
     sensitivity = d.add_mutually_exclusive_group()  # an explicit threshold, or one calibrated at a rate
     for spec in DETECTION_SETTINGS:
-        target = sensitivity if spec.name in ("threshold", "fpr") else d
-        if spec.kind is bool:
-            target.add_argument(spec.flag, dest=spec.name, action="store_true", help=spec.help)
-        else:
-            target.add_argument(spec.flag, dest=spec.name, type=spec.kind, default=spec.default, help=spec.help,
-                                choices=spec.choices or None, metavar=None if spec.choices else spec.flag[2:].upper())
+        add_setting_argument(sensitivity if spec.name in ("threshold", "fpr") else d, spec.name)
     d.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])

@@ -6,6 +6,7 @@ import shlex
 import sys
 
 from ..progress import make_progress
+from .common import add_setting_argument
 
 
 def command_line(args) -> str:
@@ -23,7 +24,8 @@ def command_line(args) -> str:
     elif args.fpr is not None:
         parts += ["--fpr", f"{args.fpr:g}"]
     parts += ["--bootstrap", str(args.bootstrap), "--seed", str(args.seed), "--min-size", f"{args.min_size:g}"]
-    for flag, value in (("--t", args.t), ("--stages", args.stages), ("--blur", args.blur), ("--limit", args.limit)):
+    for flag, value in (("--t", args.t), ("--stages", args.stages), ("--blur", args.blur), ("--smooth", args.smooth),
+                        ("--limit", args.limit)):
         if value is not None:
             parts += [flag, str(value)]
     if args.data == "implanted":
@@ -60,11 +62,14 @@ def add_evaluate_parser(subparsers) -> None:
     e.add_argument("--fpr", type=float, help="with --threshold-from card: which calibrated FPR (default: 0.001 if "
                                              "calibrated, else the card's default threshold)")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
-    e.add_argument("--t", type=int, help="noise level t for every diffusion method (default: each card's)")
-    e.add_argument("--stages", type=int, help="stages of the automatic *-multi methods (default: each card's)")
-    e.add_argument("--blur", type=int, help="blur kernel of the map for every method (default: each card's)")
-    e.add_argument("--min-size", type=float, default=50.0, help="smallest lesion kept, mm^3 (mm^2 for 2D images)")
-    e.add_argument("--seed", type=int, default=0, help="seed of detection noise, implanted lesions and bootstrap")
+    # the options a detection has are those of contract.DETECTION_SETTINGS (flag, type, default), here for every method
+    add_setting_argument(e, "t", "noise level t for every diffusion method (default: each card's)", dest="t")
+    add_setting_argument(e, "max_stages", "stages of the automatic *-multi methods (default: each card's)", dest="stages")
+    add_setting_argument(e, "blur_kernel", "blur kernel of the map for every method (default: each card's)", dest="blur")
+    add_setting_argument(e, "smooth_mm", "volumes: smoothing of the map across slices for every method, sigma in mm "
+                                         "(default: each card's)", dest="smooth")
+    add_setting_argument(e, "min_lesion_mm3", "smallest lesion kept, mm^3 (mm^2 for 2D images)", dest="min_size")
+    add_setting_argument(e, "seed", "seed of detection noise, implanted lesions and bootstrap", dest="seed")
     e.add_argument("--limit", type=int, help="at most N images per split (br35h: per class; implanted: volumes per "
                                              "template), for quick runs")
     e.add_argument("--templates", nargs="+", default=["ch2", "robex", "itk-t1"],
@@ -81,10 +86,8 @@ def add_evaluate_parser(subparsers) -> None:
                    choices=["native", "brain", "oblique", "thick", "scaled"],
                    help="implanted: forms of each volume (default all five)")
     e.add_argument("--gallery", type=int, default=2, help="best and worst cases per method in the gallery")
-    e.add_argument("--batch-size", type=int, default=None,
-                   help="slices per network call (default: the fastest, measured once on this machine)")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    for name in ("batch_size", "device", "precision"):
+        add_setting_argument(e, name)
     e.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])
     e.set_defaults(func=cmd_evaluate)
 
@@ -98,7 +101,7 @@ def cmd_evaluate(args) -> int:
 
     methods = select_methods(args.model, args.method, args.methods, args.stages)
     s = EvalSettings(threshold_from=args.threshold_from, val_rule=args.val_rule, target_fpr=args.target_fpr,
-                     card_fpr=args.fpr, t=args.t, blur=args.blur, min_size=args.min_size, seed=args.seed,
+                     card_fpr=args.fpr, t=args.t, blur=args.blur, smooth=args.smooth, min_size=args.min_size, seed=args.seed,
                      bootstrap=args.bootstrap, batch_size=args.batch_size, device=args.device,
                      precision=args.precision, gallery_k=args.gallery)
     progress = make_progress(args.progress)
