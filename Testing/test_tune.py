@@ -285,3 +285,26 @@ def test_smoothing_across_slices_lowers_one_slice_errors_more_than_lesions_throu
     assert out[10, 4, 4] > 0.9 and out[10, 2, 2] < 0.15 and out[:, 0, :].max() == 0
     thick = smooth_across_slices(score, prep(6.0), 3.0)  # the same sigma in mm is half a slice at 6 mm
     assert thick[10, 2, 2] > 0.6
+
+
+def test_a_smoothed_volume_setting_is_calibrated_on_each_scans_smoothed_map(tiny_model_file):
+    """calibrate() thresholds a smoothed volume setting on the scans' maps as detection makes them (on their own
+    grid, smoothed across slices), and refuses to guess without the scans' preparations."""
+    from synomaly.calibrate import calibrate
+    from synomaly.card import DetectionDefaults
+    from synomaly.detect import oriented_score, run_stages
+    from synomaly.metrics import threshold_at_fpr
+    from synomaly.prepare import prepare_scan
+
+    model = load_model(tiny_model_file, device="cpu")
+    model.card.detection_3d = DetectionDefaults(t=50, blur_kernel=3, max_stages=1, smooth_mm=3.0)
+    prep = prepare_scan(_head(seed=5), model.card)
+    with pytest.raises(ValueError, match="preps"):
+        calibrate(model, prep.slices, prep.masks, fprs=(1e-2,), volume=True)
+    cal = calibrate(model, prep.slices, prep.masks, fprs=(1e-2, 1e-3), volume=True, preps=[prep])
+    assert cal["smooth_mm"] == 3.0 and "smoothed" in cal["unit"]
+    res = run_stages(model, prep.slices, prep.masks, t=50, kernel=3, threshold=float("inf"), max_stages=1)
+    values = oriented_score(res.score, prep, 3.0)[prep.foreground]
+    assert cal["thresholds"]["0.01"] == pytest.approx(threshold_at_fpr(values, 1e-2), abs=1e-5)
+    unsmoothed = calibrate(model, prep.slices, prep.masks, fprs=(1e-2,), volume=False)
+    assert "smooth_mm" not in unsmoothed

@@ -61,13 +61,15 @@ def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequenc
               t: Optional[int | Sequence[int]] = None, draws: Optional[int] = None,
               kernel: Optional[int] = None, max_stages: Optional[int] = None,
               fusion_fpr: float = FUSION_FPR, batch_size: Optional[int] = None, seed: int = 0, volume: bool = False,
-              progress: ProgressFn = null_progress) -> dict[str, Any]:
+              preps: Optional[Sequence[Any]] = None, progress: ProgressFn = null_progress) -> dict[str, Any]:
     """Thresholds giving each FPR on healthy slices (S, 1, G, G), for the multi-stage map.
 
     The stages keep healing where the map exceeds a fusion threshold: the stage-1 level that flags
     `fusion_fpr` of healthy voxels. One multi-stage run with it gives the final maps, whose quantiles
     are the thresholds for the requested rates. t, blur, stages and draws default to the card's setting
-    for slices, or for volumes with `volume`.
+    for slices, or for volumes with `volume`. A volume setting that smooths the map across slices is
+    calibrated on each scan's smoothed map, so it needs the scans' preparations (`preps`, whose slices
+    are `slices`, in order).
     """
     d = model.card.detection_for(volume)
     if t is None:
@@ -80,8 +82,13 @@ def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequenc
     fusion, res = calibration_maps(model, slices, masks, ts=ts, kernel=kernel, max_stages=max_stages, draws=draws,
                                    fusion_fpr=fusion_fpr, batch_size=batch_size, seed=seed, progress=progress)
     progress("calibrate", 2, 2, "calibrated")
-    return calibration_record(res, masks, fprs, fusion=fusion, fusion_fpr=fusion_fpr, ts=ts, kernel=kernel,
-                              max_stages=max_stages, draws=draws)
+    cal = calibration_record(res, masks, fprs, fusion=fusion, fusion_fpr=fusion_fpr, ts=ts, kernel=kernel,
+                             max_stages=max_stages, draws=draws)
+    if volume and d.smooth_mm > 0:
+        if preps is None:
+            raise ValueError("a volume setting smoothed across slices is calibrated on whole scans: pass their preps")
+        cal = smoothed_volume_thresholds(cal, res.score, preps, d.smooth_mm, fprs)
+    return cal
 
 
 def calibration_record(res, masks: torch.Tensor, fprs: Sequence[float], *, fusion: float, fusion_fpr: float,
@@ -113,12 +120,10 @@ def smoothed_volume_thresholds(cal: dict[str, Any], scores: torch.Tensor, preps:
     in the order of `preps`), foreground voxels pooled, as detection thresholds them."""
     import numpy as np
 
-    from .detect import smooth_across_slices
-    from .prepare import grid_to_oriented
+    from .detect import oriented_score
 
     parts = torch.split(scores, [p.slices.shape[0] for p in preps])
-    values = [smooth_across_slices(grid_to_oriented(s, p) * p.foreground, p, smooth_mm)[p.foreground]
-              for s, p in zip(parts, preps)]
+    values = [oriented_score(s, p, smooth_mm)[p.foreground] for s, p in zip(parts, preps)]
     pooled = torch.from_numpy(np.concatenate(values))
     thresholds, measured = thresholds_at_fprs(pooled, fprs)
     return {**cal, "thresholds": thresholds, "measured_fpr_on_calibration_data": measured, "smooth_mm": smooth_mm,
@@ -140,20 +145,13 @@ def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[
     model = load_model(model_path, device=device)
     progress("calibrate", 0, len(fprs), "preparing healthy scans")
     volume = model.card.detection_3d is not None and all(is_volume(read_image(p, color="luminance")) for p in paths)
-    smooth = model.card.detection_3d.smooth_mm if volume else 0.0
-    if smooth > 0:  # thresholds on each scan's map smoothed across slices, as detection makes it
+    if volume and model.card.detection_3d.smooth_mm > 0:  # each scan's map smoothed across slices, as detection
         preps = [prepare_scan(read_image(p, color="luminance"), model.card) for p in paths]
         x, m, n = torch.cat([p.slices for p in preps]), torch.cat([p.masks for p in preps]), len(preps)
-        d = model.card.detection_3d
-        ts = d.noise_levels()
-        fusion, res = calibration_maps(model, x, m, ts=ts, kernel=d.blur_kernel, max_stages=d.max_stages,
-                                       draws=d.noise_draws, progress=progress)
-        cal = calibration_record(res, m, fprs, fusion=fusion, fusion_fpr=FUSION_FPR, ts=ts, kernel=d.blur_kernel,
-                                 max_stages=d.max_stages, draws=d.noise_draws)
-        cal = smoothed_volume_thresholds(cal, res.score, preps, smooth, fprs)
     else:
+        preps = None
         x, m, n = prepare_images_for_training(paths, model.card)
-        cal = calibrate(model, x, m, fprs=fprs, volume=volume, progress=progress)
+    cal = calibrate(model, x, m, fprs=fprs, volume=volume, preps=preps, progress=progress)
     cal["scans"] = n
     cal["data"] = description or f"{n} healthy scans"
     card = model.card.copy()

@@ -125,7 +125,8 @@ DETECTION_SETTINGS = (
     Setting("max_stages", "--stages", int, "maximum number of stages (default: the model's, 5)", "stages",
             low=1, high=50),
     Setting("threshold", "--threshold", float, "explicit anomaly-score threshold", "the threshold", low=0),
-    Setting("fpr", "--fpr", float, "calibrated per-voxel false-positive rate: 0.01, 0.001, 0.0001 (or 0.00001 for a tuned volume setting)",
+    Setting("fpr", "--fpr", float,
+            "calibrated per-voxel false-positive rate: 0.01, 0.001, 0.0001 (or 0.00001 for a tuned volume setting)",
             "the false-positive rate", low=0, high=1, low_open=True, high_open=True, example=" (e.g. 0.001)"),
     Setting("grow_fpr", "--grow-fpr", float,
             "lesions found at the threshold grow into their connected voxels above this calibrated false-positive "

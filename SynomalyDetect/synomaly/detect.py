@@ -109,11 +109,11 @@ def resolve_settings(settings: DetectionSettings, card, volume: bool = False) ->
     fpr = settings.fpr
     if fpr is not None:
         value = calibrated_threshold(card, thresholds, fpr, "", "give --threshold")
-        _warn_if_calibration_differs(cal, ts, k, stages)
+        _warn_if_calibration_differs(cal, ts, k, stages, resolve_smoothing(settings, card, volume))
         return ts, k, stages, value, f"calibrated FPR {fpr_key(fpr)}"
     default = fpr_key(d.fpr)
     if default in thresholds:
-        _warn_if_calibration_differs(cal, ts, k, stages)
+        _warn_if_calibration_differs(cal, ts, k, stages, resolve_smoothing(settings, card, volume))
         return ts, k, stages, float(thresholds[default]), f"calibrated FPR {default}"
     return ts, k, stages, float(d.threshold), "model default (uncalibrated)"
 
@@ -195,7 +195,15 @@ def smooth_across_slices(score: np.ndarray, prep, sigma_mm: float) -> np.ndarray
     return (ndimage.gaussian_filter1d(score, sigma, axis=0) * prep.foreground).astype(np.float32, copy=False)
 
 
-def _warn_if_calibration_differs(cal: dict, ts: tuple[int, ...], k: int, stages: int) -> None:
+def oriented_score(score: torch.Tensor, prep, smooth_mm: float) -> np.ndarray:
+    """The model-grid map of a prepared scan (S, 1, G, G) on its oriented input grid, zero outside the foreground,
+    smoothed across slices by `smooth_mm`: the map detection thresholds (and tuning and calibration score)."""
+    from .prepare import grid_to_oriented
+
+    return smooth_across_slices(grid_to_oriented(score, prep) * prep.foreground, prep, smooth_mm)
+
+
+def _warn_if_calibration_differs(cal: dict, ts: tuple[int, ...], k: int, stages: int, smooth: float) -> None:
     """Calibrated thresholds hold only for the settings they were measured with."""
     have = _calibrated_ts(cal, ts)
     if have != ts:
@@ -205,6 +213,9 @@ def _warn_if_calibration_differs(cal: dict, ts: tuple[int, ...], k: int, stages:
         if name in cal and int(cal[name]) != value:
             log.warning("threshold was calibrated with %s=%s but %s=%s is used; its false-positive rate will differ",
                         name, cal[name], name, value)
+    if float(cal.get("smooth_mm", 0.0)) != smooth:  # calibrations before smoothing existed had none
+        log.warning("threshold was calibrated with the map smoothed %g mm across slices but %g mm is used; its "
+                    "false-positive rate will differ", float(cal.get("smooth_mm", 0.0)), smooth)
 
 
 def slice_generators(count: int, seed: int, device: torch.device) -> list[torch.Generator]:
@@ -455,10 +466,6 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     fusion = resolve_fusion_threshold(settings, card, ts, k, threshold, volume)
     grow = resolve_grow_threshold(settings, card, threshold, volume)
     smooth = resolve_smoothing(settings, card, volume)
-    cal_smooth = float((card.calibration_for(volume) or {}).get("smooth_mm", 0.0))
-    if source.startswith("calibrated") and cal_smooth != smooth:
-        log.warning("threshold was calibrated with the map smoothed %g mm across slices but %g mm is used; its "
-                    "false-positive rate will differ", cal_smooth, smooth)
     draws = int(settings.noise_draws if settings.noise_draws is not None else card.detection_for(volume).noise_draws)
     if draws < 1:
         raise SettingsError(f"noise draws must be at least 1, got {draws}")
@@ -485,7 +492,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     t_net = time.perf_counter()
     progress("postprocess", 0, 1, "mapping back to the input grid, 3D components")
     g = prep.geometry
-    score_o = smooth_across_slices(grid_to_oriented(res.score, prep) * prep.foreground, prep, smooth)
+    score_o = oriented_score(res.score, prep, smooth)
     delta_o = grid_to_oriented(res.healed - prep.slices.to(res.healed.device), prep)
     cf_o = prep.oriented + delta_o * np.asarray(1.0 / model_units_per_intensity(g), dtype=np.float32)
     score_img = oriented_to_image(score_o, prep)

@@ -193,8 +193,8 @@ def _detection_settings(stages: int, threshold: float, s: EvalSettings):
     from .detect import DetectionSettings
 
     by_card = s.threshold_from == "card"
-    return DetectionSettings(t=s.t, blur_kernel=s.blur, smooth_mm=s.smooth, threshold=None if by_card else float(threshold),
-                             fpr=s.card_fpr if by_card else None, max_stages=int(stages), min_lesion_mm3=s.min_size,
+    return DetectionSettings(t=s.t, blur_kernel=s.blur, smooth_mm=s.smooth,
+                             threshold=None if by_card else float(threshold), fpr=s.card_fpr if by_card else None, max_stages=int(stages), min_lesion_mm3=s.min_size,
                              seed=s.seed, batch_size=s.batch_size, device=s.device, precision=s.precision)
 
 

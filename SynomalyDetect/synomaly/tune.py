@@ -147,15 +147,6 @@ def build_cases(volumes: Sequence[TuneVolume], card, opts: TuneOptions,
     return lesion_cases, healthy_cases
 
 
-def _oriented_map(score: torch.Tensor, case: TuneCase, smooth_mm: float = 0.0) -> np.ndarray:
-    """A model-grid map of one case (S, 1, G, G) on its oriented input grid, zero outside the foreground,
-    smoothed across slices as detection does."""
-    from .detect import smooth_across_slices
-    from .prepare import grid_to_oriented
-
-    return smooth_across_slices(grid_to_oriented(score, case.prep) * case.prep.foreground, case.prep, smooth_mm)
-
-
 def _pooled_auprc(maps: list[np.ndarray], cases: Sequence[TuneCase], opts: TuneOptions) -> float:
     """Pixel AUPRC pooled over the cases' foreground voxels."""
     from .metrics import pixel_auprc
@@ -179,7 +170,7 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
     level and ensemble with every blur, single stage; the best of those again with more noise draws; the
     best so far multi-stage."""
     from .calibrate import FUSION_FPR, quantile_threshold
-    from .detect import anomaly_score, run_stages
+    from .detect import anomaly_score, oriented_score, run_stages
 
     g = opts.grid
     x0 = torch.cat([c.prep.slices for c in cases])
@@ -205,7 +196,7 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
 
     def score_row(ts: tuple[int, ...], k: int, draws: int, score: torch.Tensor, stages: int, mean_stages: float,
                   smooth: float = 0.0):
-        maps = [_oriented_map(s, c, smooth) for s, c in zip(_split(score, cases), cases)]
+        maps = [oriented_score(s, c.prep, smooth) for s, c in zip(_split(score, cases), cases)]
         return {"t": _label(ts), "blur": k, "smooth": smooth, "stages": stages, "draws": draws,
                 "auprc": round(_pooled_auprc(maps, cases, opts), 4),
                 "cost": round(len(ts) * draws * mean_stages, 2), "stages_mean": round(mean_stages, 2)}
@@ -265,7 +256,7 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
     """Calibrate on the untouched volumes under `setting`, then score every calibrated FPR: mean Dice on
     the lesion cases and the volume flagged in each lesion-free one (after the minimum lesion size)."""
     from .calibrate import FUSION_FPR, calibration_maps, calibration_record, smoothed_volume_thresholds
-    from .detect import postprocess, run_stages
+    from .detect import oriented_score, postprocess, run_stages
     from .metrics import dice
 
     ts = tuple(int(v) for v in setting["t"].split("+"))
@@ -284,8 +275,8 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
     lm = torch.cat([c.prep.masks for c in lesion_cases])
     lres = run_stages(model, lx, lm, t=ts, kernel=k, threshold=fusion, max_stages=stages,
                       batch_size=opts.batch_size, draws=draws, seed=opts.seed)
-    lmaps = [_oriented_map(s, c, smooth) for s, c in zip(_split(lres.score, lesion_cases), lesion_cases)]
-    hmaps = [_oriented_map(s, c, smooth) for s, c in zip(_split(hres.score, healthy_cases), healthy_cases)]
+    lmaps = [oriented_score(s, c.prep, smooth) for s, c in zip(_split(lres.score, lesion_cases), lesion_cases)]
+    hmaps = [oriented_score(s, c.prep, smooth) for s, c in zip(_split(hres.score, healthy_cases), healthy_cases)]
     components = [lesion_polarities(c, h) for c, h in zip(lesion_cases, healthy_cases)]
     points = []
     for key, thr in thresholds.items():

@@ -58,15 +58,15 @@ def add_result_arguments(d: argparse.ArgumentParser) -> None:
                    help="refuse inputs that are not of this kind")
 
 
-def add_setting_argument(parser, name: str, help: str | None = None, default=None, dest: str | None = None) -> None:
+def add_setting_argument(parser, name: str, help: str | None = None, dest: str | None = None) -> None:
     """The command-line option of one detection setting (contract.DETECTION_SETTINGS: its flag, type, choices and
-    default); `help`, `default` and `dest` override the table's where a command gives the option another role."""
+    default); `help` and `dest` override the table's where a command gives the option another role."""
     spec = DETECTION_SETTING[name]
     dest = dest or spec.name
     if spec.kind is bool:
         parser.add_argument(spec.flag, dest=dest, action="store_true", help=help or spec.help)
         return
-    parser.add_argument(spec.flag, dest=dest, type=spec.kind, default=spec.default if default is None else default,
+    parser.add_argument(spec.flag, dest=dest, type=spec.kind, default=spec.default,
                         help=help or spec.help, choices=spec.choices or None,
                         metavar=None if spec.choices else spec.flag[2:].upper())
 

@@ -63,13 +63,13 @@ def add_evaluate_parser(subparsers) -> None:
                                              "calibrated, else the card's default threshold)")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
     # the options a detection has are those of contract.DETECTION_SETTINGS (flag, type, default), here for every method
-    add_setting_argument(e, "t", "noise level t for every diffusion method (default: each card's)", dest="t")
+    add_setting_argument(e, "t", "noise level t for every diffusion method (default: each card's)")
     add_setting_argument(e, "max_stages", "stages of the automatic *-multi methods (default: each card's)", dest="stages")
     add_setting_argument(e, "blur_kernel", "blur kernel of the map for every method (default: each card's)", dest="blur")
     add_setting_argument(e, "smooth_mm", "volumes: smoothing of the map across slices for every method, sigma in mm "
                                          "(default: each card's)", dest="smooth")
     add_setting_argument(e, "min_lesion_mm3", "smallest lesion kept, mm^3 (mm^2 for 2D images)", dest="min_size")
-    add_setting_argument(e, "seed", "seed of detection noise, implanted lesions and bootstrap", dest="seed")
+    add_setting_argument(e, "seed", "seed of detection noise, implanted lesions and bootstrap")
     e.add_argument("--limit", type=int, help="at most N images per split (br35h: per class; implanted: volumes per "
                                              "template), for quick runs")
     e.add_argument("--templates", nargs="+", default=["ch2", "robex", "itk-t1"],
@@ -101,8 +101,8 @@ def cmd_evaluate(args) -> int:
 
     methods = select_methods(args.model, args.method, args.methods, args.stages)
     s = EvalSettings(threshold_from=args.threshold_from, val_rule=args.val_rule, target_fpr=args.target_fpr,
-                     card_fpr=args.fpr, t=args.t, blur=args.blur, smooth=args.smooth, min_size=args.min_size, seed=args.seed,
-                     bootstrap=args.bootstrap, batch_size=args.batch_size, device=args.device,
+                     card_fpr=args.fpr, t=args.t, blur=args.blur, smooth=args.smooth, min_size=args.min_size,
+                     seed=args.seed, bootstrap=args.bootstrap, batch_size=args.batch_size, device=args.device,
                      precision=args.precision, gallery_k=args.gallery)
     progress = make_progress(args.progress)
     out = run_evaluation(methods, args.data, args.output, s, command=command_line(args), overwrite=args.overwrite,
