@@ -40,6 +40,7 @@ MODULE_LAYERS = {
     "synomaly.plan": "model",
     "synomaly.upstream": "model",
     "synomaly.prepare": "pipeline",
+    "synomaly.atlas": "pipeline",
     "synomaly.detect": "pipeline",
     "synomaly.outputs": "pipeline",
     "synomaly.lesions": "pipeline",

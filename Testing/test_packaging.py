@@ -1,4 +1,5 @@
-"""A plain (non-editable) install from a wheel: the shipped default model is inside and the engine finds it."""
+"""A plain (non-editable) install from a wheel: the shipped default model and the brain atlas are inside and the
+engine finds them."""
 
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ def copy_source(dest: Path) -> Path:
         shutil.copy2(ROOT / name, dest / name)
     skip = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "SynomalyDetect" / "synomaly", dest / "SynomalyDetect" / "synomaly", ignore=skip)
-    shutil.copytree(ROOT / "SynomalyDetect" / "Resources" / "Models", dest / "SynomalyDetect" / "Resources" / "Models")
+    for resources in ("Models", "Atlas"):
+        shutil.copytree(ROOT / "SynomalyDetect" / "Resources" / resources, dest / "SynomalyDetect" / "Resources" / resources)
     return dest
 
 
-def test_wheel_carries_the_default_model_and_the_engine_finds_it(tmp_path):
+def test_wheel_carries_the_default_model_and_the_atlas_and_the_engine_finds_them(tmp_path):
     source = copy_source(tmp_path / "src")
     dist = tmp_path / "dist"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
@@ -34,6 +36,7 @@ def test_wheel_carries_the_default_model_and_the_engine_finds_it(tmp_path):
     wheel, = dist.glob("synomaly-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert f"synomaly/models/{SHIPPED_MODEL}" in names
+    assert {"synomaly/atlasdata/t1-head-2mm.nrrd", "synomaly/atlasdata/brain-2mm.nrrd"} <= set(names)
     assert (ROOT / "SynomalyDetect" / "Resources" / "Models" / SHIPPED_MODEL).stat().st_size == \
         zipfile.ZipFile(wheel).getinfo(f"synomaly/models/{SHIPPED_MODEL}").file_size
 
@@ -50,6 +53,8 @@ def test_wheel_carries_the_default_model_and_the_engine_finds_it(tmp_path):
         "assert path.resolve().is_relative_to(site), path\n"
         "assert read_card(path).name == DEFAULT_MODEL\n"
         "assert [m['source'] for m in list_models() if m['name'] == DEFAULT_MODEL] == ['shipped']\n"
+        "from synomaly.atlas import _load_atlas, atlas_dir\n"
+        "assert atlas_dir().resolve().is_relative_to(site) and _load_atlas()[0].GetSize()[0] > 50, atlas_dir()\n"
         "print(path)\n"
     )
     env = synomaly_env(PYTHONPATH=str(site), SYNOMALY_MODELS_DIR=str(tmp_path / "user-models"))
