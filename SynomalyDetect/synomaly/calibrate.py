@@ -69,7 +69,8 @@ def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequenc
     are the thresholds for the requested rates. t, blur, stages and draws default to the card's setting
     for slices, or for volumes with `volume`. A volume setting that smooths the map across slices is
     calibrated on each scan's smoothed map, so it needs the scans' preparations (`preps`, whose slices
-    are `slices`, in order).
+    are `slices`, in order); so does one scored inside the brain (region "brain"), whose masks are the
+    preparations' brain regions.
     """
     d = model.card.detection_for(volume)
     if t is None:
@@ -88,6 +89,11 @@ def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequenc
         if preps is None:
             raise ValueError("a volume setting smoothed across slices is calibrated on whole scans: pass their preps")
         cal = smoothed_volume_thresholds(cal, res.score, preps, d.smooth_mm, fprs)
+    if volume and d.region != "foreground":
+        if preps is None or any(p.region != d.region for p in preps):
+            raise ValueError(f"a volume setting scored in the {d.region} is calibrated on scans prepared with that "
+                             "region: pass their preps")
+        cal["region"] = d.region
     return cal
 
 
@@ -145,8 +151,15 @@ def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[
     model = load_model(model_path, device=device)
     progress("calibrate", 0, len(fprs), "preparing healthy scans")
     volume = model.card.detection_3d is not None and all(is_volume(read_image(p, color="luminance")) for p in paths)
-    if volume and model.card.detection_3d.smooth_mm > 0:  # each scan's map smoothed across slices, as detection
-        preps = [prepare_scan(read_image(p, color="luminance"), model.card) for p in paths]
+    d3 = model.card.detection_3d
+    if volume and (d3.smooth_mm > 0 or d3.region != "foreground"):  # whole scans: smoothed or in the brain, as detection
+        preps = [prepare_scan(read_image(p, color="luminance"), model.card, region=d3.region) for p in paths]
+        refused = [str(p) for p, prep in zip(paths, preps) if prep.region != d3.region]
+        if refused:
+            from .errors import InputError
+
+            raise InputError(f"the {d3.region} region could not be found in {', '.join(refused)}; calibrate on other "
+                             "scans (the thresholds must be measured where detection scores)")
         x, m, n = torch.cat([p.slices for p in preps]), torch.cat([p.masks for p in preps]), len(preps)
     else:
         preps = None

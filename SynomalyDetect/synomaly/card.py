@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from .contract import REGIONS
+
 CARD_FORMAT = "synomaly-model-card/1"
 ORIENTATIONS = ("axial", "coronal", "sagittal")
 POLARITIES = ("brighter", "darker", "both")
@@ -83,6 +85,7 @@ class DetectionDefaults:
     fpr: float = 1e-3  # the calibrated false-positive rate used when none is asked for
     grow_fpr: Optional[float] = None  # lesions grow into connected voxels above this rate's threshold (hysteresis)
     smooth_mm: float = 0.0  # a volume's map is smoothed across slices (Gaussian sigma, mm; 0: not)
+    region: str = "foreground"  # where a volume is scored: the foreground, or the registered atlas brain ("brain")
 
     def noise_levels(self) -> tuple[int, ...]:
         """The noise levels of one stage: the ensemble, else t alone."""
@@ -222,6 +225,8 @@ class ModelCard:
                 raise ModelCardError(f"{name}: noise_draws and max_stages must be >= 1 and fpr in (0, 1)")
             if int(d.blur_kernel) < 1 or int(d.blur_kernel) % 2 == 0:
                 raise ModelCardError(f"{name}.blur_kernel {d.blur_kernel} must be odd and positive")
+            if d.region not in REGIONS:
+                raise ModelCardError(f"{name}.region {d.region!r} is not one of {REGIONS}")
         n = self.normalisation
         if n.method not in NORMALISATIONS:
             raise ModelCardError(f"normalisation.method {n.method!r} is not one of {NORMALISATIONS}")
@@ -250,7 +255,8 @@ class ModelCard:
         grow = f" grown to FPR {d.grow_fpr:g}" if d.grow_fpr else ""
         smooth = f", smoothed {d.smooth_mm:g} mm across slices" if volume and d.smooth_mm else ""
         stages = "1 stage" if d.max_stages == 1 else f"up to {d.max_stages} stages"
-        return f"t {t}, blur {d.blur_kernel}{smooth}, {stages}{draws}, FPR {d.fpr:g}{grow}"
+        region = ", scored in the brain" if volume and d.region == "brain" else ""
+        return f"t {t}, blur {d.blur_kernel}{smooth}, {stages}{draws}, FPR {d.fpr:g}{grow}{region}"
 
     def summary(self) -> str:
         """A few human lines: what the model is for and what it expects."""

@@ -68,6 +68,11 @@ LESION_FILE_COLUMNS = (*LESION_COLUMNS, LESION_UNITS_COLUMN)
 DEMO_FILE = "demo_lesion.nrrd"
 DEMO_TRUTH_FILE = "demo_lesion_truth.seg.nrrd"
 
+#: Where a volume's anomaly map is scored: every foreground voxel, or only the brain (a T1 atlas registered to
+#: the scan, synomaly.atlas); 2D images always use their foreground.
+REGIONS = ("foreground", "brain")
+
+
 @dataclass(frozen=True)
 class Setting:
     """One detection option, defined once: its DetectionSettings field, its command-line flag, its help and
@@ -138,6 +143,9 @@ DETECTION_SETTINGS = (
     Setting("smooth_mm", "--smooth", float,
             "volumes: Gaussian smoothing of the anomaly map across slices, sigma in mm (default: the model card's; "
             "0: none)", "the smoothing across slices (mm)", low=0),
+    Setting("region", "--region", str,
+            "volumes: where the map is scored: foreground, or brain (a T1 brain atlas registered to the scan; the "
+            "scalp, eyes and neck are left out; default: the model card's)", "the region", choices=REGIONS),
     Setting("min_lesion_mm3", "--min-size", float, "smallest lesion kept, mm^3 (default 50)",
             "the minimum lesion size (mm^3)", low=0, default=50.0),
     Setting("noise_draws", "--draws", int, "noise draws averaged per stage and noise level (default: the model card's)",

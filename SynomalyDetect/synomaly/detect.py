@@ -35,6 +35,7 @@ class DetectionSettings:
     noise_draws: Optional[int] = None  # None: the card's
     grow_fpr: Optional[float] = None  # lesions grow to connected voxels above this FPR's threshold; None: the card's, 0: off
     smooth_mm: Optional[float] = None  # volumes: the map smoothed across slices (sigma, mm); None: the card's, 0: off
+    region: Optional[str] = None  # volumes: "foreground" or "brain" (contract.REGIONS); None: the card's
     seed: int = DETECTION_SETTING["seed"].default
     batch_size: Optional[int] = None  # slices per network call; None: the measured plan (synomaly.plan)
     device: str = DETECTION_SETTING["device"].default
@@ -109,11 +110,13 @@ def resolve_settings(settings: DetectionSettings, card, volume: bool = False) ->
     fpr = settings.fpr
     if fpr is not None:
         value = calibrated_threshold(card, thresholds, fpr, "", "give --threshold")
-        _warn_if_calibration_differs(cal, ts, k, stages, resolve_smoothing(settings, card, volume))
+        _warn_if_calibration_differs(cal, ts, k, stages, resolve_smoothing(settings, card, volume),
+                                     resolve_region(settings, card, volume))
         return ts, k, stages, value, f"calibrated FPR {fpr_key(fpr)}"
     default = fpr_key(d.fpr)
     if default in thresholds:
-        _warn_if_calibration_differs(cal, ts, k, stages, resolve_smoothing(settings, card, volume))
+        _warn_if_calibration_differs(cal, ts, k, stages, resolve_smoothing(settings, card, volume),
+                                     resolve_region(settings, card, volume))
         return ts, k, stages, float(thresholds[default]), f"calibrated FPR {default}"
     return ts, k, stages, float(d.threshold), "model default (uncalibrated)"
 
@@ -176,6 +179,13 @@ def resolve_smoothing(settings: DetectionSettings, card, volume: bool) -> float:
     return float(settings.smooth_mm if settings.smooth_mm is not None else card.detection_for(True).smooth_mm)
 
 
+def resolve_region(settings: DetectionSettings, card, volume: bool) -> str:
+    """Where the map is scored: explicit, else the card's; 2D images always use their foreground."""
+    if not volume:
+        return "foreground"
+    return settings.region if settings.region is not None else card.detection_for(True).region
+
+
 def slice_spacing(prep) -> float:
     """The distance between the oriented slices of a prepared scan, mm (its input's spacing on that axis)."""
     g = prep.geometry
@@ -203,7 +213,8 @@ def oriented_score(score: torch.Tensor, prep, smooth_mm: float) -> np.ndarray:
     return smooth_across_slices(grid_to_oriented(score, prep) * prep.foreground, prep, smooth_mm)
 
 
-def _warn_if_calibration_differs(cal: dict, ts: tuple[int, ...], k: int, stages: int, smooth: float) -> None:
+def _warn_if_calibration_differs(cal: dict, ts: tuple[int, ...], k: int, stages: int, smooth: float,
+                                 region: str = "foreground") -> None:
     """Calibrated thresholds hold only for the settings they were measured with."""
     have = _calibrated_ts(cal, ts)
     if have != ts:
@@ -216,6 +227,9 @@ def _warn_if_calibration_differs(cal: dict, ts: tuple[int, ...], k: int, stages:
     if float(cal.get("smooth_mm", 0.0)) != smooth:  # calibrations before smoothing existed had none
         log.warning("threshold was calibrated with the map smoothed %g mm across slices but %g mm is used; its "
                     "false-positive rate will differ", float(cal.get("smooth_mm", 0.0)), smooth)
+    if cal.get("region", "foreground") != region:  # calibrations before regions existed scored the foreground
+        log.warning("threshold was calibrated on the %s but the %s is scored; its false-positive rate will differ",
+                    cal.get("region", "foreground"), region)
 
 
 def slice_generators(count: int, seed: int, device: torch.device) -> list[torch.Generator]:
@@ -466,12 +480,16 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     fusion = resolve_fusion_threshold(settings, card, ts, k, threshold, volume)
     grow = resolve_grow_threshold(settings, card, threshold, volume)
     smooth = resolve_smoothing(settings, card, volume)
+    region = resolve_region(settings, card, volume)
     draws = int(settings.noise_draws if settings.noise_draws is not None else card.detection_for(volume).noise_draws)
     if draws < 1:
         raise SettingsError(f"noise draws must be at least 1, got {draws}")
-    progress("prepare", 0, 1, "reorienting, normalising and resampling slices")
-    prep = prepare_scan(image, card, device=model.device)
-    progress("prepare", 1, 1, f"{prep.slices.shape[0]} slices with foreground")
+    progress("prepare", 0, 1, "reorienting, normalising and resampling slices"
+             + ("; registering the brain atlas" if region == "brain" else ""))
+    prep = prepare_scan(image, card, device=model.device, region=region)
+    if prep.region != region:
+        warnings.append(prep.region_note)
+    progress("prepare", 1, 1, f"{prep.slices.shape[0]} slices with " + ("brain" if prep.region == "brain" else "foreground"))
     t_prep = time.perf_counter()
     torch.manual_seed(settings.seed)
     stage_args = dict(t=ts, kernel=k, threshold=fusion, max_stages=stages, tolerance=settings.tolerance,
@@ -516,6 +534,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
         "model_version": card.version,
         "settings": asdict(settings),
         "t": ts[0] if len(ts) == 1 else list(ts), "noise_draws": draws, "blur_kernel": k, "smooth_mm": smooth,
+        "region": prep.region, "region_note": prep.region_note,
         "setting": "volume (tuned)" if volume and card.detection_3d is not None else "card default", "max_stages": stages, "threshold": threshold, "threshold_source": source,
         "fusion_threshold": fusion,
         "grow_threshold": grow,

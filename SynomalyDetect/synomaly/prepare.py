@@ -262,8 +262,10 @@ class PreparedScan:
     masks: torch.Tensor  # (S, 1, G, G) bool, foreground
     slice_index: np.ndarray  # (S,) index of each slice in the oriented volume
     oriented: np.ndarray  # (Z, Y, X) float32 input intensities, oriented
-    foreground: np.ndarray  # (Z, Y, X) bool foreground of the oriented input
+    foreground: np.ndarray  # (Z, Y, X) bool where the map is scored: the foreground, or the brain within it
     geometry: ScanGeometry
+    region: str = "foreground"  # what `foreground` is: "foreground", or "brain" (the registered atlas brain)
+    region_note: str = ""  # how the region was found, or why the brain was asked for but not used
 
 
 def orientation_permutation(image: sitk.Image, orientation: str) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
@@ -405,8 +407,14 @@ def prepare_scan(
     *,
     min_foreground_fraction: float = 0.02,
     device: torch.device | str = "cpu",
+    region: str = "foreground",
 ) -> PreparedScan:
-    """Slices of `image` on the model grid of `card` (orientation, normalisation, grid size)."""
+    """Slices of `image` on the model grid of `card` (orientation, normalisation, grid size).
+
+    region "brain" (volumes): the map is scored only inside the brain of a T1 atlas registered to the scan
+    (synomaly.atlas) and slices without brain are not healed; normalisation and framing stay those of the
+    whole foreground. When the registration is implausible the whole foreground is kept and `region_note`
+    says why."""
     if not isinstance(image, sitk.Image):
         raise TypeError("image must be a SimpleITK image")
     image = to_scalar(image)
@@ -434,6 +442,14 @@ def prepare_scan(
         upper_value = n.upper_value
     if keep.size == 0:
         raise InputError("no slice has enough foreground to analyse")
+    scored, used, note = fg, "foreground", ""
+    if region == "brain" and not is_2d:
+        scored, used, note = _brain_region(image, fg, transpose, flips)
+        if used == "brain":
+            area_b = scored.reshape(z, -1).sum(axis=1)
+            keep_b = np.nonzero((area >= max(16, min_foreground_fraction * h * w)) & (area_b >= 16))[0]
+            if keep_b.size == 0:
+                scored, used, note = fg, "foreground", "no slice holds enough of the registered brain; scoring the foreground"
     if card.framing == "whole-slice":
         side = max(h, w)  # the whole slice, padded to a square around its centre
         row0, col0 = (h - side) // 2, (w - side) // 2
@@ -446,16 +462,34 @@ def prepare_scan(
         col0 = int((c0 + c1) // 2 - side // 2)
     grid = int(card.grid_size)
     geometry = ScanGeometry(image, is_2d, transpose, flips, (z, h, w), (row0, col0, side), lo, hi, upper_value, grid)
+    if used == "brain":
+        keep = keep_b  # framed as the whole foreground (above), healed only where there is brain
     def kept(v):  # a per-slice bound, as (S, 1, 1) over the slices kept; a volume bound as it is
         return torch.from_numpy(v[keep]).float().view(-1, 1, 1) if isinstance(v, np.ndarray) else v
 
     vol = intensity_to_model(torch.from_numpy(source[keep]), kept(lo), kept(hi), upper_value)
     crop = _crop_square(vol, row0, col0, side, fill=-1.0)
-    mcrop = _crop_square(torch.from_numpy(fg[keep]).float(), row0, col0, side, fill=0.0)
+    mcrop = _crop_square(torch.from_numpy(scored[keep]).float(), row0, col0, side, fill=0.0)
     dev = torch.device(device)
     slices = _resize(crop[:, None].to(dev), grid)
     masks = _resize(mcrop[:, None].to(dev), grid) > 0.5
-    return PreparedScan(slices.contiguous(), masks, keep, oriented, fg, geometry)
+    return PreparedScan(slices.contiguous(), masks, keep, oriented, scored, geometry, used, note)
+
+
+def _brain_region(image: sitk.Image, fg: np.ndarray, transpose, flips) -> tuple[np.ndarray, str, str]:
+    """The oriented foreground within the registered atlas brain, "brain" and how it was found; or the
+    foreground, "foreground" and why the brain was refused."""
+    from .atlas import atlas_brain_mask
+
+    fg_input = unorient_array(fg, transpose, flips)
+    found = atlas_brain_mask(image, fg_input)
+    if found.mask is None:
+        log.warning("brain region not used: %s; scoring the whole foreground", found.problem)
+        return fg, "foreground", f"brain region not used: {found.problem}; scoring the whole foreground"
+    brain = np.ascontiguousarray(orient_array(found.mask, transpose, flips))
+    note = (f"brain atlas registered to the {found.template} ({found.volume_ml:.0f} mL, grown {found.margin_mm:g} mm) "
+            f"in {found.seconds:.1f} s")
+    return fg & brain, "brain", note
 
 
 def _crop_square(vol: torch.Tensor, row0: int, col0: int, side: int, fill: float) -> torch.Tensor:

@@ -62,6 +62,8 @@ class TuneOptions:
     seed: int = 0
     batch_size: Optional[int] = None  # slices per network call; None: the measured plan
     max_pixels: int = 4_000_000  # pixels sampled for the pooled AUPRC
+    region: Optional[str] = None  # where maps are scored (contract.REGIONS), written into the tuned setting;
+    # None: the model's volume setting's (so a fine-tuned brain model keeps scoring the brain)
     grid: TuneGrid = field(default_factory=TuneGrid)
 
 
@@ -115,11 +117,15 @@ def load_tune_volumes(items: Sequence[str]) -> list[TuneVolume]:
     return vols
 
 
-def _prepare(image: sitk.Image, truth: Optional[np.ndarray], card, name: str, meta: dict) -> TuneCase:
-    """Prepare a scan as detection does and orient its truth mask the same way."""
+def _prepare(image: sitk.Image, truth: Optional[np.ndarray], card, name: str, meta: dict,
+             region: Optional[str] = None) -> TuneCase:
+    """Prepare a scan as detection does (scored in `region`) and orient its truth mask the same way."""
     from .prepare import orient_array, prepare_scan
 
-    prep = prepare_scan(image, card)
+    region = region or "foreground"
+    prep = prepare_scan(image, card, region=region)
+    if prep.region != region:
+        raise InputError(f"{name}: {prep.region_note}; tune on other volumes or with another region")
     g = prep.geometry
     t_o = None if truth is None else np.ascontiguousarray(orient_array(truth, g.transpose, g.flips))
     return TuneCase(name, prep, t_o, tuple(image.GetSpacing()), meta)
@@ -140,18 +146,20 @@ def build_cases(volumes: Sequence[TuneVolume], card, opts: TuneOptions,
         form_seed = int(rng.integers(1 << 30))
         img_f, truth_f, meta = scan_form(lesioned, truth, vol.brain, form, np.random.default_rng(form_seed))
         meta = {**meta, "volume": vol.name, "lesions": [asdict(x) for x in lesions]}
-        lesion_cases.append(_prepare(img_f, truth_f, card, f"{vol.name}-{form}-lesions", meta))
+        lesion_cases.append(_prepare(img_f, truth_f, card, f"{vol.name}-{form}-lesions", meta, opts.region))
         healthy_f, _, hmeta = scan_form(vol.image, None, vol.brain, form, np.random.default_rng(form_seed))
-        healthy_cases.append(_prepare(healthy_f, None, card, f"{vol.name}-{form}", {**hmeta, "volume": vol.name}))
+        healthy_cases.append(_prepare(healthy_f, None, card, f"{vol.name}-{form}", {**hmeta, "volume": vol.name},
+                                      opts.region))
     progress("tune", len(plan), len(plan), f"{len(plan)} lesion and {len(plan)} lesion-free volumes prepared")
     return lesion_cases, healthy_cases
 
 
 def _pooled_auprc(maps: list[np.ndarray], cases: Sequence[TuneCase], opts: TuneOptions) -> float:
-    """Pixel AUPRC pooled over the cases' foreground voxels."""
+    """Pixel AUPRC pooled over the voxels each case scores and its lesions (a lesion voxel left out of a
+    brain region counts, with score 0), so that regions compare."""
     from .metrics import pixel_auprc
 
-    return pixel_auprc(maps, [c.truth for c in cases], [c.prep.foreground for c in cases],
+    return pixel_auprc(maps, [c.truth for c in cases], [c.prep.foreground | c.truth for c in cases],
                        max_pixels=opts.max_pixels, seed=opts.seed)
 
 
@@ -270,6 +278,8 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
                              max_stages=stages, draws=draws)
     if smooth > 0:
         cal = smoothed_volume_thresholds(cal, hres.score, [c.prep for c in healthy_cases], smooth, opts.fprs)
+    if opts.region not in (None, "foreground"):
+        cal["region"] = opts.region
     thresholds = cal["thresholds"]
     lx = torch.cat([c.prep.slices for c in lesion_cases])
     lm = torch.cat([c.prep.masks for c in lesion_cases])
@@ -354,6 +364,10 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
     opts = options or TuneOptions()
     start = time.perf_counter()
     model = load_model(model_path, device=device)
+    if opts.region is None:
+        from dataclasses import replace
+
+        opts = replace(opts, region=model.card.detection_for(True).region)
     volumes = load_tune_volumes(data)
     lesion_cases, healthy_cases = build_cases(volumes, model.card, opts, progress)
     t_cases = time.perf_counter()
@@ -375,7 +389,7 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
                                           max_stages=int(chosen["stages"]), t_ensemble=tuple(ts) if len(ts) > 1 else (),
                                           noise_draws=int(chosen["draws"]), fpr=float(op["fpr"]),
                                           grow_fpr=float(op["grow_fpr"]) if op.get("grow_fpr") else None,
-                                          smooth_mm=float(chosen.get("smooth", 0.0)))
+                                          smooth_mm=float(chosen.get("smooth", 0.0)), region=opts.region or "foreground")
     what = description or ", ".join(f"{v.name} ({v.source})" for v in volumes)
     cal["data"] = f"the lesion-free forms of: {what}"
     cal["scans"] = len(healthy_cases)
@@ -389,6 +403,7 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
         "lesion_cases": len(lesion_cases),
         "lesions": sum(len(c.meta["lesions"]) for c in lesion_cases),
         "metric": "pooled pixel AUPRC of the anomaly map on implanted lesions, each scan's own grid, foreground",
+        "region": opts.region,
         "grid": asdict(opts.grid),
         "table": rows,
         "chosen": chosen,

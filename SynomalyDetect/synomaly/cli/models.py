@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..contract import REGIONS
 from ..errors import InputError
 from ..sampledata import resolve_data
 from .common import DATA_SPEC_HELP, progress_for
@@ -67,7 +68,7 @@ def cmd_tune(args) -> int:
     if args.single_stage:  # no multi-stage rows, no extra noise draws: the cheapest sweep of the grid
         grid.max_stages, grid.multi_top, grid.more_draws = 1, 0, 1
     opts = TuneOptions(forms=tuple(args.forms), lesions_per_volume=args.lesions, seed=args.seed,
-                       batch_size=args.batch_size, grid=grid, max_healthy_ml=args.max_healthy_ml)
+                       batch_size=args.batch_size, grid=grid, max_healthy_ml=args.max_healthy_ml, region=args.region)
     rec = tune_model(args.model, args.data, output=args.output, options=opts, device=args.device,
                      description=args.data_description or "", version=args.model_version, progress=progress_for(args))
     out = args.output or args.model
@@ -161,6 +162,9 @@ def add_parsers(sub) -> None:
                     help="score single-stage settings only (no multi-stage rows, no extra noise draws)")
     tu.add_argument("--max-healthy-ml", type=float, default=1.0,
                     help="the default FPR may flag at most this many mL in a lesion-free volume (default 1)")
+    tu.add_argument("--region", choices=REGIONS,
+                    help="where maps are scored: foreground, or brain (a T1 brain atlas registered to each volume; "
+                         "default: the model's current volume setting's)")
     tu.add_argument("--data-description", help="what the tuning volumes are (for the card)")
     tu.add_argument("--model-version", help="the tuned card's version (default: the model's; the weights are the same)")
     tu.add_argument("--seed", type=int, default=0)
