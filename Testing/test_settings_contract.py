@@ -75,16 +75,17 @@ def test_the_slicer_job_command_line_is_read_back_by_the_engine():
 
 
 def test_evaluate_takes_its_detection_options_from_the_table():
-    """`synomaly evaluate` runs detections too: its --t, --stages, --blur, --smooth, --min-size, --seed, --batch-size,
-    --device and --precision have the table's flag, type, default and choices (only the help differs)."""
+    """`synomaly evaluate` runs detections too: its --t, --stages, --blur, --smooth, --region, --min-size, --seed,
+    --batch-size, --device and --precision have the table's flag, type, default and choices (only the help differs)."""
     parser = build_parser()
     evaluate = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "evaluate")[1]
     actions = {a.option_strings[0]: a for a in evaluate._actions if a.option_strings}
-    for name in ("t", "max_stages", "blur_kernel", "smooth_mm", "min_lesion_mm3", "seed", "batch_size", "device",
-                 "precision"):
+    for name in ("t", "max_stages", "blur_kernel", "smooth_mm", "region", "min_lesion_mm3", "seed", "batch_size",
+                 "device", "precision"):
         spec = DETECTION_SETTING[name]
         action = actions[spec.flag]
         assert action.type is spec.kind and action.default == spec.default, name
         assert tuple(action.choices or ()) == spec.choices, name
     args = parser.parse_args(["evaluate", "--data", "br35h", "-o", "out", "--smooth", "3", "--stages", "2"])
-    assert (args.smooth, args.stages, args.min_size, args.precision) == (3.0, 2, 50.0, "auto")
+    assert (args.smooth, args.stages, args.min_size, args.precision, args.region) == (3.0, 2, 50.0, "auto", None)
+    assert parser.parse_args(["evaluate", "--data", "implanted", "-o", "out", "--region", "brain"]).region == "brain"

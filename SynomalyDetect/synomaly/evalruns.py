@@ -114,6 +114,7 @@ class EvalSettings:
     t: Optional[int] = None
     blur: Optional[int] = None
     smooth: Optional[float] = None  # volumes: sigma (mm) of the smoothing across slices; None: each card's
+    region: Optional[str] = None  # volumes: "foreground" or "brain" (contract.REGIONS); None: each card's
     min_size: float = 50.0
     seed: int = 0
     bootstrap: int = 1000
@@ -193,7 +194,7 @@ def _detection_settings(stages: int, threshold: float, s: EvalSettings):
     from .detect import DetectionSettings
 
     by_card = s.threshold_from == "card"
-    return DetectionSettings(t=s.t, blur_kernel=s.blur, smooth_mm=s.smooth,
+    return DetectionSettings(t=s.t, blur_kernel=s.blur, smooth_mm=s.smooth, region=s.region,
                              threshold=None if by_card else float(threshold), fpr=s.card_fpr if by_card else None, max_stages=int(stages), min_lesion_mm3=s.min_size,
                              seed=s.seed, batch_size=s.batch_size, device=s.device, precision=s.precision)
 

@@ -25,7 +25,7 @@ def command_line(args) -> str:
         parts += ["--fpr", f"{args.fpr:g}"]
     parts += ["--bootstrap", str(args.bootstrap), "--seed", str(args.seed), "--min-size", f"{args.min_size:g}"]
     for flag, value in (("--t", args.t), ("--stages", args.stages), ("--blur", args.blur), ("--smooth", args.smooth),
-                        ("--limit", args.limit)):
+                        ("--region", args.region), ("--limit", args.limit)):
         if value is not None:
             parts += [flag, str(value)]
     if args.data == "implanted":
@@ -68,6 +68,8 @@ def add_evaluate_parser(subparsers) -> None:
     add_setting_argument(e, "blur_kernel", "blur kernel of the map for every method (default: each card's)", dest="blur")
     add_setting_argument(e, "smooth_mm", "volumes: smoothing of the map across slices for every method, sigma in mm "
                                          "(default: each card's)", dest="smooth")
+    add_setting_argument(e, "region", "volumes: where every method's map is scored, foreground or brain (the registered "
+                                      "atlas brain; default: each card's)")
     add_setting_argument(e, "min_lesion_mm3", "smallest lesion kept, mm^3 (mm^2 for 2D images)", dest="min_size")
     add_setting_argument(e, "seed", "seed of detection noise, implanted lesions and bootstrap")
     e.add_argument("--limit", type=int, help="at most N images per split (br35h: per class; implanted: volumes per "
@@ -101,7 +103,8 @@ def cmd_evaluate(args) -> int:
 
     methods = select_methods(args.model, args.method, args.methods, args.stages)
     s = EvalSettings(threshold_from=args.threshold_from, val_rule=args.val_rule, target_fpr=args.target_fpr,
-                     card_fpr=args.fpr, t=args.t, blur=args.blur, smooth=args.smooth, min_size=args.min_size,
+                     card_fpr=args.fpr, t=args.t, blur=args.blur, smooth=args.smooth, region=args.region,
+                     min_size=args.min_size,
                      seed=args.seed, bootstrap=args.bootstrap, batch_size=args.batch_size, device=args.device,
                      precision=args.precision, gallery_k=args.gallery)
     progress = make_progress(args.progress)
