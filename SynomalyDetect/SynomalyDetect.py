@@ -331,8 +331,8 @@ class SynomalyDetectWidget(JobPanel):
         with slicer.util.tryWithErrorDisplay(_("Failed to load the results."), waitCursor=True):
             self._result = self.logic.finishDetection(job, showResults=self._parameterNode.showResults)
             count = len(self._result.lesions)
-            self.ui.statusLabel.text = _("Done in {seconds:.0f} s: {count} lesion(s) found.").format(
-                seconds=job.runner.elapsed_s, count=count)
+            self.ui.statusLabel.text = " ".join([_("Done in {seconds:.0f} s: {count} lesion(s) found.").format(
+                seconds=job.runner.elapsed_s, count=count), *self._result.notes])
             self._lesionIndex = -1
             if count and self._parameterNode.showResults:
                 self.onJumpLesion(+1)

@@ -177,6 +177,18 @@ def test_detection_options_become_engine_arguments():
     assert "--threshold" in explicit and "--fpr" not in explicit and "--t" not in explicit
 
 
+def test_the_result_says_where_it_scored_and_what_went_wrong():
+    """The panel's status line ends with these notes: the region (brain or not) and the engine's warnings."""
+    brain = jobs.DetectionResult(None, None, None, None, report={"region": "brain", "warnings": []})
+    assert brain.notes == ["Only the brain was scored (a registered atlas)."]
+    refused = jobs.DetectionResult(None, None, None, None, report={
+        "region": "foreground", "warnings": ["brain region not used: only 40 % of it lies inside; scoring the whole "
+                                             "foreground", "sizes are in pixels."]})
+    assert refused.notes == ["Warning: brain region not used: only 40 % of it lies inside; scoring the whole "
+                             "foreground.", "Warning: sizes are in pixels."]
+    assert jobs.DetectionResult(None, None, None, None).notes == []
+
+
 def test_real_engine_results_are_loaded_into_the_scene(tiny_model_file):
     """The real `synomaly detect` (random-weight model, CPU) through the runner into MRML nodes."""
     scene = app_scene()

@@ -114,6 +114,14 @@ class DetectionResult:
         except (TypeError, ValueError):
             return None
 
+    @property
+    def notes(self) -> list[str]:
+        """What the user should know about how the result was made, in the engine's words: where the map was
+        scored, and every warning of the run (a brain that could not be found, a modality mismatch, sizes in
+        pixels)."""
+        notes = ["Only the brain was scored (a registered atlas)."] if self.report.get("region") == "brain" else []
+        return notes + [f"Warning: {str(w).rstrip('.')}." for w in self.report.get("warnings") or []]
+
 
 class RunnerJob:
     """What every job that runs one engine process (`self.runner`, None before start) reports."""
