@@ -259,7 +259,7 @@ class PreparedScan:
     """Model-grid slices of one scan: intensities, foreground, and where they came from."""
 
     slices: torch.Tensor  # (S, 1, G, G) float32 in [-1, 1]
-    masks: torch.Tensor  # (S, 1, G, G) bool, foreground
+    masks: torch.Tensor  # (S, 1, G, G) bool, where the map is scored (as `foreground`)
     slice_index: np.ndarray  # (S,) index of each slice in the oriented volume
     oriented: np.ndarray  # (Z, Y, X) float32 input intensities, oriented
     foreground: np.ndarray  # (Z, Y, X) bool where the map is scored: the foreground, or the brain within it
