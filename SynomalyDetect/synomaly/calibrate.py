@@ -80,30 +80,34 @@ def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequenc
     draws = int(draws or d.noise_draws)
     kernel = int(kernel or d.blur_kernel)
     max_stages = int(max_stages or d.max_stages)
+    region = d.region if volume else "foreground"
+    # refused before the network runs: what the thresholds need that the slices alone do not hold
+    if volume and d.smooth_mm > 0 and preps is None:
+        raise ValueError("a volume setting smoothed across slices is calibrated on whole scans: pass their preps")
+    if region != "foreground" and (preps is None or any(p.region != region for p in preps)):
+        raise ValueError(f"a volume setting scored in the {region} is calibrated on scans prepared with that "
+                         "region: pass their preps")
     fusion, res = calibration_maps(model, slices, masks, ts=ts, kernel=kernel, max_stages=max_stages, draws=draws,
                                    fusion_fpr=fusion_fpr, batch_size=batch_size, seed=seed, progress=progress)
     progress("calibrate", 2, 2, "calibrated")
     cal = calibration_record(res, masks, fprs, fusion=fusion, fusion_fpr=fusion_fpr, ts=ts, kernel=kernel,
-                             max_stages=max_stages, draws=draws)
+                             max_stages=max_stages, draws=draws, region=region)
     if volume and d.smooth_mm > 0:
-        if preps is None:
-            raise ValueError("a volume setting smoothed across slices is calibrated on whole scans: pass their preps")
         cal = smoothed_volume_thresholds(cal, res.score, preps, d.smooth_mm, fprs)
-    if volume and d.region != "foreground":
-        if preps is None or any(p.region != d.region for p in preps):
-            raise ValueError(f"a volume setting scored in the {d.region} is calibrated on scans prepared with that "
-                             "region: pass their preps")
-        cal["region"] = d.region
     return cal
 
 
 def calibration_record(res, masks: torch.Tensor, fprs: Sequence[float], *, fusion: float, fusion_fpr: float,
-                       ts: tuple[int, ...], kernel: int, max_stages: int, draws: int) -> dict[str, Any]:
+                       ts: tuple[int, ...], kernel: int, max_stages: int, draws: int,
+                       region: str = "foreground") -> dict[str, Any]:
     """The calibration a card stores: thresholds from the multi-stage maps `res` of healthy slices (masks
-    (S, 1, G, G)), and the setting they were measured with."""
+    (S, 1, G, G): the region scored), and the setting they were measured with (a region other than the
+    foreground is named; calibrations without the key scored the foreground)."""
     fg = masks.bool()
     thresholds, measured = thresholds_at_fprs(res.score[fg.to(res.score.device)], fprs)
+    named = {} if region == "foreground" else {"region": region}
     return {
+        **named,
         "thresholds": thresholds,
         "fusion_threshold": round(fusion, 5),
         "fusion_fpr": fusion_fpr,

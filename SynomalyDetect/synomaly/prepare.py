@@ -447,7 +447,7 @@ def prepare_scan(
         scored, used, note = _brain_region(image, fg, transpose, flips)
         if used == "brain":
             area_b = scored.reshape(z, -1).sum(axis=1)
-            keep_b = np.nonzero((area >= max(16, min_foreground_fraction * h * w)) & (area_b >= 16))[0]
+            keep_b = keep[area_b[keep] >= 16]
             if keep_b.size == 0:
                 scored, used, note = fg, "foreground", "no slice holds enough of the registered brain; scoring the foreground"
     if card.framing == "whole-slice":

@@ -275,11 +275,9 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
     fusion, hres = calibration_maps(model, hx, hm, ts=ts, kernel=k, max_stages=stages, draws=draws,
                                     batch_size=opts.batch_size, seed=opts.seed, progress=progress)
     cal = calibration_record(hres, hm, opts.fprs, fusion=fusion, fusion_fpr=FUSION_FPR, ts=ts, kernel=k,
-                             max_stages=stages, draws=draws)
+                             max_stages=stages, draws=draws, region=opts.region or "foreground")
     if smooth > 0:
         cal = smoothed_volume_thresholds(cal, hres.score, [c.prep for c in healthy_cases], smooth, opts.fprs)
-    if opts.region not in (None, "foreground"):
-        cal["region"] = opts.region
     thresholds = cal["thresholds"]
     lx = torch.cat([c.prep.slices for c in lesion_cases])
     lm = torch.cat([c.prep.masks for c in lesion_cases])
