@@ -125,6 +125,10 @@ def followWithProgressDialog(job, label: str):
 
 
 FPR_CHOICES = [0.01, 0.001, 0.0001, 0.00001]  # per-voxel false-positive rates the panel offers (1e-5: tuned volumes)
+#: Where a volume's map is scored, as the panel words it, and the engine's region (contract.REGIONS) for each;
+#: "" lets the model card decide (the shipped brain model scores the brain).
+REGION_DEFAULT = "model's choice"
+REGIONS = {REGION_DEFAULT: "", "brain only": "brain", "whole scan": "foreground"}
 
 
 def settingRange(name: str, high: float, modelDefault: bool = True) -> WithinRange:
@@ -140,6 +144,7 @@ class SynomalyDetectParameterNode:
     """
     inputVolume - the scan to analyse.
     modelName - registry name of the model (empty: the engine's default model).
+    region - where a volume is scored: the model's choice, the brain only (a registered atlas) or the whole scan.
     sensitivityMode - a calibrated false-positive rate or an explicit anomaly-map threshold.
     falsePositiveRate - target fraction of healthy voxels flagged (from the model's calibration).
     threshold - explicit anomaly-map threshold.
@@ -153,6 +158,7 @@ class SynomalyDetectParameterNode:
 
     inputVolume: vtkMRMLScalarVolumeNode
     modelName: str = ""
+    region: Annotated[str, Choice(list(REGIONS))] = REGION_DEFAULT
     sensitivityMode: Annotated[str, Choice([FPR_MODE, THRESHOLD_MODE])] = FPR_MODE
     falsePositiveRate: Annotated[float, Choice(FPR_CHOICES)] = 0.001
     threshold: Annotated[float, settingRange("threshold", 100.0, modelDefault=False)] = 0.25
@@ -383,7 +389,7 @@ class SynomalyDetectLogic(EngineLogic):
             model=params.modelName,
             fpr=params.falsePositiveRate if fprMode else None,
             threshold=None if fprMode else params.threshold,
-            t=params.noiseLevel, stages=params.stages, blur=params.blurKernel,
+            t=params.noiseLevel, stages=params.stages, blur=params.blurKernel, region=REGIONS.get(params.region, ""),
             min_size_mm3=params.minLesionSize, seed=params.seed, device=params.device,
         )
 

@@ -64,14 +64,15 @@ def test_the_slicer_job_command_line_is_read_back_by_the_engine():
     from synomaly.cli.common import detection_settings
     from SynomalyDetectLib import jobs
 
-    options = jobs.DetectionOptions(model="m", fpr=1e-4, t=25, stages=3, blur=7, min_size_mm3=20.0, seed=2,
-                                    batch_size=4, device="cpu")
+    options = jobs.DetectionOptions(model="m", fpr=1e-4, t=25, stages=3, blur=7, region="brain", min_size_mm3=20.0,
+                                    seed=2, batch_size=4, device="cpu")
     args = build_parser().parse_args(["detect", "scan.nii.gz", "-o", "out", *options.cli_args()])
     assert args.model == "m"
-    assert detection_settings(args) == DetectionSettings(fpr=1e-4, t=25, max_stages=3, blur_kernel=7,
+    assert detection_settings(args) == DetectionSettings(fpr=1e-4, t=25, max_stages=3, blur_kernel=7, region="brain",
                                                          min_lesion_mm3=20.0, seed=2, batch_size=4, device="cpu")
     assert not options.problems()
     assert jobs.DetectionOptions(t=1000).problems() == [DETECTION_SETTING["t"].problem(1000)]
+    assert jobs.DetectionOptions(region="skull").problems() == [DETECTION_SETTING["region"].problem("skull")]
 
 
 def test_evaluate_takes_its_detection_options_from_the_table():

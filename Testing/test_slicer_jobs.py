@@ -175,6 +175,8 @@ def test_detection_options_become_engine_arguments():
                     "--min-size", "20.0", "--seed", "4", "--device", "cpu"]
     explicit = jobs.DetectionOptions(threshold=0.3).cli_args()
     assert "--threshold" in explicit and "--fpr" not in explicit and "--t" not in explicit
+    assert "--region" not in explicit  # the model card's region unless one is asked for
+    assert jobs.DetectionOptions(region="foreground").cli_args()[2:4] == ["--region", "foreground"]
 
 
 def test_the_result_says_where_it_scored_and_what_went_wrong():

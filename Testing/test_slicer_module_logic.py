@@ -137,6 +137,21 @@ def test_detect_module_parameter_node_defaults_and_options(slicer_app):
     assert options.fpr is None and options.threshold == 0.4
 
 
+def test_the_panel_offers_every_region_the_engine_scores_and_defaults_to_the_models(slicer_app):
+    """The region choice maps onto contract.REGIONS; its default sends none, so the model card decides."""
+    from synomaly.contract import REGIONS
+
+    module = load_module("SynomalyDetect")
+    params = module.SynomalyDetectLogic(python=fake_python()).getParameterNode()
+    assert params.region == module.REGION_DEFAULT
+    assert module.SynomalyDetectLogic.optionsFromParameters(params).region == ""
+    assert sorted(v for v in module.REGIONS.values() if v) == sorted(REGIONS)
+    for label, region in module.REGIONS.items():
+        params.region = label
+        options = module.SynomalyDetectLogic.optionsFromParameters(params)
+        assert options.region == region and not options.problems()
+
+
 def test_detect_panel_ranges_are_the_engines(slicer_app):
     """The panel's number fields accept what `synomaly detect` accepts (0: the model's default) and no more
     where the engine has a bound: the ranges come from contract.DETECTION_SETTINGS."""

@@ -49,6 +49,7 @@ class DetectionOptions:
     t: int = 0
     stages: int = 0
     blur: int = 0
+    region: str = ""  # contract.REGIONS; "": the model card's
     min_size_mm3: float = 0.0
     seed: int = 0
     batch_size: int = 0
@@ -68,6 +69,8 @@ class DetectionOptions:
                             ("batch_size", self.batch_size)):
             if value and int(value) > 0:
                 args += [flag[name], str(int(value))]
+        if self.region:
+            args += [flag["region"], self.region]
         if self.min_size_mm3 and self.min_size_mm3 > 0:
             args += [flag["min_lesion_mm3"], repr(float(self.min_size_mm3))]
         args += [flag["seed"], str(int(self.seed)), flag["device"], self.device or "auto"]
@@ -77,7 +80,7 @@ class DetectionOptions:
         """What the engine would refuse in these settings, in its own words (checked before a job starts)."""
         values = {"t": self.t or None, "max_stages": self.stages or None, "blur_kernel": self.blur or None,
                   "batch_size": self.batch_size or None, "threshold": self.threshold, "fpr": self.fpr,
-                  "min_lesion_mm3": self.min_size_mm3, "seed": self.seed}
+                  "min_lesion_mm3": self.min_size_mm3, "seed": self.seed, "region": self.region or None}
         return [p for name, v in values.items() if (p := DETECTION_SETTING[name].problem(v))]
 
 
