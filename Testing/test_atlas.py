@@ -57,6 +57,24 @@ def test_the_atlas_finds_the_brain_of_a_moved_head_with_and_without_skull(skull)
     assert (truth & ~grown.mask).sum() < 0.01 * truth.sum()
 
 
+def test_registration_sees_the_head_and_not_the_empty_canvas_around_it():
+    """A head in a corner of a large empty grid (as an oblique resampling leaves it): the registration works on
+    the foreground's box plus a margin, in the same physical space, and finds the brain as well as without."""
+    from synomaly.prepare import foreground_mask
+
+    image, truth = _moved_atlas()
+    canvas = sitk.ConstantPad(image, [70, 0, 12], [15, 80, 0], 0.0)  # x, y, z: lower and upper padding
+    truth = np.pad(truth, ((12, 0), (0, 80), (70, 15)))  # numpy order (z, y, x)
+    foreground = foreground_mask(sitk.GetArrayFromImage(canvas))
+    box = atlas._head_box(canvas, foreground)
+    assert all(b < c for b, c in zip(box.GetSize(), canvas.GetSize()))
+    corner = [int(a.min()) for a in np.nonzero(foreground)][::-1]
+    start = canvas.TransformPhysicalPointToIndex(box.GetOrigin())
+    assert all(0 <= c - s <= np.ceil(atlas.CROP_MARGIN_MM / sp) for c, s, sp in zip(corner, start, canvas.GetSpacing()))
+    found = _brain(canvas, margin_mm=0.0)
+    assert found.mask.shape == truth.shape and _dice(found.mask, truth) > 0.93
+
+
 def test_an_implausible_registration_is_refused_with_the_reason(monkeypatch):
     image, _ = _moved_atlas()
     monkeypatch.setattr(atlas, "PLAUSIBLE_ML", (3000.0, 4000.0))
