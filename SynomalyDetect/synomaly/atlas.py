@@ -69,13 +69,14 @@ def _load_atlas() -> tuple[sitk.Image, sitk.Image, sitk.Image]:
 def _head_box(image: sitk.Image, foreground: np.ndarray) -> sitk.Image:
     """The part of the scan around its foreground (CROP_MARGIN_MM beyond it on every side): an oblique or padded
     scan's empty corners add voxels, and registration time, but no information."""
-    found = np.nonzero(foreground)
+    # the occupied index range along each numpy axis (z, y, x), from the mask's projections
+    found = [np.flatnonzero(foreground.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
     if not found[0].size:
         return image
     size = image.GetSize()
     pad = [int(np.ceil(CROP_MARGIN_MM / s)) for s in image.GetSpacing()]
-    lo = [max(0, int(a.min()) - p) for a, p in zip(found[::-1], pad)]  # numpy order (z, y, x) to ITK (x, y, z)
-    hi = [min(n - 1, int(a.max()) + p) for a, p, n in zip(found[::-1], pad, size)]
+    lo = [max(0, int(a[0]) - p) for a, p in zip(found[::-1], pad)]  # numpy order (z, y, x) to ITK (x, y, z)
+    hi = [min(n - 1, int(a[-1]) + p) for a, p, n in zip(found[::-1], pad, size)]
     return sitk.RegionOfInterest(image, [h - l + 1 for l, h in zip(lo, hi)], lo)
 
 
