@@ -128,7 +128,7 @@ FPR_CHOICES = [0.01, 0.001, 0.0001, 0.00001]  # per-voxel false-positive rates t
 #: Where a volume's map is scored, as the panel words it, and the engine's region (contract.REGIONS) for each;
 #: "" lets the model card decide (the shipped brain model scores the brain).
 REGION_DEFAULT = "model's choice"
-REGIONS = {REGION_DEFAULT: "", "brain only": "brain", "whole scan": "foreground"}
+REGION_CHOICES = {REGION_DEFAULT: "", "brain only": "brain", "whole scan": "foreground"}
 
 
 def settingRange(name: str, high: float, modelDefault: bool = True) -> WithinRange:
@@ -158,7 +158,7 @@ class SynomalyDetectParameterNode:
 
     inputVolume: vtkMRMLScalarVolumeNode
     modelName: str = ""
-    region: Annotated[str, Choice(list(REGIONS))] = REGION_DEFAULT
+    region: Annotated[str, Choice(list(REGION_CHOICES))] = REGION_DEFAULT
     sensitivityMode: Annotated[str, Choice([FPR_MODE, THRESHOLD_MODE])] = FPR_MODE
     falsePositiveRate: Annotated[float, Choice(FPR_CHOICES)] = 0.001
     threshold: Annotated[float, settingRange("threshold", 100.0, modelDefault=False)] = 0.25
@@ -389,7 +389,7 @@ class SynomalyDetectLogic(EngineLogic):
             model=params.modelName,
             fpr=params.falsePositiveRate if fprMode else None,
             threshold=None if fprMode else params.threshold,
-            t=params.noiseLevel, stages=params.stages, blur=params.blurKernel, region=REGIONS.get(params.region, ""),
+            t=params.noiseLevel, stages=params.stages, blur=params.blurKernel, region=REGION_CHOICES.get(params.region, ""),
             min_size_mm3=params.minLesionSize, seed=params.seed, device=params.device,
         )
 

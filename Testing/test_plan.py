@@ -129,9 +129,10 @@ def test_bf16_changes_the_shipped_models_map_by_under_two_percent_and_its_segmen
     """The plan runs the network in bf16 on CPUs with AMX/AVX-512-bf16 (and on GPUs). The stated tolerance: the
     mean map moves by under 2 % and what is flagged stays over 0.95 Dice the same. Measured on an EPYC with
     AVX-512-bf16: here 0.7 % and 0.989; on the whole demo volume (smoothed, brain only) 0.2 % and a
-    segmentation 0.998 Dice from fp32's (README, *Against the authors' loop*). Here: 24 slices of MNI152 through the ventricles, the shipped volume
-    setting's noise levels and blur, fp32 against bf16, same seed; the voxels above the fp32 map's 99th
-    percentile (this brain is healthy, so the strict default flags nothing to compare)."""
+    segmentation 0.998 Dice from fp32's (README, *Against the authors' loop*). Here: 24 slices of MNI152
+    through the ventricles, the shipped volume setting's noise levels and blur, fp32 against bf16, same seed;
+    the voxels above the fp32 map's 99th percentile (this brain is healthy, so the strict default flags
+    nothing to compare)."""
     import numpy as np
     import SimpleITK as sitk
 

@@ -145,8 +145,8 @@ def test_the_panel_offers_every_region_the_engine_scores_and_defaults_to_the_mod
     params = module.SynomalyDetectLogic(python=fake_python()).getParameterNode()
     assert params.region == module.REGION_DEFAULT
     assert module.SynomalyDetectLogic.optionsFromParameters(params).region == ""
-    assert sorted(v for v in module.REGIONS.values() if v) == sorted(REGIONS)
-    for label, region in module.REGIONS.items():
+    assert sorted(v for v in module.REGION_CHOICES.values() if v) == sorted(REGIONS)
+    for label, region in module.REGION_CHOICES.items():
         params.region = label
         options = module.SynomalyDetectLogic.optionsFromParameters(params)
         assert options.region == region and not options.problems()
