@@ -10,10 +10,15 @@ on the old. The card's thresholds belong to TUNED's weights, so calibrate and tu
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "SynomalyDetect"))
+
+from synomaly.errors import SynomalyError  # noqa: E402
+from synomaly.modelio import ModelFileError, load_model, save_model  # noqa: E402
 
 
 def main() -> None:
@@ -25,19 +30,18 @@ def main() -> None:
     args = parser.parse_args()
     if not 0.0 <= args.alpha <= 1.0:
         parser.error("--alpha must lie in 0-1")
-    with safe_open(args.base, "pt") as a, safe_open(args.tuned, "pt") as b:
-        if set(a.keys()) != set(b.keys()):
-            parser.error("the two models do not have the same tensors: not the same architecture")
-        metadata = b.metadata()
-        out = {}
-        for key in b.keys():
-            x, y = a.get_tensor(key), b.get_tensor(key)
-            if x.shape != y.shape:
-                parser.error(f"{key}: shapes {tuple(x.shape)} and {tuple(y.shape)} differ")
-            mixed = (1.0 - args.alpha) * x.double() + args.alpha * y.double() if y.is_floating_point() else y
-            out[key] = mixed.to(y.dtype).contiguous()
-    save_file(out, args.output, metadata=metadata)
-    print(f"{args.output}: {len(out)} tensors, {1 - args.alpha:g} x {args.base} + {args.alpha:g} x {args.tuned}")
+    try:  # load_model checks each file's weights against the network its card describes
+        base, tuned = load_model(args.base, device="cpu"), load_model(args.tuned, device="cpu")
+    except (SynomalyError, ModelFileError) as exc:
+        parser.error(str(exc))
+    a, b = base.network.state_dict(), tuned.network.state_dict()
+    mismatch = [k for k in b if k not in a or a[k].shape != b[k].shape] + [k for k in a if k not in b]
+    if mismatch:
+        parser.error(f"the two models are not the same architecture (e.g. {mismatch[:3]})")
+    mixed = {k: ((1.0 - args.alpha) * a[k].double() + args.alpha * b[k].double()).to(b[k].dtype)
+             if b[k].is_floating_point() else b[k] for k in b}
+    save_model(args.output, tuned.card, mixed)  # atomic: no half-written file on failure
+    print(f"{args.output}: {len(mixed)} tensors, {1 - args.alpha:g} x {args.base} + {args.alpha:g} x {args.tuned}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def main() -> None:
         path, mask = healthy_volume(name)
         image = sitk.Cast(read_image(str(path)), sitk.sitkFloat32)
         brain = brain_mask(image, str(mask) if mask else None)
-        for j, form in enumerate(("oblique", "thick", "scaled")):  # seeds as the shipped run drew them
+        for j, form in enumerate(("oblique", "thick", "scaled")):  # j keeps the seeds the forms fine-tune drew
             if form not in FORMS:
                 continue
             moved, _, meta = scan_form(image, None, brain, form, np.random.default_rng([4, i, j]))
