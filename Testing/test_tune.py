@@ -125,9 +125,12 @@ def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file,
     record = tune.tune_model(tiny_model_file, [str(vol)], output=out, options=opts, device="cpu")
     card = read_card(out)
     table = card.tuning["table"]
-    # 3 level settings x 2 blurs, the 2 best smoothed, one with more draws, one multi-stage
-    assert len(table) == 3 * 2 + 2 + 1 + 1
-    assert sum(r["smooth"] == 3.0 for r in table[:8]) == 2
+    # 3 level settings x 2 blurs; the 2 best again in 5 map variants each (normalised in 8 tissue classes
+    # unsmoothed; smoothed 3 mm absolute or signed, normalised or not); one with more draws, one multi-stage
+    assert len(table) == 3 * 2 + 2 * 5 + 1 + 1
+    variants = [(r["smooth"], r["signed"], r["bins"]) for r in table[6:16]]
+    assert variants == [(0.0, False, 8), (3.0, False, 0), (3.0, False, 8), (3.0, True, 0), (3.0, True, 8)] * 2
+    assert all((r["smooth"], r["signed"], r["bins"]) == (0.0, False, 0) for r in table[:6])
     assert {r["t"] for r in table} >= {"50", "200", "50+200"} and any(r["draws"] == 2 for r in table)
     chosen = card.tuning["chosen"]
     assert chosen in table and chosen["auprc"] >= max(r["auprc"] for r in table) * (1 - tune.AUPRC_TIE)
@@ -136,6 +139,9 @@ def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file,
     assert list(d3.t_ensemble or [d3.t]) == ts
     assert d3.blur_kernel == chosen["blur"] and d3.max_stages == chosen["stages"] and d3.noise_draws == chosen["draws"]
     assert d3.smooth_mm == chosen["smooth"] and card.calibration_3d.get("smooth_mm", 0.0) == chosen["smooth"]
+    assert (d3.signed_map, d3.tissue_bins) == (chosen["signed"], chosen["bins"])
+    assert card.calibration_3d.get("signed_map", False) == chosen["signed"]
+    assert card.calibration_3d.get("tissue_bins", 0) == chosen["bins"]
     assert f"{d3.fpr:g}" == card.tuning["chosen_fpr"]
     grow_key = card.tuning["chosen_grow_fpr"]
     assert (d3.grow_fpr is None) if grow_key is None else (f"{d3.grow_fpr:g}" == grow_key)
@@ -251,13 +257,17 @@ def test_tune_command_with_a_single_stage_grid_of_our_choosing(tiny_model_file, 
     out = tmp_path / "tuned.safetensors"
     assert main(["tune", str(tiny_model_file), "--data", str(vol), "--forms", "native", "--lesions", "2",
                  "--t", "50", "--blur", "3", "5", "--ensembles", "50+200", "--single-stage", "--smooth", "3",
-                 "-o", str(out), "--progress", "none"]) == 0
+                 "--unsigned", "--tissue-bins", "0", "-o", str(out), "--progress", "none"]) == 0
     table = read_card(out).tuning["table"]
+    assert not any(r["signed"] or r["bins"] for r in table)  # the original map only, as asked
     settings = [("50", 3), ("50", 5), ("50+200", 3), ("50+200", 5)]
     assert sorted((r["t"], r["blur"], r["smooth"]) for r in table) == sorted(
         [(t, b, 0.0) for t, b in settings] + [(t, b, 3.0) for t, b in settings])  # the 4 best, smoothed 3 mm
     assert all(r["stages"] == 1 and r["draws"] == 1 for r in table)
     assert "default FPR" in capsys.readouterr().out
+    assert main(["tune", str(tiny_model_file), "--data", str(vol), "--tissue-bins", "-2", "-o", str(out),
+                 "--progress", "none"]) != 0
+    assert "tissue classes must lie between 0 and 64" in capsys.readouterr().err
 
 
 def test_smoothing_across_slices_lowers_one_slice_errors_more_than_lesions_through_slices():
@@ -292,7 +302,7 @@ def test_a_smoothed_volume_setting_is_calibrated_on_each_scans_smoothed_map(tiny
     grid, smoothed across slices), and refuses to guess without the scans' preparations."""
     from synomaly.calibrate import calibrate
     from synomaly.card import DetectionDefaults
-    from synomaly.detect import oriented_score, run_stages
+    from synomaly.detect import oriented_score, run_stages, scan_map
     from synomaly.metrics import threshold_at_fpr
     from synomaly.prepare import prepare_scan
 
@@ -302,9 +312,75 @@ def test_a_smoothed_volume_setting_is_calibrated_on_each_scans_smoothed_map(tiny
     with pytest.raises(ValueError, match="preps"):
         calibrate(model, prep.slices, prep.masks, fprs=(1e-2,), volume=True)
     cal = calibrate(model, prep.slices, prep.masks, fprs=(1e-2, 1e-3), volume=True, preps=[prep])
-    assert cal["smooth_mm"] == 3.0 and "smoothed" in cal["unit"]
+    assert cal["smooth_mm"] == 3.0 and "whole scan" in cal["unit"] and "signed_map" not in cal
     res = run_stages(model, prep.slices, prep.masks, t=50, kernel=3, threshold=float("inf"), max_stages=1)
     values = oriented_score(res.score, prep, 3.0)[prep.foreground]
     assert cal["thresholds"]["0.01"] == pytest.approx(threshold_at_fpr(values, 1e-2), abs=1e-5)
+    # the signed map normalised per tissue class: its thresholds are those of that map, and the record says so
+    model.card.detection_3d = DetectionDefaults(t=50, blur_kernel=3, max_stages=1, smooth_mm=3.0, signed_map=True,
+                                                tissue_bins=4)
+    cal = calibrate(model, prep.slices, prep.masks, fprs=(1e-2,), volume=True, preps=[prep])
+    assert cal["signed_map"] is True and cal["tissue_bins"] == 4
+    values = scan_map(res.healed, prep, 3, 3.0, True, 4)[prep.foreground]
+    assert cal["thresholds"]["0.01"] == pytest.approx(threshold_at_fpr(values, 1e-2), abs=1e-5)
+    assert cal["thresholds"]["0.01"] != pytest.approx(threshold_at_fpr(oriented_score(res.score, prep, 3.0)[
+        prep.foreground], 1e-2), abs=1e-3)
+    model.card.detection_3d = DetectionDefaults(t=50, blur_kernel=3, max_stages=1, tissue_bins=4)  # unsmoothed too
+    with pytest.raises(ValueError, match="preps"):
+        calibrate(model, prep.slices, prep.masks, fprs=(1e-2,), volume=True)
     unsmoothed = calibrate(model, prep.slices, prep.masks, fprs=(1e-2,), volume=False)
     assert "smooth_mm" not in unsmoothed
+
+
+def test_tissue_normalisation_lets_a_lesion_in_quiet_tissue_outrank_noisy_tissue():
+    """A map whose healing errs five times more in one tissue class than in another: raw, that class's errors
+    outrank a lesion in the quiet class; normalised per class, the lesion ranks first. Zero outside the region,
+    never negative, and off with 0 classes."""
+    from synomaly.detect import tissue_normalised
+
+    rng = np.random.default_rng(0)
+    shape = (6, 40, 40)
+    tissue = np.zeros(shape, np.float32)
+    tissue[:, :, 20:] = 1.0  # two classes: left quiet, right noisy
+    score = np.abs(rng.normal(0.0, 1.0, shape)).astype(np.float32) * np.where(tissue > 0, 5.0, 1.0)
+    lesion = np.zeros(shape, bool)
+    lesion[2:4, 10:14, 5:9] = True
+    score[lesion] += 6.0
+    region = np.ones(shape, bool)
+    region[:, :2] = False
+    raw_top = np.argsort(score[region])[-lesion.sum():]
+    assert not lesion[region][raw_top].all(), "raw, the noisy class takes some of the top ranks"
+    norm = tissue_normalised(score, tissue, region, 2)
+    assert (norm >= 0).all() and not norm[~region].any()
+    assert norm[lesion].min() > norm[region & ~lesion].max(), "normalised, every lesion voxel outranks the rest"
+    assert tissue_normalised(score, tissue, region, 0) is score
+
+
+def test_signed_smoothing_cancels_errors_that_change_sign_from_slice_to_slice(tiny_model_file):
+    """scan_map with a signed difference: a healing error whose sign alternates between slices averages away
+    across slices, a lesion that changes several slices alike does not; the absolute map keeps both."""
+    from synomaly.detect import scan_map
+    from synomaly.prepare import grid_to_oriented, prepare_scan
+
+    model = load_model(tiny_model_file, device="cpu")
+    prep = prepare_scan(_head(size=(48, 56, 40), spacing=(1.5, 1.5, 1.5), seed=5), model.card)
+    s, g = prep.slices.shape[0], prep.slices.shape[-1]
+    healed = prep.slices.clone()
+    sign = torch.tensor([(-1.0) ** i for i in range(s)]).view(s, 1, 1)
+    c = g // 2
+    healed[:, 0, c - 6 : c - 2, c - 6 : c + 6] += 0.3 * sign  # error: alternating sign, every slice
+    mid = s // 2
+    healed[mid - 4 : mid + 4, 0, c + 2 : c + 6, c - 6 : c + 6] += 0.3  # lesion: same sign, 8 slices
+    absolute = scan_map(healed, prep, 1, 4.0)
+    signed = scan_map(healed, prep, 1, 4.0, signed=True)
+    err_grid = torch.zeros_like(healed)
+    err_grid[:, 0, c - 6 : c - 2, c - 6 : c + 6] = 1
+    les_grid = torch.zeros_like(healed)
+    les_grid[mid - 2 : mid + 2, 0, c + 2 : c + 6, c - 6 : c + 6] = 1  # the lesion's middle slices
+    err = (grid_to_oriented(err_grid, prep) > 0.99) & prep.foreground
+    les = (grid_to_oriented(les_grid, prep) > 0.99) & prep.foreground
+    assert err.any() and les.any()
+    assert absolute[err].mean() > 0.5 * absolute[les].mean(), "the absolute map keeps the alternating error"
+    assert signed[err].mean() < 0.25 * signed[les].mean(), "the signed map cancels it and keeps the lesion"
+    assert np.allclose(scan_map(healed, prep, 1, 0.0, signed=True), scan_map(healed, prep, 1, 0.0)), \
+        "without smoothing the sign changes nothing"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -82,8 +83,9 @@ def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequenc
     max_stages = int(max_stages or d.max_stages)
     region = d.region if volume else "foreground"
     # refused before the network runs: what the thresholds need that the slices alone do not hold
-    if volume and d.smooth_mm > 0 and preps is None:
-        raise ValueError("a volume setting smoothed across slices is calibrated on whole scans: pass their preps")
+    if volume and needs_whole_scans(d) and preps is None:
+        raise ValueError("a volume setting smoothed across slices or normalised per scan is calibrated on whole "
+                         "scans: pass their preps")
     if region != "foreground" and (preps is None or any(p.region != region for p in preps)):
         raise ValueError(f"a volume setting scored in the {region} is calibrated on scans prepared with that "
                          "region: pass their preps")
@@ -92,8 +94,8 @@ def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequenc
     progress("calibrate", 2, 2, "calibrated")
     cal = calibration_record(res, masks, fprs, fusion=fusion, fusion_fpr=fusion_fpr, ts=ts, kernel=kernel,
                              max_stages=max_stages, draws=draws, region=region)
-    if volume and d.smooth_mm > 0:
-        cal = smoothed_volume_thresholds(cal, res.score, preps, d.smooth_mm, fprs)
+    if volume and needs_whole_scans(d):
+        cal = scan_map_thresholds(cal, res.healed, preps, replace(d, blur_kernel=kernel), fprs)
     return cal
 
 
@@ -123,22 +125,31 @@ def calibration_record(res, masks: torch.Tensor, fprs: Sequence[float], *, fusio
     }
 
 
-def smoothed_volume_thresholds(cal: dict[str, Any], scores: torch.Tensor, preps: Sequence[Any], smooth_mm: float,
-                               fprs: Sequence[float]) -> dict[str, Any]:
-    """A volume calibration whose maps are smoothed across slices (detect.smooth_across_slices): the thresholds
-    recomputed on each scan's smoothed map on its own grid (`scores`: the scans' model-grid maps, concatenated
-    in the order of `preps`), foreground voxels pooled, as detection thresholds them."""
+def needs_whole_scans(d) -> bool:
+    """Whether a volume setting's map is more than each slice's own (smoothed across slices or normalised per
+    scan, detect.scan_map): its thresholds are then measured on whole scans' maps."""
+    return d.smooth_mm > 0 or d.tissue_bins > 0
+
+
+def scan_map_thresholds(cal: dict[str, Any], healed: torch.Tensor, preps: Sequence[Any], d,
+                        fprs: Sequence[float]) -> dict[str, Any]:
+    """A volume calibration whose map is built from whole scans (detect.scan_map with the setting `d`: smoothed
+    across slices, signed, normalised per tissue class): the thresholds recomputed on each scan's map on its own
+    grid (`healed`: the scans' model-grid healed slices, concatenated in the order of `preps`), foreground voxels
+    pooled, as detection thresholds them."""
     import numpy as np
 
-    from .detect import oriented_score
+    from .detect import scan_map
 
-    parts = torch.split(scores, [p.slices.shape[0] for p in preps])
-    values = [oriented_score(s, p, smooth_mm)[p.foreground] for s, p in zip(parts, preps)]
+    parts = torch.split(healed, [p.slices.shape[0] for p in preps])
+    values = [scan_map(h, p, int(d.blur_kernel), float(d.smooth_mm), bool(d.signed_map), int(d.tissue_bins))[p.foreground]
+              for h, p in zip(parts, preps)]
     pooled = torch.from_numpy(np.concatenate(values))
     thresholds, measured = thresholds_at_fprs(pooled, fprs)
-    return {**cal, "thresholds": thresholds, "measured_fpr_on_calibration_data": measured, "smooth_mm": smooth_mm,
-            "foreground_voxels": int(pooled.numel()),
-            "unit": "per foreground voxel of each scan's own grid, the map smoothed across slices"}
+    extra = {"signed_map": bool(d.signed_map), "tissue_bins": int(d.tissue_bins)} if d.signed_map or d.tissue_bins else {}
+    return {**cal, **extra, "thresholds": thresholds, "measured_fpr_on_calibration_data": measured,
+            "smooth_mm": float(d.smooth_mm), "foreground_voxels": int(pooled.numel()),
+            "unit": "per foreground voxel of each scan's own grid, the map built from the whole scan (detect.scan_map)"}
 
 
 def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[float] = DEFAULT_FPRS,
@@ -156,7 +167,7 @@ def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[
     progress("calibrate", 0, len(fprs), "preparing healthy scans")
     volume = model.card.detection_3d is not None and all(is_volume(read_image(p, color="luminance")) for p in paths)
     d3 = model.card.detection_3d
-    if volume and (d3.smooth_mm > 0 or d3.region != "foreground"):  # whole scans: smoothed or in the brain, as detection
+    if volume and (needs_whole_scans(d3) or d3.region != "foreground"):  # whole scans, as detection maps them
         preps = [prepare_scan(read_image(p, color="luminance"), model.card, region=d3.region) for p in paths]
         refused = [str(p) for p, prep in zip(paths, preps) if prep.region != d3.region]
         if refused:

@@ -86,6 +86,11 @@ class DetectionDefaults:
     grow_fpr: Optional[float] = None  # lesions grow into connected voxels above this rate's threshold (hysteresis)
     smooth_mm: float = 0.0  # a volume's map is smoothed across slices (Gaussian sigma, mm; 0: not)
     region: str = "foreground"  # where a volume is scored: the foreground, or the registered atlas brain ("brain")
+    # volumes only (detect.scan_map): smooth the signed difference across slices before taking its magnitude,
+    # so that healing errors of either sign cancel while a lesion's persist; and divide the map by the spread
+    # each of `tissue_bins` classes of the healed image's intensity shows in the same scan (0: not)
+    signed_map: bool = False
+    tissue_bins: int = 0
 
     def noise_levels(self) -> tuple[int, ...]:
         """The noise levels of one stage: the ensemble, else t alone."""
@@ -225,6 +230,8 @@ class ModelCard:
                 raise ModelCardError(f"{name}: noise_draws and max_stages must be >= 1 and fpr in (0, 1)")
             if int(d.blur_kernel) < 1 or int(d.blur_kernel) % 2 == 0:
                 raise ModelCardError(f"{name}.blur_kernel {d.blur_kernel} must be odd and positive")
+            if not 0 <= int(d.tissue_bins) <= 64:
+                raise ModelCardError(f"{name}.tissue_bins {d.tissue_bins} must lie between 0 (off) and 64")
             if d.region not in REGIONS:
                 raise ModelCardError(f"{name}.region {d.region!r} is not one of {REGIONS}")
         n = self.normalisation
@@ -253,7 +260,11 @@ class ModelCard:
         t = "+".join(str(v) for v in d.t_ensemble) if d.t_ensemble else str(d.t)
         draws = f", {d.noise_draws} draws" if d.noise_draws > 1 else ""
         grow = f" grown to FPR {d.grow_fpr:g}" if d.grow_fpr else ""
-        smooth = f", smoothed {d.smooth_mm:g} mm across slices" if volume and d.smooth_mm else ""
+        smooth = ""
+        if volume and d.smooth_mm:
+            smooth = f", {'signed difference ' if d.signed_map else ''}smoothed {d.smooth_mm:g} mm across slices"
+        if volume and d.tissue_bins:
+            smooth += f", normalised in {d.tissue_bins} tissue classes"
         stages = "1 stage" if d.max_stages == 1 else f"up to {d.max_stages} stages"
         region = ", scored in the brain" if volume and d.region == "brain" else ""
         return f"t {t}, blur {d.blur_kernel}{smooth}, {stages}{draws}, FPR {d.fpr:g}{grow}{region}"

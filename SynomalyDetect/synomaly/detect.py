@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from .contract import DETECTION_SETTING
-from .errors import ModelError
+from .errors import ModelError, SettingsError
 from .filters import blur_kernel
 from .progress import ProgressFn, null_progress
 from .schedule import predict_x0, q_sample
@@ -36,6 +36,8 @@ class DetectionSettings:
     grow_fpr: Optional[float] = None  # lesions grow to connected voxels above this FPR's threshold; None: the card's, 0: off
     smooth_mm: Optional[float] = None  # volumes: the map smoothed across slices (sigma, mm); None: the card's, 0: off
     region: Optional[str] = None  # volumes: "foreground" or "brain" (contract.REGIONS); None: the card's
+    signed_map: Optional[bool] = None  # volumes: smooth the signed difference across slices (scan_map); None: the card's
+    tissue_bins: Optional[int] = None  # volumes: normalise the map in this many tissue classes, 0: off; None: the card's
     seed: int = DETECTION_SETTING["seed"].default
     batch_size: Optional[int] = None  # slices per network call; None: the measured plan (synomaly.plan)
     device: str = DETECTION_SETTING["device"].default
@@ -111,12 +113,12 @@ def resolve_settings(settings: DetectionSettings, card, volume: bool = False) ->
     if fpr is not None:
         value = calibrated_threshold(card, thresholds, fpr, "", "give --threshold")
         _warn_if_calibration_differs(cal, ts, k, stages, resolve_smoothing(settings, card, volume),
-                                     resolve_region(settings, card, volume))
+                                     resolve_region(settings, card, volume), *resolve_map(settings, card, volume))
         return ts, k, stages, value, f"calibrated FPR {fpr_key(fpr)}"
     default = fpr_key(d.fpr)
     if default in thresholds:
         _warn_if_calibration_differs(cal, ts, k, stages, resolve_smoothing(settings, card, volume),
-                                     resolve_region(settings, card, volume))
+                                     resolve_region(settings, card, volume), *resolve_map(settings, card, volume))
         return ts, k, stages, float(thresholds[default]), f"calibrated FPR {default}"
     return ts, k, stages, float(d.threshold), "model default (uncalibrated)"
 
@@ -213,8 +215,73 @@ def oriented_score(score: torch.Tensor, prep, smooth_mm: float) -> np.ndarray:
     return smooth_across_slices(grid_to_oriented(score, prep) * prep.foreground, prep, smooth_mm)
 
 
+def resolve_map(settings: DetectionSettings, card, volume: bool) -> tuple[bool, int]:
+    """Whether a volume's signed difference is smoothed across slices, and in how many tissue classes its map is
+    normalised (scan_map): explicit, else the card's; 2D images: neither."""
+    if not volume:
+        return False, 0
+    d = card.detection_for(True)
+    signed = bool(settings.signed_map if settings.signed_map is not None else d.signed_map)
+    bins = int(settings.tissue_bins if settings.tissue_bins is not None else d.tissue_bins)
+    if not 0 <= bins <= 64:
+        raise SettingsError(f"tissue classes must lie between 0 (off) and 64, got {bins}")
+    return signed, bins
+
+
+def tissue_normalised(score: np.ndarray, tissue: np.ndarray, region: np.ndarray, bins: int) -> np.ndarray:
+    """A map divided by what healthy tissue of its kind shows in the same scan: the region's voxels fall into
+    `bins` classes of equal size by `tissue` (the healed image's intensity, which a lesion does not change), and
+    in each class the map becomes (value - median) / (90th percentile - median), clipped at 0. A healing that
+    errs more along cortex than in white matter no longer outshouts a lesion in white matter; a lesion fills a
+    small part of its class, so the class's median and spread stay those of healthy tissue. The spread has a
+    floor of a tenth of the whole region's, so a class that heals almost perfectly does not turn noise into
+    lesions. Zero outside `region`."""
+    out = np.zeros_like(score, dtype=np.float32)
+    if bins <= 0 or not region.any():
+        return score
+    values = score[region].astype(np.float64)
+    cls = tissue[region]
+    edges = np.quantile(cls, np.linspace(0.0, 1.0, bins + 1)[1:-1])
+    index = np.searchsorted(edges, cls)
+    median, high = np.quantile(values, [0.5, 0.9])
+    floor = max(0.1 * (high - median), 1e-6)
+    norm = np.zeros_like(values)
+    for b in range(bins):
+        sel = index == b
+        if not sel.any():
+            continue
+        med, hi = np.quantile(values[sel], [0.5, 0.9])
+        norm[sel] = (values[sel] - med) / max(hi - med, floor)
+    out[region] = np.maximum(norm, 0.0)
+    return out
+
+
+def scan_map(healed: torch.Tensor, prep, kernel: int, smooth_mm: float, signed: bool = False, tissue_bins: int = 0,
+             score: Optional[torch.Tensor] = None) -> np.ndarray:
+    """The map detection thresholds, on a prepared scan's oriented grid, from its healed slices (S, 1, G, G):
+    D = G_k * x0 - G_k * x_hat inside the region, smoothed across slices by `smooth_mm` (volumes) either after
+    taking its magnitude (the original) or, with `signed`, before: a lesion changes its neighbouring slices with
+    the same sign while each slice's healing errs its own way, so the errors cancel instead of adding up.
+    With `tissue_bins`, the map is then normalised per tissue class (tissue_normalised). `score`: the
+    model-grid |D| when already computed (run_stages' score)."""
+    from .prepare import grid_to_oriented
+
+    signed = bool(signed and smooth_mm > 0)
+    if score is None or signed:
+        x0 = prep.slices.to(healed.device)
+        diff = (blur_kernel(x0, kernel) - blur_kernel(healed, kernel)) * prep.masks.to(healed.device).float()
+        score = diff if signed else diff.abs()
+    out = smooth_across_slices(grid_to_oriented(score, prep) * prep.foreground, prep, smooth_mm)
+    if signed:
+        out = np.abs(out)
+    if tissue_bins > 0:
+        tissue = grid_to_oriented(blur_kernel(healed, 3), prep)
+        out = tissue_normalised(out, tissue, prep.foreground, tissue_bins)
+    return out
+
+
 def _warn_if_calibration_differs(cal: dict, ts: tuple[int, ...], k: int, stages: int, smooth: float,
-                                 region: str = "foreground") -> None:
+                                 region: str = "foreground", signed: bool = False, bins: int = 0) -> None:
     """Calibrated thresholds hold only for the settings they were measured with."""
     have = _calibrated_ts(cal, ts)
     if have != ts:
@@ -230,6 +297,15 @@ def _warn_if_calibration_differs(cal: dict, ts: tuple[int, ...], k: int, stages:
     if cal.get("region", "foreground") != region:  # calibrations before regions existed scored the foreground
         log.warning("threshold was calibrated on the %s but the %s is scored; its false-positive rate will differ",
                     cal.get("region", "foreground"), region)
+    if bool(cal.get("signed_map", False)) != signed or int(cal.get("tissue_bins", 0)) != bins:
+        log.warning("threshold was calibrated on a map %s but a map %s is used; its false-positive rate will differ",
+                    _map_words(bool(cal.get("signed_map", False)), int(cal.get("tissue_bins", 0))),
+                    _map_words(signed, bins))
+
+
+def _map_words(signed: bool, bins: int) -> str:
+    return (("of the signed difference" if signed else "of the absolute difference")
+            + (f" normalised in {bins} tissue classes" if bins else ""))
 
 
 def slice_generators(count: int, seed: int, device: torch.device) -> list[torch.Generator]:
@@ -464,8 +540,9 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
            progress: Optional[ProgressFn] = None) -> DetectionResult:
     """Detect anomalies in a SimpleITK image (2D slice or 3D volume) with a loaded model.
 
-    Returns the counterfactual (input intensity units), the anomaly map (normalised intensity
-    difference, 0..2), the binary segmentation and the lesion rows, all on the input grid.
+    Returns the counterfactual (input intensity units), the anomaly map (the normalised intensity difference,
+    0..2; for a volume whose setting normalises per tissue class, how far above its tissue's typical value in
+    units of that tissue's spread, scan_map), the binary segmentation and the lesion rows, all on the input grid.
     """
     from .prepare import grid_to_oriented, model_units_per_intensity, oriented_to_image, pixel_units, prepare_scan
 
@@ -481,6 +558,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     grow = resolve_grow_threshold(settings, card, threshold, volume)
     smooth = resolve_smoothing(settings, card, volume)
     region = resolve_region(settings, card, volume)
+    signed, bins = resolve_map(settings, card, volume)
     draws = int(settings.noise_draws if settings.noise_draws is not None else card.detection_for(volume).noise_draws)
     if draws < 1:
         raise SettingsError(f"noise draws must be at least 1, got {draws}")
@@ -510,7 +588,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     t_net = time.perf_counter()
     progress("postprocess", 0, 1, "mapping back to the input grid, 3D components")
     g = prep.geometry
-    score_o = oriented_score(res.score, prep, smooth)
+    score_o = scan_map(res.healed, prep, k, smooth, signed, bins, score=res.score)
     delta_o = grid_to_oriented(res.healed - prep.slices.to(res.healed.device), prep)
     cf_o = prep.oriented + delta_o * np.asarray(1.0 / model_units_per_intensity(g), dtype=np.float32)
     score_img = oriented_to_image(score_o, prep)
@@ -534,6 +612,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
         "model_version": card.version,
         "settings": asdict(settings),
         "t": ts[0] if len(ts) == 1 else list(ts), "noise_draws": draws, "blur_kernel": k, "smooth_mm": smooth,
+        "signed_map": signed, "tissue_bins": bins,
         "region": prep.region, "region_note": prep.region_note,
         "setting": "volume (tuned)" if volume and card.detection_3d is not None else "card default", "max_stages": stages, "threshold": threshold, "threshold_source": source,
         "fusion_threshold": fusion,

@@ -48,6 +48,10 @@ class TuneGrid:
     more_draws: int = 4  # the best single-stage setting is also tried with this many noise draws (1: not)
     smooths: tuple[float, ...] = (2.0, 3.0, 4.0, 6.0)
     smooth_top: int = 4
+    # the map variants tried on those same best settings (detect.scan_map): the signed difference smoothed
+    # before its magnitude is taken, and the map normalised per tissue class of the healed image
+    signed: tuple[bool, ...] = (False, True)
+    tissue_bins: tuple[int, ...] = (0, 8)
 
 
 @dataclass
@@ -175,10 +179,11 @@ def _label(ts: Sequence[int]) -> str:
 def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
           progress: ProgressFn = null_progress) -> list[dict[str, Any]]:
     """Pooled pixel AUPRC of the grid's settings on the lesion cases, one row per setting: every noise
-    level and ensemble with every blur, single stage; the best of those again with more noise draws; the
+    level and ensemble with every blur, single stage; the best few again with their maps smoothed across
+    slices, signed or not, normalised per tissue class or not; the best of all with more noise draws; the
     best so far multi-stage."""
     from .calibrate import FUSION_FPR, quantile_threshold
-    from .detect import anomaly_score, oriented_score, run_stages
+    from .detect import anomaly_score, run_stages, scan_map
 
     g = opts.grid
     x0 = torch.cat([c.prep.slices for c in cases])
@@ -202,42 +207,50 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
                 done += 1
         return torch.stack([healed[(t, draws)] for t in ts]).mean(0)
 
-    def score_row(ts: tuple[int, ...], k: int, draws: int, score: torch.Tensor, stages: int, mean_stages: float,
-                  smooth: float = 0.0):
-        maps = [oriented_score(s, c.prep, smooth) for s, c in zip(_split(score, cases), cases)]
-        return {"t": _label(ts), "blur": k, "smooth": smooth, "stages": stages, "draws": draws,
-                "auprc": round(_pooled_auprc(maps, cases, opts), 4),
+    def score_row(ts: tuple[int, ...], k: int, draws: int, xh: torch.Tensor, stages: int, mean_stages: float,
+                  smooth: float = 0.0, signed: bool = False, bins: int = 0, score: Optional[torch.Tensor] = None):
+        scores = _split(score, cases) if score is not None else [None] * len(cases)
+        maps = [scan_map(h, c.prep, k, smooth, signed, bins, score=sc)
+                for h, sc, c in zip(_split(xh, cases), scores, cases)]
+        return {"t": _label(ts), "blur": k, "smooth": smooth, "signed": bool(signed and smooth > 0), "bins": bins,
+                "stages": stages, "draws": draws, "auprc": round(_pooled_auprc(maps, cases, opts), 4),
                 "cost": round(len(ts) * draws * mean_stages, 2), "stages_mean": round(mean_stages, 2)}
+
+    def levels_of(row: dict[str, Any]) -> tuple[int, ...]:
+        return tuple(int(v) for v in row["t"].split("+"))
 
     rows: list[dict[str, Any]] = []
     for ts in [(t,) for t in g.ts] + [tuple(e) for e in g.ensembles]:
         xh = predictions(ts, g.draws)
         for k in g.blurs:
-            rows.append(score_row(ts, k, g.draws, anomaly_score(x0, xh, fmask, k), 1, 1.0))
-    if g.smooths and g.smooth_top > 0:
-        progress("tune", done, steps, f"the {g.smooth_top} best smoothed across slices by {g.smooths} mm")
+            rows.append(score_row(ts, k, g.draws, xh, 1, 1.0, score=anomaly_score(x0, xh, fmask, k)))
+    if g.smooth_top > 0 and (g.smooths or any(g.tissue_bins)):
+        variants = [(float(sm), bool(sg), int(b)) for sm in (0.0, *g.smooths) for sg in g.signed for b in g.tissue_bins
+                    if not (sg and sm <= 0) and (sm, sg, b) != (0.0, False, 0)]
+        progress("tune", done, steps, f"the {g.smooth_top} best with the map smoothed across slices by {g.smooths} mm, "
+                 "signed or not, normalised per tissue or not")
         for row in sorted(rows, key=lambda r: -r["auprc"])[: g.smooth_top]:
-            ts = tuple(int(v) for v in row["t"].split("+"))
-            score = anomaly_score(x0, predictions(ts, g.draws), fmask, row["blur"])
-            rows.extend(score_row(ts, row["blur"], g.draws, score, 1, 1.0, float(s)) for s in g.smooths if s > 0)
+            ts = levels_of(row)
+            xh = predictions(ts, g.draws)
+            rows.extend(score_row(ts, row["blur"], g.draws, xh, 1, 1.0, sm, sg, b) for sm, sg, b in variants)
     best = max(rows, key=lambda r: r["auprc"])
     if g.more_draws > g.draws:
-        ts = tuple(int(v) for v in best["t"].split("+"))
-        xh = predictions(ts, g.more_draws)
-        rows.append(score_row(ts, best["blur"], g.more_draws, anomaly_score(x0, xh, fmask, best["blur"]), 1, 1.0,
-                              best["smooth"]))
+        ts = levels_of(best)
+        rows.append(score_row(ts, best["blur"], g.more_draws, predictions(ts, g.more_draws), 1, 1.0, best["smooth"],
+                              best["signed"], best["bins"]))
     if g.max_stages > 1:
         lesion = torch.cat([_grid_truth(c) for c in cases])
         healthy = masks.bool() & ~lesion
         for row in sorted(rows, key=lambda r: -r["auprc"])[: g.multi_top]:
-            ts = tuple(int(v) for v in row["t"].split("+"))
+            ts = levels_of(row)
             progress("tune", done, steps, f"multi-stage at t = {row['t']}, blur {row['blur']}, {row['draws']} draw(s)")
             first = anomaly_score(x0, predictions(ts, row["draws"]), fmask, row["blur"])
             fusion = quantile_threshold(first[healthy], FUSION_FPR)  # stage-1 level flagging 1 % of lesion-free voxels
             res = run_stages(model, x0, masks, t=ts, kernel=row["blur"], threshold=fusion, max_stages=g.max_stages,
                              batch_size=opts.batch_size, draws=row["draws"], seed=opts.seed)
-            rows.append(score_row(ts, row["blur"], row["draws"], res.score, g.max_stages,
-                                  float(res.stages.float().mean()), row["smooth"]))
+            rows.append(score_row(ts, row["blur"], row["draws"], res.healed, g.max_stages,
+                                  float(res.stages.float().mean()), row["smooth"], row["signed"], row["bins"],
+                                  score=res.score))
             done += 1
     progress("tune", steps, steps, f"{len(rows)} settings scored")
     return rows
@@ -263,28 +276,33 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
                      progress: ProgressFn = null_progress) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Calibrate on the untouched volumes under `setting`, then score every calibrated FPR: mean Dice on
     the lesion cases and the volume flagged in each lesion-free one (after the minimum lesion size)."""
-    from .calibrate import FUSION_FPR, calibration_maps, calibration_record, smoothed_volume_thresholds
-    from .detect import oriented_score, postprocess, run_stages
+    from .calibrate import FUSION_FPR, calibration_maps, calibration_record, needs_whole_scans, scan_map_thresholds
+    from .card import DetectionDefaults
+    from .detect import postprocess, run_stages, scan_map
     from .metrics import dice
 
     ts = tuple(int(v) for v in setting["t"].split("+"))
     k, stages, draws = int(setting["blur"]), int(setting["stages"]), int(setting["draws"])
     smooth = float(setting.get("smooth", 0.0))
+    signed, bins = bool(setting.get("signed", False)), int(setting.get("bins", 0))
+    d = DetectionDefaults(blur_kernel=k, smooth_mm=smooth, signed_map=signed, tissue_bins=bins)
     hx = torch.cat([c.prep.slices for c in healthy_cases])
     hm = torch.cat([c.prep.masks for c in healthy_cases])
     fusion, hres = calibration_maps(model, hx, hm, ts=ts, kernel=k, max_stages=stages, draws=draws,
                                     batch_size=opts.batch_size, seed=opts.seed, progress=progress)
     cal = calibration_record(hres, hm, opts.fprs, fusion=fusion, fusion_fpr=FUSION_FPR, ts=ts, kernel=k,
                              max_stages=stages, draws=draws, region=opts.region or "foreground")
-    if smooth > 0:
-        cal = smoothed_volume_thresholds(cal, hres.score, [c.prep for c in healthy_cases], smooth, opts.fprs)
+    if needs_whole_scans(d):
+        cal = scan_map_thresholds(cal, hres.healed, [c.prep for c in healthy_cases], d, opts.fprs)
     thresholds = cal["thresholds"]
     lx = torch.cat([c.prep.slices for c in lesion_cases])
     lm = torch.cat([c.prep.masks for c in lesion_cases])
     lres = run_stages(model, lx, lm, t=ts, kernel=k, threshold=fusion, max_stages=stages,
                       batch_size=opts.batch_size, draws=draws, seed=opts.seed)
-    lmaps = [oriented_score(s, c.prep, smooth) for s, c in zip(_split(lres.score, lesion_cases), lesion_cases)]
-    hmaps = [oriented_score(s, c.prep, smooth) for s, c in zip(_split(hres.score, healthy_cases), healthy_cases)]
+    lmaps = [scan_map(h, c.prep, k, smooth, signed, bins, score=s)
+             for h, s, c in zip(_split(lres.healed, lesion_cases), _split(lres.score, lesion_cases), lesion_cases)]
+    hmaps = [scan_map(h, c.prep, k, smooth, signed, bins, score=s)
+             for h, s, c in zip(_split(hres.healed, healthy_cases), _split(hres.score, healthy_cases), healthy_cases)]
     components = [lesion_polarities(c, h) for c, h in zip(lesion_cases, healthy_cases)]
     points = []
     for key, thr in thresholds.items():
@@ -372,7 +390,8 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
     rows = sweep(model, lesion_cases, opts, progress)
     chosen = choose(rows)
     t_sweep = time.perf_counter()
-    progress("tune", 0, 1, f"chosen: t {chosen['t']}, blur {chosen['blur']}, smoothing {chosen['smooth']:g} mm, "
+    progress("tune", 0, 1, f"chosen: t {chosen['t']}, blur {chosen['blur']}, smoothing {chosen['smooth']:g} mm"
+             f"{' (signed)' if chosen.get('signed') else ''}, tissue classes {chosen.get('bins', 0)}, "
              f"{chosen['stages']} stage(s); "
              "calibrating on the lesion-free volumes")
     cal, points = operating_points(model, lesion_cases, healthy_cases, chosen, opts, progress)
@@ -387,7 +406,9 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
                                           max_stages=int(chosen["stages"]), t_ensemble=tuple(ts) if len(ts) > 1 else (),
                                           noise_draws=int(chosen["draws"]), fpr=float(op["fpr"]),
                                           grow_fpr=float(op["grow_fpr"]) if op.get("grow_fpr") else None,
-                                          smooth_mm=float(chosen.get("smooth", 0.0)), region=opts.region or "foreground")
+                                          smooth_mm=float(chosen.get("smooth", 0.0)), region=opts.region or "foreground",
+                                          signed_map=bool(chosen.get("signed", False)),
+                                          tissue_bins=int(chosen.get("bins", 0)))
     what = description or ", ".join(f"{v.name} ({v.source})" for v in volumes)
     cal["data"] = f"the lesion-free forms of: {what}"
     cal["scans"] = len(healthy_cases)

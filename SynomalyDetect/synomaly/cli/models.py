@@ -65,6 +65,12 @@ def cmd_tune(args) -> int:
         grid.ensembles = tuple(tuple(int(v) for v in e.split("+")) for e in args.ensembles)
     if args.smooth is not None:
         grid.smooths = tuple(float(v) for v in args.smooth)
+    if args.tissue_bins:
+        if any(not 0 <= b <= 64 for b in args.tissue_bins):
+            raise InputError(f"tissue classes must lie between 0 and 64, got {args.tissue_bins}")
+        grid.tissue_bins = tuple(sorted(set(args.tissue_bins) | {0}))
+    if args.unsigned:
+        grid.signed = (False,)
     if args.single_stage:  # no multi-stage rows, no extra noise draws: the cheapest sweep of the grid
         grid.max_stages, grid.multi_top, grid.more_draws = 1, 0, 1
     opts = TuneOptions(forms=tuple(args.forms), lesions_per_volume=args.lesions, seed=args.seed,
@@ -74,7 +80,8 @@ def cmd_tune(args) -> int:
     out = args.output or args.model
     best = rec["chosen"]
     print(f"tuned {out} on {rec['lesion_cases']} volumes with {rec['lesions']} implanted lesions "
-          f"({rec['seconds']['total']:.0f} s): t {best['t']}, blur {best['blur']}, smoothing {best['smooth']:g} mm, "
+          f"({rec['seconds']['total']:.0f} s): t {best['t']}, blur {best['blur']}, smoothing {best['smooth']:g} mm"
+          f"{' (signed)' if best.get('signed') else ''}, tissue classes {best.get('bins', 0)}, "
           f"{best['stages']} stage(s), "
           f"pooled pixel AUPRC {best['auprc']:.3f}; default FPR {rec['chosen_fpr']}"
           + (f", grown to FPR {rec['chosen_grow_fpr']}" if rec.get("chosen_grow_fpr") else ""))
@@ -158,6 +165,10 @@ def add_parsers(sub) -> None:
     tu.add_argument("--smooth", type=float, nargs="*", metavar="MM",
                     help="smoothings of the map across slices to try on the best settings, sigma in mm "
                          "(default 2 3 4 6; none with no value)")
+    tu.add_argument("--tissue-bins", type=int, nargs="+", metavar="N",
+                    help="tissue classes to try normalising the best settings' maps in (default 0 8; 0 alone: never)")
+    tu.add_argument("--unsigned", action="store_true",
+                    help="never try smoothing the signed difference across slices (the original absolute map only)")
     tu.add_argument("--single-stage", action="store_true",
                     help="score single-stage settings only (no multi-stage rows, no extra noise draws)")
     tu.add_argument("--max-healthy-ml", type=float, default=1.0,
