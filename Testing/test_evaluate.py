@@ -351,6 +351,18 @@ def test_binned_pixel_metrics_match_exact_ones():
     q = bins.astype(float)
     assert evalstats.hist_auroc(pos, neg) == pytest.approx(auroc(q, y), abs=1e-12)
     assert evalstats.hist_auprc(pos, neg) == pytest.approx(auprc(q, y), abs=1e-12)
+    # a map normalised per tissue class counts spreads (lesions at 5-20): binned over its own range it keeps its
+    # ranking, where the difference maps' [0, 2] would lump every lesion voxel into the top bin
+    n = s * 10.0
+    top = evalstats.map_top({"tissue_bins": 8})
+    assert top > 20 and evalstats.map_top({"tissue_bins": 0}) == evalstats.map_top({}) == 2.0
+    nb = evalstats.score_bins(n, top)
+    pos = np.bincount(nb[y], minlength=evalstats.HIST_BINS)
+    neg = np.bincount(nb[~y], minlength=evalstats.HIST_BINS)
+    assert evalstats.hist_auprc(pos, neg) == pytest.approx(auprc(n, y), abs=2e-3)
+    lumped = evalstats.score_bins(n)
+    assert evalstats.hist_auprc(np.bincount(lumped[y], minlength=evalstats.HIST_BINS),
+                                np.bincount(lumped[~y], minlength=evalstats.HIST_BINS)) < auprc(n, y) - 0.01
 
 
 def test_card_mode_leaves_the_operating_point_to_the_engine_and_validation_mode_fixes_the_threshold():

@@ -193,7 +193,8 @@ def _markdown(results: Sequence[MethodResult], data: EvalData, s: EvalSettings, 
     lines += [f"- Image score: {IMAGE_SCORE}; the foreground is the engine's (`prepare.foreground_mask` on the "
               "axial input); pixel metrics count foreground pixels plus any truth pixel outside it.",
               "- Pooled pixel AUROC/AUPRC (and their curves) bin the map values into "
-              f"{HIST_BINS} bins on a square-root scale over [0, 2] (bin width below 2.5e-4 up to a map value of 0.1); "
+              f"{HIST_BINS} bins on a square-root scale over [0, 2] (bin width below 2.5e-4 up to a map value of 0.1; "
+              "maps normalised per tissue class, in units of their tissue's spread: over [0, 64]); "
               "per-image and per-volume values are exact.",
               "- Volumes: slices of one volume are pooled for per-volume numbers; per-image numbers count each 2D "
               "image or each slice of a volume (slices with the engine's minimum foreground).",

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from .errors import InputError
 from .evaldata import EvalCase
 from .evalplots import Gallery
-from .evalstats import HIST_BINS, RunOutput, UnitAgg, item_stats, score_bins
+from .evalstats import HIST_BINS, RunOutput, UnitAgg, item_stats, map_top, score_bins
 from .progress import ProgressFn, null_progress
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ def run_cases(model, cases: Sequence[EvalCase], stages: int, threshold: float, s
             if tr is not None:
                 roi = fg | tr
                 s_roi, y_roi = sc[roi], tr[roi]
-                bins = score_bins(s_roi)
+                bins = score_bins(s_roi, map_top(result.report))
                 u.hist_pos += np.bincount(bins[y_roi], minlength=HIST_BINS)
                 u.hist_neg += np.bincount(bins[~y_roi], minlength=HIST_BINS)
                 if vol_buf["truth"] is not None:

@@ -46,11 +46,19 @@ METRICS: dict[str, tuple[str, str, str]] = {
 MEAN_METRICS = ("dice_image", "dice_volume", "pixel_auprc_image", "pixel_auroc_image", "pixel_auprc_volume",
                 "pixel_auroc_volume", "healthy_fp_fraction", "healthy_ml_volume", "seconds_per_image")
 HIST_BINS = 16384  # pooled pixel metrics: scores in [0, 2] binned on a square-root scale (fine near 0)
+MAP_TOP = 2.0  # a difference map of [-1, 1] images lies in [0, 2]
+NORMALISED_MAP_TOP = 64.0  # a map normalised per tissue class (detect.tissue_normalised) counts spreads: [0, 64]
 
 
-def score_bins(values: np.ndarray) -> np.ndarray:
-    """Histogram bin of each score in [0, 2] on a square-root scale (HIST_BINS bins)."""
-    v = np.sqrt(np.clip(values.astype(np.float64, copy=False), 0.0, 2.0) / 2.0)
+def map_top(report: dict[str, Any]) -> float:
+    """The top of the binned range for a detection's map (its report says whether it was normalised)."""
+    return NORMALISED_MAP_TOP if report.get("tissue_bins") else MAP_TOP
+
+
+def score_bins(values: np.ndarray, top: float = MAP_TOP) -> np.ndarray:
+    """Histogram bin of each score in [0, top] on a square-root scale (HIST_BINS bins); higher scores share the
+    top bin."""
+    v = np.sqrt(np.clip(values.astype(np.float64, copy=False), 0.0, top) / top)
     return np.minimum((v * HIST_BINS).astype(np.int64), HIST_BINS - 1)
 
 
