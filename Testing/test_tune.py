@@ -120,7 +120,7 @@ def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file,
     sitk.WriteImage(_head(seed=4), str(vol))
     out = tmp_path / "tuned.safetensors"
     grid = tune.TuneGrid(ts=(50, 200), blurs=(1, 3), ensembles=((50, 200),), max_stages=2, multi_top=1, more_draws=2,
-                         smooths=(3.0,), smooth_top=2)
+                         smooths=(3.0,), smooth_top=2, signed=(False, True), tissue_bins=(0, 8))
     opts = tune.TuneOptions(forms=("native", "thick"), lesions_per_volume=2, grid=grid, seed=1)
     record = tune.tune_model(tiny_model_file, [str(vol)], output=out, options=opts, device="cpu")
     card = read_card(out)
@@ -257,9 +257,9 @@ def test_tune_command_with_a_single_stage_grid_of_our_choosing(tiny_model_file, 
     out = tmp_path / "tuned.safetensors"
     assert main(["tune", str(tiny_model_file), "--data", str(vol), "--forms", "native", "--lesions", "2",
                  "--t", "50", "--blur", "3", "5", "--ensembles", "50+200", "--single-stage", "--smooth", "3",
-                 "--unsigned", "--tissue-bins", "0", "-o", str(out), "--progress", "none"]) == 0
+                 "-o", str(out), "--progress", "none"]) == 0
     table = read_card(out).tuning["table"]
-    assert not any(r["signed"] or r["bins"] for r in table)  # the original map only, as asked
+    assert not any(r["signed"] or r["bins"] for r in table)  # by default the original map only
     settings = [("50", 3), ("50", 5), ("50+200", 3), ("50+200", 5)]
     assert sorted((r["t"], r["blur"], r["smooth"]) for r in table) == sorted(
         [(t, b, 0.0) for t, b in settings] + [(t, b, 3.0) for t, b in settings])  # the 4 best, smoothed 3 mm
@@ -268,6 +268,12 @@ def test_tune_command_with_a_single_stage_grid_of_our_choosing(tiny_model_file, 
     assert main(["tune", str(tiny_model_file), "--data", str(vol), "--tissue-bins", "-2", "-o", str(out),
                  "--progress", "none"]) != 0
     assert "tissue classes must lie between 0 and 64" in capsys.readouterr().err
+    assert main(["tune", str(tiny_model_file), "--data", str(vol), "--forms", "native", "--lesions", "2",
+                 "--t", "50", "--blur", "3", "--ensembles", "--single-stage", "--smooth", "3", "--signed",
+                 "--tissue-bins", "4", "-o", str(out), "--progress", "none"]) == 0
+    variants = {(r["smooth"], r["signed"], r["bins"]) for r in read_card(out).tuning["table"]}
+    assert variants == {(0.0, False, 0), (0.0, False, 4), (3.0, False, 0), (3.0, False, 4), (3.0, True, 0),
+                        (3.0, True, 4)}, "asked for, both variants are tried"
 
 
 def test_smoothing_across_slices_lowers_one_slice_errors_more_than_lesions_through_slices():
