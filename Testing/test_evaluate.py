@@ -305,18 +305,31 @@ def test_implanted_lesions_are_deterministic_varied_and_inside(template):
 
 def test_implanted_volumes_end_to_end(models, template, tmp_path):
     out = tmp_path / "report"
-    assert _evaluate(["--method", f"s={models['synomaly']}:2", "--data", "implanted", "--templates", template,
+    assert _evaluate(["--method", f"s={models['synomaly']}:2", "--method", f"again={models['synomaly']}:2",
+                      "--data", "implanted", "--templates", template, "--baseline", "s",
                       "--val-templates", template, "--forms", "native", "thick", "--cases", "3", "--val-cases", "2",
                       "-o", out, "--bootstrap", "50"]) == 0
     summary = json.loads((out / "evaluation.json").read_text())
     assert [t["name"] for t in summary["data"]["templates"]] == ["head"]
-    rows = _rows(out / "per_case.csv")
+    rows = [r for r in _rows(out / "per_case.csv") if r["method"] == "s"]
     volumes = [r for r in rows if r["level"] == "volume"]
     assert len(volumes) == 6 and sum(r["label"] == "1" for r in volumes) == 4  # every 3rd volume is lesion-free
     slices = [r for r in rows if r["level"] == "image"]
     assert all(r["slice"] != "" for r in slices) and {r["label"] for r in slices} == {"0", "1"}
     md = (out / "report.md").read_text()
     assert "Dice/volume" in md and "head" in md and "max mL healthy" in md
+    # the same method twice, paired against itself: every difference and both ends of its interval are 0 (two
+    # unpaired intervals of the same numbers would overlap, not vanish)
+    paired = summary["baseline_comparisons"]
+    assert {c["metric"] for c in paired} >= {"dice_volume", "pixel_auprc", "healthy_ml_max"}
+    assert all(c["method"] == "again" and c["baseline"] == "s" for c in paired)
+    assert all(c["difference"] == c["low"] == c["high"] == 0 for c in paired)
+    assert "## Against the baseline `s`" in md and "| again | Dice/volume | +0.000 [0.000, 0.000] |" in md
+    from synomaly.errors import InputError
+
+    with pytest.raises(InputError, match="--baseline 'nope' is not one of the methods: s"):
+        _evaluate(["--method", f"s={models['synomaly']}:2", "--data", "implanted", "--baseline", "nope", "-o",
+                   tmp_path / "never"])
 
 
 def test_method_names_and_specs(models):

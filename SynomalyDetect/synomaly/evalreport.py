@@ -59,6 +59,41 @@ def comparisons(results: Sequence[MethodResult], data: EvalData, s: EvalSettings
     return rows
 
 
+#: What a paired comparison with the baseline reports, when the data define it (pixel metrics need pixel truth,
+#: lesion-free volume metrics need 3D lesion-free volumes).
+BASELINE_METRICS = ("dice_volume", "dice_image", "pixel_auprc", "pixel_auprc_volume", "healthy_ml_volume",
+                    "healthy_ml_max", "image_auroc")
+
+
+def baseline_comparisons(results: Sequence[MethodResult], data: EvalData, s: EvalSettings) -> list[dict[str, Any]]:
+    """Every method against the baseline method (s.baseline) on the same test units: the difference of each
+    metric with a paired bootstrap interval (units resampled together for both methods, within their label),
+    narrower than comparing two unpaired intervals. Empty without a baseline."""
+    if not s.baseline:
+        return []
+    by_name = {r.method.name: r for r in results}
+    base = by_name[s.baseline]
+    keys = [k for k in BASELINE_METRICS if k in base.metrics and np.isfinite(base.metrics[k]["estimate"])]
+    rows = []
+    for r in results:
+        if r is base:
+            continue
+        for key in keys:
+            if not np.isfinite(r.metrics.get(key, {}).get("estimate", math.nan)):
+                continue
+            est, lo, hi = paired_difference(r.run, base.run, key, r.threshold.get("image_threshold", math.nan),
+                                            base.threshold.get("image_threshold", math.nan), s.bootstrap, s.seed)
+            if np.isfinite(lo) and lo > 0:
+                reading = "higher"
+            elif np.isfinite(hi) and hi < 0:
+                reading = "lower"
+            else:
+                reading = "no clear difference (interval includes 0)"
+            rows.append({"method": r.method.name, "baseline": base.method.name, "metric": key, "difference": est,
+                         "low": lo, "high": hi, "reading": reading})
+    return rows
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "n/a"
@@ -188,6 +223,18 @@ def _markdown(results: Sequence[MethodResult], data: EvalData, s: EvalSettings, 
     else:
         lines.append("Not tested: this run lacks the pairs of methods (synomaly-multi, gaussian-multi, "
                      "synomaly-single, gaussian-single, dae) the claims compare.")
+    if s.baseline:
+        lines += ["", f"## Against the baseline `{s.baseline}`", ""]
+        rows = baseline_comparisons(results, data, s)
+        if rows:
+            lines += ["Paired bootstrap over the same test units (resampled together for both methods, within their "
+                      "label): method - baseline. For the mL metrics lower is better, for the others higher.", "",
+                      "| method | metric | method - baseline [95 % interval] | reading |", "|---|---|---|---|"]
+            for c in rows:
+                lines.append(f"| {c['method']} | {METRICS[c['metric']][1]} | {c['difference']:+.3f} "
+                             f"[{_fmt(c['low'])}, {_fmt(c['high'])}] | {c['reading']} |")
+        else:
+            lines.append("No other method to compare with the baseline.")
     lines += ["", "## Definitions", ""]
     lines += [f"- **{METRICS[k][1]}** (`{k}`): {METRICS[k][2]}." for k in keys]
     lines += [f"- Image score: {IMAGE_SCORE}; the foreground is the engine's (`prepare.foreground_mask` on the "
@@ -263,7 +310,8 @@ def write_report(results: Sequence[MethodResult], data: EvalData, s: EvalSetting
             "methods": [{"name": r.method.name, "model": r.method.model, "stages": r.stages, "t": r.t,
                          "blur_kernel": r.blur, "card": r.card, "threshold": r.threshold, "metrics": r.metrics,
                          "seconds_total": round(r.seconds, 2)} for r in results],
-            "comparisons": comps, "caveat": CAVEAT, "image_score": IMAGE_SCORE,
+            "comparisons": comps, "baseline_comparisons": baseline_comparisons(results, data, s),
+            "caveat": CAVEAT, "image_score": IMAGE_SCORE,
         }
         (tmp / "evaluation.json").write_text(json.dumps(finite(summary), indent=1, default=_json_default,
                                                         allow_nan=False), encoding="utf-8")

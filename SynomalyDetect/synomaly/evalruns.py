@@ -122,6 +122,7 @@ class EvalSettings:
     device: str = "auto"
     precision: str = "auto"
     gallery_k: int = 2
+    baseline: Optional[str] = None  # a method's name: every other method's paired difference from it is reported
 
 
 @dataclass

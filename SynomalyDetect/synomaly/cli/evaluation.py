@@ -62,6 +62,9 @@ def add_evaluate_parser(subparsers) -> None:
     e.add_argument("--fpr", type=float, help="with --threshold-from card: which calibrated FPR (default: 0.001 if "
                                              "calibrated, else the card's default threshold)")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
+    e.add_argument("--baseline", metavar="NAME",
+                   help="a method's name: report every other method's difference from it on the same test units, "
+                        "with paired bootstrap intervals (e.g. a candidate model against the shipped one)")
     # the options a detection has are those of contract.DETECTION_SETTINGS (flag, type, default), here for every method
     add_setting_argument(e, "t", "noise level t for every diffusion method (default: each card's)")
     add_setting_argument(e, "max_stages", "stages of the automatic *-multi methods (default: each card's)", dest="stages")
@@ -102,11 +105,16 @@ def cmd_evaluate(args) -> int:
     from ..evaluate import run_evaluation
 
     methods = select_methods(args.model, args.method, args.methods, args.stages)
+    if args.baseline is not None and args.baseline not in [m.name for m in methods]:
+        from ..errors import InputError
+
+        raise InputError(f"--baseline {args.baseline!r} is not one of the methods: "
+                         f"{', '.join(m.name for m in methods)}")
     s = EvalSettings(threshold_from=args.threshold_from, val_rule=args.val_rule, target_fpr=args.target_fpr,
                      card_fpr=args.fpr, t=args.t, blur=args.blur, smooth=args.smooth, region=args.region,
                      min_size=args.min_size,
                      seed=args.seed, bootstrap=args.bootstrap, batch_size=args.batch_size, device=args.device,
-                     precision=args.precision, gallery_k=args.gallery)
+                     precision=args.precision, gallery_k=args.gallery, baseline=args.baseline)
     progress = make_progress(args.progress)
     out = run_evaluation(methods, args.data, args.output, s, command=command_line(args), overwrite=args.overwrite,
                          limit=args.limit, templates=args.templates, cases=args.cases, val_cases=args.val_cases,
