@@ -33,6 +33,15 @@ COMPARISONS = (  # (A, B, what a positive A - B supports)
 )
 
 
+def _paired(ra: MethodResult, rb: MethodResult, key: str, s: EvalSettings) -> tuple[float, float, float, int]:
+    """A - B for one metric with its paired bootstrap interval, and which side of 0 the interval lies on (+1 above,
+    -1 below, 0 it includes 0)."""
+    est, lo, hi = paired_difference(ra.run, rb.run, key, ra.threshold.get("image_threshold", math.nan),
+                                    rb.threshold.get("image_threshold", math.nan), s.bootstrap, s.seed)
+    side = 1 if (np.isfinite(lo) and lo > 0) else -1 if (np.isfinite(hi) and hi < 0) else 0
+    return est, lo, hi, side
+
+
 def comparisons(results: Sequence[MethodResult], data: EvalData, s: EvalSettings) -> list[dict[str, Any]]:
     """The paper's claims as paired differences between methods present in this run."""
     by_name = {r.method.name: r for r in results}
@@ -44,16 +53,11 @@ def comparisons(results: Sequence[MethodResult], data: EvalData, s: EvalSettings
             continue
         ra, rb = by_name[a], by_name[b]
         for key in keys:
-            est, lo, hi = paired_difference(ra.run, rb.run, key, ra.threshold.get("image_threshold", math.nan),
-                                            rb.threshold.get("image_threshold", math.nan), s.bootstrap, s.seed)
+            est, lo, hi, side = _paired(ra, rb, key, s)
             if not np.isfinite(est):
                 continue
-            if np.isfinite(lo) and lo > 0:
-                verdict = "supports the claim"
-            elif np.isfinite(hi) and hi < 0:
-                verdict = "contradicts the claim"
-            else:
-                verdict = "inconclusive (interval includes 0)"
+            verdict = {1: "supports the claim", -1: "contradicts the claim",
+                       0: "inconclusive (interval includes 0)"}[side]
             rows.append({"a": a, "b": b, "claim": claim, "metric": key, "difference": est, "low": lo, "high": hi,
                          "verdict": verdict})
     return rows
@@ -81,14 +85,8 @@ def baseline_comparisons(results: Sequence[MethodResult], data: EvalData, s: Eva
         for key in keys:
             if not np.isfinite(r.metrics.get(key, {}).get("estimate", math.nan)):
                 continue
-            est, lo, hi = paired_difference(r.run, base.run, key, r.threshold.get("image_threshold", math.nan),
-                                            base.threshold.get("image_threshold", math.nan), s.bootstrap, s.seed)
-            if np.isfinite(lo) and lo > 0:
-                reading = "higher"
-            elif np.isfinite(hi) and hi < 0:
-                reading = "lower"
-            else:
-                reading = "no clear difference (interval includes 0)"
+            est, lo, hi, side = _paired(r, base, key, s)
+            reading = {1: "higher", -1: "lower", 0: "no clear difference (interval includes 0)"}[side]
             rows.append({"method": r.method.name, "baseline": base.method.name, "metric": key, "difference": est,
                          "low": lo, "high": hi, "reading": reading})
     return rows
