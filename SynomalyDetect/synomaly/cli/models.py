@@ -156,7 +156,7 @@ def add_parsers(sub) -> None:
     tu.add_argument("--forms", nargs="+", default=["native", "brain", "oblique", "thick", "scaled"],
                     choices=["native", "brain", "oblique", "thick", "scaled"],
                     help="forms of each volume to tune on (brain: skull-stripped, for volumes with a mask)")
-    tu.add_argument("--lesions", type=int, default=3, help="lesions implanted per volume and form (default 3)")
+    tu.add_argument("--lesions", type=int, default=6, help="lesions implanted per volume and form (default 6)")
     tu.add_argument("--t", type=int, nargs="+", help="noise levels to try (default 5 10 25 50 100 200 400)")
     tu.add_argument("--blur", type=int, nargs="+", help="blur kernels to try (default 3 5 7 9)")
     tu.add_argument("--quick", action="store_true", help="a small grid (about a quarter of the time)")
