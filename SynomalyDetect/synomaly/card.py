@@ -15,6 +15,7 @@ POLARITIES = ("brighter", "darker", "both")
 ARCHITECTURES = ("monai.DiffusionModelUNet", "guided-diffusion.UNetModel")
 NORMALISATIONS = ("foreground-percentile", "slice-minmax")
 FRAMINGS = ("foreground-square", "whole-slice")
+MAX_TISSUE_BINS = 64  # a volume map is normalised in at most this many tissue classes (detect.tissue_normalised)
 
 
 class ModelCardError(ValueError):
@@ -230,8 +231,9 @@ class ModelCard:
                 raise ModelCardError(f"{name}: noise_draws and max_stages must be >= 1 and fpr in (0, 1)")
             if int(d.blur_kernel) < 1 or int(d.blur_kernel) % 2 == 0:
                 raise ModelCardError(f"{name}.blur_kernel {d.blur_kernel} must be odd and positive")
-            if not 0 <= int(d.tissue_bins) <= 64:
-                raise ModelCardError(f"{name}.tissue_bins {d.tissue_bins} must lie between 0 (off) and 64")
+            if not 0 <= int(d.tissue_bins) <= MAX_TISSUE_BINS:
+                raise ModelCardError(f"{name}.tissue_bins {d.tissue_bins} must lie between 0 (off) and "
+                                     f"{MAX_TISSUE_BINS}")
             if d.region not in REGIONS:
                 raise ModelCardError(f"{name}.region {d.region!r} is not one of {REGIONS}")
         n = self.normalisation

@@ -218,13 +218,15 @@ def oriented_score(score: torch.Tensor, prep, smooth_mm: float) -> np.ndarray:
 def resolve_map(settings: DetectionSettings, card, volume: bool) -> tuple[bool, int]:
     """Whether a volume's signed difference is smoothed across slices, and in how many tissue classes its map is
     normalised (scan_map): explicit, else the card's; 2D images: neither."""
+    from .card import MAX_TISSUE_BINS
+
     if not volume:
         return False, 0
     d = card.detection_for(True)
     signed = bool(settings.signed_map if settings.signed_map is not None else d.signed_map)
     bins = int(settings.tissue_bins if settings.tissue_bins is not None else d.tissue_bins)
-    if not 0 <= bins <= 64:
-        raise SettingsError(f"tissue classes must lie between 0 (off) and 64, got {bins}")
+    if not 0 <= bins <= MAX_TISSUE_BINS:
+        raise SettingsError(f"tissue classes must lie between 0 (off) and {MAX_TISSUE_BINS}, got {bins}")
     return signed, bins
 
 
@@ -236,7 +238,6 @@ def tissue_normalised(score: np.ndarray, tissue: np.ndarray, region: np.ndarray,
     small part of its class, so the class's median and spread stay those of healthy tissue. The spread has a
     floor of a tenth of the whole region's, so a class that heals almost perfectly does not turn noise into
     lesions. Zero outside `region`."""
-    out = np.zeros_like(score, dtype=np.float32)
     if bins <= 0 or not region.any():
         return score
     values = score[region].astype(np.float64)
@@ -252,6 +253,7 @@ def tissue_normalised(score: np.ndarray, tissue: np.ndarray, region: np.ndarray,
             continue
         med, hi = np.quantile(values[sel], [0.5, 0.9])
         norm[sel] = (values[sel] - med) / max(hi - med, floor)
+    out = np.zeros_like(score, dtype=np.float32)
     out[region] = np.maximum(norm, 0.0)
     return out
 
@@ -271,7 +273,7 @@ def scan_map(healed: torch.Tensor, prep, kernel: int, smooth_mm: float, signed: 
         x0 = prep.slices.to(healed.device)
         diff = (blur_kernel(x0, kernel) - blur_kernel(healed, kernel)) * prep.masks.to(healed.device).float()
         score = diff if signed else diff.abs()
-    out = smooth_across_slices(grid_to_oriented(score, prep) * prep.foreground, prep, smooth_mm)
+    out = oriented_score(score, prep, smooth_mm)
     if signed:
         out = np.abs(out)
     if tissue_bins > 0:

@@ -230,12 +230,15 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
     if g.smooth_top > 0 and (g.smooths or any(g.tissue_bins)):
         variants = [(float(sm), bool(sg), int(b)) for sm in (0.0, *g.smooths) for sg in g.signed for b in g.tissue_bins
                     if not (sg and sm <= 0) and (sm, sg, b) != (0.0, False, 0)]
-        progress("tune", done, steps, f"the {g.smooth_top} best with the map smoothed across slices by {g.smooths} mm, "
-                 "signed or not, normalised per tissue or not")
+        also = (", signed or not" if True in g.signed else "") + (
+            ", normalised per tissue or not" if any(g.tissue_bins) else "")
+        progress("tune", done, steps, f"the {g.smooth_top} best with the map smoothed across slices by {g.smooths} mm"
+                 + also)
         for row in sorted(rows, key=lambda r: -r["auprc"])[: g.smooth_top]:
             ts = levels_of(row)
             xh = predictions(ts, g.draws)
-            rows.extend(score_row(ts, row["blur"], g.draws, xh, 1, 1.0, sm, sg, b) for sm, sg, b in variants)
+            score = anomaly_score(x0, xh, fmask, row["blur"])  # |D| once per row; the signed variants recompute D
+            rows.extend(score_row(ts, row["blur"], g.draws, xh, 1, 1.0, sm, sg, b, score) for sm, sg, b in variants)
     best = max(rows, key=lambda r: r["auprc"])
     if g.more_draws > g.draws:
         ts = levels_of(best)

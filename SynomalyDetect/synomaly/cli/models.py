@@ -66,8 +66,10 @@ def cmd_tune(args) -> int:
     if args.smooth is not None:
         grid.smooths = tuple(float(v) for v in args.smooth)
     if args.tissue_bins:
-        if any(not 0 <= b <= 64 for b in args.tissue_bins):
-            raise InputError(f"tissue classes must lie between 0 and 64, got {args.tissue_bins}")
+        from ..card import MAX_TISSUE_BINS
+
+        if any(not 0 <= b <= MAX_TISSUE_BINS for b in args.tissue_bins):
+            raise InputError(f"tissue classes must lie between 0 and {MAX_TISSUE_BINS}, got {args.tissue_bins}")
         grid.tissue_bins = tuple(sorted(set(args.tissue_bins) | {0}))
     if args.signed:
         grid.signed = (False, True)
