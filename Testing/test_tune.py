@@ -390,3 +390,22 @@ def test_signed_smoothing_cancels_errors_that_change_sign_from_slice_to_slice(ti
     assert signed[err].mean() < 0.25 * signed[les].mean(), "the signed map cancels it and keeps the lesion"
     assert np.allclose(scan_map(healed, prep, 1, 0.0, signed=True), scan_map(healed, prep, 1, 0.0)), \
         "without smoothing the sign changes nothing"
+
+
+def test_a_card_or_a_setting_with_impossible_tissue_classes_is_refused_in_one_sentence(tiny_model_file):
+    from synomaly.card import MAX_TISSUE_BINS, ModelCard, ModelCardError
+    from synomaly.detect import DetectionSettings, resolve_map
+
+    card = read_card(tiny_model_file)
+    data = card.to_dict()
+    data["detection_3d"] = {**data["detection"], "tissue_bins": MAX_TISSUE_BINS + 1}
+    with pytest.raises(ModelCardError, match=f"detection_3d.tissue_bins {MAX_TISSUE_BINS + 1} must lie between"):
+        ModelCard.from_dict(data)
+    data["detection_3d"]["tissue_bins"] = 8
+    tuned = ModelCard.from_dict(data)
+    assert resolve_map(DetectionSettings(), tuned, volume=True) == (False, 8)
+    assert resolve_map(DetectionSettings(), tuned, volume=False) == (False, 0), "2D images keep the original map"
+    from synomaly.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="tissue classes must lie between 0 \\(off\\) and 64, got -1"):
+        resolve_map(DetectionSettings(tissue_bins=-1), tuned, volume=True)
