@@ -102,6 +102,39 @@ def test_prepare_scores_the_brain_with_the_foregrounds_framing_and_intensities(t
     assert brain.masks.sum() < whole.masks[same].sum()
 
 
+def test_the_stripped_brain_region_feeds_the_network_a_skull_stripped_scan(tiny_model_file):
+    """Region brain-stripped: the registered brain cut out, normalised inside itself, framed around itself; it
+    matches what the network is given for the same head stripped beforehand (up to the registration's edge)."""
+    from synomaly.prepare import prepare_scan
+
+    card = read_card(tiny_model_file)
+    image, _ = _moved_atlas()
+    brain = prepare_scan(image, card, region="brain")
+    cut = prepare_scan(image, card, region="brain-stripped")
+    assert cut.region == "brain-stripped" and "registered to the head" in cut.region_note
+    assert np.array_equal(cut.foreground, brain.foreground) and np.array_equal(cut.slice_index, brain.slice_index)
+    assert cut.geometry.box[2] < brain.geometry.box[2], "framed around the brain, not the head"
+    assert cut.geometry.upper < brain.geometry.upper, "the bright scalp no longer sets the top of the range"
+    # outside the brain the model sees background (-1) only; inside, the brain is stretched over more of the range
+    grid_in = cut.slices[cut.masks].numpy()
+    import torch
+    near = torch.nn.functional.max_pool2d(cut.masks.float(), 3, stride=1, padding=1) > 0  # a pixel's edge blends
+    assert (cut.slices[~near] <= -0.999).all()
+    brain_in = brain.slices[brain.masks].numpy()
+    assert np.percentile(grid_in, 99) > np.percentile(brain_in, 99) + 0.1 and np.median(grid_in) > np.median(brain_in)
+    # the same head stripped by hand with that mask, prepared as a skull-stripped scan, gives the same input
+    arr = sitk.GetArrayFromImage(image)
+    from synomaly.prepare import unorient_array
+    mask = unorient_array(cut.foreground, cut.geometry.transpose, cut.geometry.flips)
+    stripped = sitk.GetImageFromArray(np.where(mask, arr, 0).astype(np.float32))
+    stripped.CopyInformation(image)
+    by_hand = prepare_scan(stripped, card)
+    assert by_hand.geometry.box == cut.geometry.box
+    common, i_cut, i_hand = np.intersect1d(cut.slice_index, by_hand.slice_index, return_indices=True)
+    assert len(common) > 0.8 * len(cut.slice_index)
+    assert np.allclose(cut.slices[i_cut].numpy(), by_hand.slices[i_hand].numpy(), atol=0.02)  # 0.007 here
+
+
 def test_a_scan_without_a_findable_brain_keeps_its_foreground_and_says_why(tiny_model_file):
     from synomaly.prepare import prepare_scan
 

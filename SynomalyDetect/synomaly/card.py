@@ -268,7 +268,8 @@ class ModelCard:
         if volume and d.tissue_bins:
             smooth += f", normalised in {d.tissue_bins} tissue classes"
         stages = "1 stage" if d.max_stages == 1 else f"up to {d.max_stages} stages"
-        region = ", scored in the brain" if volume and d.region == "brain" else ""
+        region = {"brain": ", scored in the brain", "brain-stripped": ", the brain cut out and scored"}.get(d.region, "") \
+            if volume else ""
         return f"t {t}, blur {d.blur_kernel}{smooth}, {stages}{draws}, FPR {d.fpr:g}{grow}{region}"
 
     def summary(self) -> str:

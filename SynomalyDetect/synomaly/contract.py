@@ -70,7 +70,7 @@ DEMO_TRUTH_FILE = "demo_lesion_truth.seg.nrrd"
 
 #: Where a volume's anomaly map is scored: every foreground voxel, or only the brain (a T1 atlas registered to
 #: the scan, synomaly.atlas); 2D images always use their foreground.
-REGIONS = ("foreground", "brain")
+REGIONS = ("foreground", "brain", "brain-stripped")
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,8 @@ DETECTION_SETTINGS = (
             "0: none)", "the smoothing across slices (mm)", low=0),
     Setting("region", "--region", str,
             "volumes: where the map is scored: foreground, or brain (a T1 brain atlas registered to the scan; the "
-            "scalp, eyes and neck are left out; default: the model card's)", "the region", choices=REGIONS),
+            "scalp, eyes and neck are left out), or brain-stripped (that brain also cut out before healing, as a "
+            "skull-stripped scan; tried, not shipped); default: the model card's", "the region", choices=REGIONS),
     Setting("min_lesion_mm3", "--min-size", float, "smallest lesion kept, mm^3 (default 50)",
             "the minimum lesion size (mm^3)", low=0, default=50.0),
     Setting("noise_draws", "--draws", int, "noise draws averaged per stage and noise level (default: the model card's)",

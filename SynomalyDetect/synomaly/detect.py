@@ -565,11 +565,11 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     if draws < 1:
         raise SettingsError(f"noise draws must be at least 1, got {draws}")
     progress("prepare", 0, 1, "reorienting, normalising and resampling slices"
-             + ("; registering the brain atlas" if region == "brain" else ""))
+             + ("; registering the brain atlas" if region != "foreground" else ""))
     prep = prepare_scan(image, card, device=model.device, region=region)
     if prep.region != region:
         warnings.append(prep.region_note)
-    progress("prepare", 1, 1, f"{prep.slices.shape[0]} slices with " + ("brain" if prep.region == "brain" else "foreground"))
+    progress("prepare", 1, 1, f"{prep.slices.shape[0]} slices with " + ("foreground" if prep.region == "foreground" else "brain"))
     t_prep = time.perf_counter()
     torch.manual_seed(settings.seed)
     stage_args = dict(t=ts, kernel=k, threshold=fusion, max_stages=stages, tolerance=settings.tolerance,

@@ -413,8 +413,10 @@ def prepare_scan(
 
     region "brain" (volumes): the map is scored only inside the brain of a T1 atlas registered to the scan
     (synomaly.atlas) and slices without brain are not healed; normalisation and framing stay those of the
-    whole foreground. When the registration is implausible the whole foreground is kept and `region_note`
-    says why."""
+    whole foreground. Region "brain-stripped" cuts that brain out as a skull-stripped scan is: voxels outside
+    it are set to the background, intensities are normalised inside it and slices are framed around it (README,
+    *Skull-stripping before healing*). When the registration is implausible the whole foreground is kept and
+    `region_note` says why."""
     if not isinstance(image, sitk.Image):
         raise TypeError("image must be a SimpleITK image")
     image = to_scalar(image)
@@ -443,13 +445,18 @@ def prepare_scan(
     if keep.size == 0:
         raise InputError("no slice has enough foreground to analyse")
     scored, used, note = fg, "foreground", ""
-    if region == "brain" and not is_2d:
+    if region in ("brain", "brain-stripped") and not is_2d:
         scored, used, note = _brain_region(image, fg, transpose, flips)
         if used == "brain":
             area_b = scored.reshape(z, -1).sum(axis=1)
             keep_b = keep[area_b[keep] >= 16]
             if keep_b.size == 0:
                 scored, used, note = fg, "foreground", "no slice holds enough of the registered brain; scoring the foreground"
+        if used == "brain" and region == "brain-stripped":  # cut out as a skull-stripped scan is
+            used, fg, keep = "brain-stripped", scored, keep_b
+            if n.method != "slice-minmax":
+                lo, hi = normalise(oriented, scored, n.lower_percentile, n.upper_percentile)
+            source = np.where(scored, source, np.float32(np.min(lo)))
     if card.framing == "whole-slice":
         side = max(h, w)  # the whole slice, padded to a square around its centre
         row0, col0 = (h - side) // 2, (w - side) // 2

@@ -178,8 +178,9 @@ def add_parsers(sub) -> None:
     tu.add_argument("--max-healthy-ml", type=float, default=1.0,
                     help="the default FPR may flag at most this many mL in a lesion-free volume (default 1)")
     tu.add_argument("--region", choices=REGIONS,
-                    help="where maps are scored: foreground, or brain (a T1 brain atlas registered to each volume; "
-                         "default: the model's current volume setting's)")
+                    help="where maps are scored: foreground, or brain (a T1 brain atlas registered to each volume), or "
+                         "brain-stripped (that brain also cut out before healing); default: the model's current "
+                         "volume setting's")
     tu.add_argument("--data-description", help="what the tuning volumes are (for the card)")
     tu.add_argument("--model-version", help="the tuned card's version (default: the model's; the weights are the same)")
     tu.add_argument("--seed", type=int, default=0)
