@@ -86,7 +86,9 @@ class DetectionDefaults:
     fpr: float = 1e-3  # the calibrated false-positive rate used when none is asked for
     grow_fpr: Optional[float] = None  # lesions grow into connected voxels above this rate's threshold (hysteresis)
     smooth_mm: float = 0.0  # a volume's map is smoothed across slices (Gaussian sigma, mm; 0: not)
-    region: str = "foreground"  # where a volume is scored: the foreground, or the registered atlas brain ("brain")
+    # where a volume is scored: the foreground, the registered atlas brain ("brain"), or that brain cut out
+    # before healing ("brain-stripped")
+    region: str = "foreground"
     # volumes only (detect.scan_map): smooth the signed difference across slices before taking its magnitude,
     # so that healing errors of either sign cancel while a lesion's persist; and divide the map by the spread
     # each of `tissue_bins` classes of the healed image's intensity shows in the same scan (0: not)

@@ -35,7 +35,7 @@ class DetectionSettings:
     noise_draws: Optional[int] = None  # None: the card's
     grow_fpr: Optional[float] = None  # lesions grow to connected voxels above this FPR's threshold; None: the card's, 0: off
     smooth_mm: Optional[float] = None  # volumes: the map smoothed across slices (sigma, mm); None: the card's, 0: off
-    region: Optional[str] = None  # volumes: "foreground" or "brain" (contract.REGIONS); None: the card's
+    region: Optional[str] = None  # volumes: "foreground", "brain" or "brain-stripped" (contract.REGIONS); None: the card's
     signed_map: Optional[bool] = None  # volumes: smooth the signed difference across slices (scan_map); None: card's
     tissue_bins: Optional[int] = None  # volumes: normalise the map in this many tissue classes, 0: off; None: the card's
     seed: int = DETECTION_SETTING["seed"].default

@@ -114,7 +114,7 @@ class EvalSettings:
     t: Optional[int] = None
     blur: Optional[int] = None
     smooth: Optional[float] = None  # volumes: sigma (mm) of the smoothing across slices; None: each card's
-    region: Optional[str] = None  # volumes: "foreground" or "brain" (contract.REGIONS); None: each card's
+    region: Optional[str] = None  # volumes: "foreground", "brain" or "brain-stripped" (contract.REGIONS); None: each card's
     min_size: float = 50.0
     seed: int = 0
     bootstrap: int = 1000
