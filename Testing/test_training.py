@@ -243,3 +243,23 @@ def test_min_snr_weighting_is_an_image_loss_at_low_noise_and_the_noise_loss_at_h
     assert per_image[0] == pytest.approx(0.25 * 5.0 / float(snr[0]), rel=1e-4)  # 5 x the image-space error
     assert per_image[1] == pytest.approx(0.25, rel=1e-4)  # SNR < 5: unweighted
     assert float(noise_loss(pred, target, t, abar, 0.0)) == pytest.approx(0.25, rel=1e-5)
+
+
+def test_fine_tuning_at_a_finer_grid_scales_the_noise_and_drops_the_old_grids_thresholds(tiny_model_file, tmp_path):
+    """`synomaly train --base MODEL --grid G`: the same network fine-tuned on another grid; what was measured on
+    the old grid (thresholds, the tuned volume setting) must not be carried over as if it held there."""
+    from synomaly.card import DetectionDefaults, ModelCardError
+
+    card = read_card(tiny_model_file)
+    card.calibration = {"1e-3": 0.3}
+    card.detection_3d = DetectionDefaults(t=50, blur_kernel=3, max_stages=1)
+    card.calibration_3d = {"1e-5": 0.2}
+    card.tuning = {"chosen": {"t": 50}}
+    fine = card.at_grid(64)
+    assert (fine.grid_size, fine.noise.sigma, fine.noise.coarse_scale) == (64, 2 * card.noise.sigma, 2 * card.noise.coarse_scale)
+    assert fine.detection.blur_kernel in (2 * card.detection.blur_kernel - 1, 2 * card.detection.blur_kernel + 1)
+    assert fine.detection.blur_kernel % 2 == 1
+    assert (fine.calibration, fine.detection_3d, fine.calibration_3d, fine.tuning) == ({}, None, {}, {})
+    assert fine.network == card.network and card.grid_size == 32, "the base card itself is unchanged"
+    with pytest.raises(ModelCardError, match="grid_size 36"):
+        card.at_grid(36)

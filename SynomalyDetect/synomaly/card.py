@@ -143,6 +143,20 @@ class ModelCard:
         """A deep copy (used when fine-tuning keeps the base card)."""
         return copy.deepcopy(self)
 
+    def at_grid(self, grid: int) -> "ModelCard":
+        """A copy for the same network run on another model grid (fine-tuning a base at a finer grid): the noise
+        blobs and the slice blur keep their size in the image, and every threshold, tuned setting and sweep
+        of the old grid is dropped, since they were measured there (calibrate and tune again)."""
+        out = self.copy()
+        scale = grid / self.grid_size
+        out.grid_size = grid
+        out.noise.sigma = self.noise.sigma * scale
+        out.noise.coarse_scale = max(1, round(self.noise.coarse_scale * scale))
+        out.detection.blur_kernel = max(1, int(round(self.detection.blur_kernel * scale)) | 1)
+        out.calibration, out.detection_3d, out.calibration_3d, out.tuning = {}, None, {}, {}
+        out.validate()
+        return out
+
     @classmethod
     def from_json(cls, text: str) -> "ModelCard":
         """Parse and validate a card, naming the first problem found."""

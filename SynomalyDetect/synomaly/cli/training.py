@@ -35,7 +35,7 @@ def cmd_train(args) -> int:
     base_state = None
     if args.base:
         base = load_model(args.base, device="cpu")
-        card = base.card.copy()
+        card = base.card.copy() if args.grid in (None, base.card.grid_size) else base.card.at_grid(args.grid)
         card.training = {"name_of_base": base.card.name}
         if args.name:
             card.name = args.name
@@ -48,7 +48,7 @@ def cmd_train(args) -> int:
         card = ModelCard.from_json(load_checkpoint(args.resume)["card"])
     else:
         card = new_card(
-            args.name or Path(args.output).name.split(".")[0], grid=args.grid,
+            args.name or Path(args.output).name.split(".")[0], grid=args.grid or 64,
             channels=tuple(args.channels), noise_kind=args.noise, polarity=args.polarity,
             modality=args.modality, contrast=args.contrast, orientation=args.orientation,
             description=args.description,
@@ -173,7 +173,9 @@ def add_parsers(sub) -> None:
     t.add_argument("--description", default="")
     t.add_argument("--model-version", help="version written into the card (default: the base model's, or 0.1.0)")
     t.add_argument("--data-description", help="what the training data is (no patient identifiers)")
-    t.add_argument("--grid", type=int, default=64, help="in-plane model grid (pixels)")
+    t.add_argument("--grid", type=int, help="in-plane model grid (pixels; default 64, or the base model's; with "
+                   "--base another grid fine-tunes the same network there: its noise and blur are scaled, its "
+                   "thresholds and tuned setting dropped)")
     t.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
     t.add_argument("--noise", default="synomaly", choices=["synomaly", "gaussian", "coarse"])
     t.add_argument("--polarity", default="brighter", choices=["brighter", "darker", "both"])
