@@ -128,7 +128,8 @@ FPR_CHOICES = [0.01, 0.001, 0.0001, 0.00001]  # per-voxel false-positive rates t
 #: Where a volume's map is scored, as the panel words it, and the engine's region (contract.REGIONS) for each;
 #: "" lets the model card decide (the shipped brain model scores the brain).
 REGION_DEFAULT = "model's choice"
-REGION_CHOICES = {REGION_DEFAULT: "", "brain only": "brain", "whole scan": "foreground"}
+REGION_CHOICES = {REGION_DEFAULT: "", "brain only": "brain", "whole scan": "foreground",
+                  "brain cut out first (experimental)": "brain-stripped"}
 
 
 def settingRange(name: str, high: float, modelDefault: bool = True) -> WithinRange:
@@ -144,7 +145,8 @@ class SynomalyDetectParameterNode:
     """
     inputVolume - the scan to analyse.
     modelName - registry name of the model (empty: the engine's default model).
-    region - where a volume is scored: the model's choice, the brain only (a registered atlas) or the whole scan.
+    region - where a volume is scored: the model's choice, the brain only (a registered atlas), the whole scan, or
+        the brain cut out before healing (experimental: worse on the held-out volumes, README).
     sensitivityMode - a calibrated false-positive rate or an explicit anomaly-map threshold.
     falsePositiveRate - target fraction of healthy voxels flagged (from the model's calibration).
     threshold - explicit anomaly-map threshold.
