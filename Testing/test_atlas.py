@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from synomaly import atlas
 from synomaly.card import DetectionDefaults, ModelCardError
@@ -105,7 +106,7 @@ def test_prepare_scores_the_brain_with_the_foregrounds_framing_and_intensities(t
 def test_the_stripped_brain_region_feeds_the_network_a_skull_stripped_scan(tiny_model_file):
     """Region brain-stripped: the registered brain cut out, normalised inside itself, framed around itself; it
     matches what the network is given for the same head stripped beforehand (up to the registration's edge)."""
-    from synomaly.prepare import prepare_scan
+    from synomaly.prepare import prepare_scan, unorient_array
 
     card = read_card(tiny_model_file)
     image, _ = _moved_atlas()
@@ -117,14 +118,12 @@ def test_the_stripped_brain_region_feeds_the_network_a_skull_stripped_scan(tiny_
     assert cut.geometry.upper < brain.geometry.upper, "the bright scalp no longer sets the top of the range"
     # outside the brain the model sees background (-1) only; inside, the brain is stretched over more of the range
     grid_in = cut.slices[cut.masks].numpy()
-    import torch
     near = torch.nn.functional.max_pool2d(cut.masks.float(), 3, stride=1, padding=1) > 0  # a pixel's edge blends
     assert (cut.slices[~near] <= -0.999).all()
     brain_in = brain.slices[brain.masks].numpy()
     assert np.percentile(grid_in, 99) > np.percentile(brain_in, 99) + 0.1 and np.median(grid_in) > np.median(brain_in)
     # the same head stripped by hand with that mask, prepared as a skull-stripped scan, gives the same input
     arr = sitk.GetArrayFromImage(image)
-    from synomaly.prepare import unorient_array
     mask = unorient_array(cut.foreground, cut.geometry.transpose, cut.geometry.flips)
     stripped = sitk.GetImageFromArray(np.where(mask, arr, 0).astype(np.float32))
     stripped.CopyInformation(image)

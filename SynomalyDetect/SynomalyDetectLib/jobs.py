@@ -122,10 +122,10 @@ class DetectionResult:
         """What the user should know about how the result was made, in the engine's words: where the map was
         scored, and every warning of the run (a brain that could not be found, a modality mismatch, sizes in
         pixels)."""
-        region = self.report.get("region")
-        notes = ["Only the brain was scored (a registered atlas)."] if region == "brain" else (
-            ["The brain was cut out before healing and only it was scored (a registered atlas)."]
-            if region == "brain-stripped" else [])
+        region_note = {"brain": "Only the brain was scored (a registered atlas).",
+                       "brain-stripped": "The brain was cut out before healing and only it was scored (a registered "
+                                         "atlas)."}.get(self.report.get("region"))
+        notes = [region_note] if region_note else []
         return notes + [f"Warning: {str(w).rstrip('.')}." for w in self.report.get("warnings") or []]
 
 
