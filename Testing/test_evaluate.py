@@ -332,6 +332,31 @@ def test_implanted_volumes_end_to_end(models, template, tmp_path):
                    tmp_path / "never"])
 
 
+def test_a_card_tuned_on_a_test_volume_is_refused(models, template, tmp_path):
+    """A leave-one-volume-out card (`synomaly tune --allow-held-out`) records the volumes it was tuned on; testing it
+    on one of them, by name or by file, would report tuning numbers as held-out ones."""
+    from synomaly.modelio import load_model, save_model
+
+    base = load_model(models["synomaly"], device="cpu")
+    state = base.network.state_dict()
+    for i, tuning in enumerate(({"volumes": ["head"]}, {"volumes": ["x"], "volume_files": [str(template)]})):
+        card = base.card.copy()
+        card.tuning = tuning
+        tuned = save_model(tmp_path / f"tuned-{i}.safetensors", card, state)
+        with pytest.raises(InputError, match=r"method t: its card was tuned on the test volume\(s\) head"):
+            _evaluate(["--method", f"t={tuned}:1", "--data", "implanted", "--templates", template, "--forms",
+                       "native", "--cases", "1", "--val-cases", "0", "--threshold-from", "card", "-o",
+                       tmp_path / f"never-{i}"])
+        assert not (tmp_path / f"never-{i}").exists()
+    card = base.card.copy()
+    card.tuning = {"volumes": ["other"], "volume_files": [str(tmp_path / "other.nii.gz")]}
+    from synomaly.evaldata import implanted_data
+    from synomaly.evaluate import tuned_on_test
+
+    data = implanted_data([str(template)], cases=1, val_cases=0, forms=("native",))
+    assert tuned_on_test(card, data) == [] and tuned_on_test(base.card, data) == []
+
+
 def test_method_names_and_specs(models):
     auto = evalruns.auto_methods([str(models["synomaly"]), str(models["gaussian"]), str(models["coarse"])])
     assert [(m.name, m.stages) for m in auto] == [("synomaly-multi", None), ("synomaly-single", 1),

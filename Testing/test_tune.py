@@ -160,6 +160,7 @@ def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file,
     assert cal["thresholds"]["0.01"] < cal["thresholds"]["0.001"] < cal["thresholds"]["0.0001"] <= cal["thresholds"]["1e-05"]
     assert cal["scans"] == 2 and cal["blur_kernel"] == chosen["blur"]
     assert record["lesions"] == 4 and card.tuning["seconds"]["total"] > 0
+    assert card.tuning["volumes"] == ["healthy"] and card.tuning["volume_files"] == [str(vol.resolve())]
     for p in card.tuning["operating_points"]:  # every truth component counted once, split by polarity
         lf = p["lesions_found"]
         assert lf["all"]["of"] >= 1 and lf["brighter"]["of"] + lf["darker"]["of"] <= lf["all"]["of"]
@@ -205,6 +206,12 @@ def test_tuning_refuses_evaluation_volumes_and_2d_images(tiny_model_file, tmp_pa
 
     with pytest.raises(InputError, match="reserved for evaluation"):
         tune.load_tune_volumes(["ch2"])
+    try:  # a leave-one-volume-out experiment may name it (then it loads, with its brain mask, where installed)
+        held = tune.load_tune_volumes(["ch2"], allow_held_out=True)
+    except InputError as exc:
+        assert "not installed here" in str(exc)
+    else:
+        assert [v.name for v in held] == ["ch2"] and held[0].has_mask
     png = tmp_path / "slice.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.ones((20, 20), np.float32)), str(png))
     with pytest.raises(InputError, match="3D volume"):

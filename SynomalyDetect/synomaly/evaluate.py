@@ -65,6 +65,15 @@ def evaluate_methods(methods: Sequence[Method], data: EvalData, s: EvalSettings,
     return results
 
 
+def tuned_on_test(card, data: EvalData) -> list[str]:
+    """The test volumes of implanted data that a card's 3D tuning used (by name or by file), in test order."""
+    tuning = card.tuning or {}
+    names = set(tuning.get("volumes", []))
+    files = {str(Path(f).resolve()) for f in tuning.get("volume_files", [])}
+    return [t["name"] for t in (data.info or {}).get("templates", [])
+            if t["name"] in names or str(Path(t["path"]).resolve()) in files]
+
+
 def run_evaluation(methods: Sequence[Method], data_spec: str, out: str | Path, s: EvalSettings, *,
                    command: str = "", overwrite: bool = False, limit: Optional[int] = None,
                    templates: Sequence[str] = ("ch2", "robex", "itk-t1"), cases: int = 3, val_cases: int = 2,
@@ -88,6 +97,11 @@ def run_evaluation(methods: Sequence[Method], data_spec: str, out: str | Path, s
     data = load_eval_data(data_spec, limit=limit, templates=templates, cases=cases, val_cases=val_cases,
                           seed=s.seed, forms=forms, val_templates=val_templates, healthy_every=healthy_every)
     progress("data", 1, 1, f"{len(data.val)} validation and {len(data.test)} test cases")
+    for m in methods:
+        seen = tuned_on_test(read_card(resolve_model_path(m.model)), data)
+        if seen:
+            raise InputError(f"method {m.name}: its card was tuned on the test volume(s) {', '.join(seen)}; "
+                             "test it on other volumes (--templates)")
     results = evaluate_methods(methods, data, s, progress)
     import torch
 

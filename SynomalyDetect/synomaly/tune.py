@@ -96,8 +96,10 @@ class TuneCase:
     meta: dict[str, Any]
 
 
-def load_tune_volumes(items: Sequence[str]) -> list[TuneVolume]:
-    """Healthy volumes by name (see sampledata.HEALTHY_VOLUMES) or path; 2D images are refused."""
+def load_tune_volumes(items: Sequence[str], allow_held_out: bool = False) -> list[TuneVolume]:
+    """Healthy volumes by name (see sampledata.HEALTHY_VOLUMES) or path; 2D images are refused. A volume kept
+    for evaluation is refused unless `allow_held_out` (leave-one-volume-out experiments: the card records the
+    volumes, and `synomaly evaluate` will not test the card on them)."""
     from .prepare import expand_inputs, read_image
     from .lesions import brain_mask
     from .sampledata import HEALTHY_VOLUMES, healthy_volume
@@ -107,8 +109,9 @@ def load_tune_volumes(items: Sequence[str]) -> list[TuneVolume]:
     for item in items:
         if item in HEALTHY_VOLUMES:
             v = HEALTHY_VOLUMES[item]
-            if v.role == "eval":
-                raise InputError(f"healthy volume {item!r} is reserved for evaluation; tune on other scans")
+            if v.role == "eval" and not allow_held_out:
+                raise InputError(f"healthy volume {item!r} is reserved for evaluation; tune on other scans "
+                                 "(or pass --allow-held-out for a leave-one-volume-out experiment)")
             path, mask = healthy_volume(item)
             paths.append((item, str(path), str(mask) if mask else None))
         else:
@@ -377,7 +380,8 @@ def choose_fpr(points: Sequence[dict[str, Any]], max_healthy_ml: float) -> dict[
 
 def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Path | None = None,
                options: Optional[TuneOptions] = None, device: str = "auto", description: str = "",
-               version: Optional[str] = None, progress: ProgressFn = null_progress) -> dict[str, Any]:
+               version: Optional[str] = None, allow_held_out: bool = False,
+               progress: ProgressFn = null_progress) -> dict[str, Any]:
     """Tune a model file on healthy volumes and write the chosen setting, the calibrated thresholds and the
     sweep table into its card (atomically, in place unless `output` is given; `version`: the card's new
     version, the weights being the same). Returns the tuning record."""
@@ -390,7 +394,7 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
         from dataclasses import replace
 
         opts = replace(opts, region=model.card.detection_for(True).region)
-    volumes = load_tune_volumes(data)
+    volumes = load_tune_volumes(data, allow_held_out)
     lesion_cases, healthy_cases = build_cases(volumes, model.card, opts, progress)
     t_cases = time.perf_counter()
     rows = sweep(model, lesion_cases, opts, progress)
@@ -423,6 +427,7 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
     record = {
         "data": what,
         "volumes": [v.name for v in volumes],
+        "volume_files": [str(Path(v.source).resolve()) for v in volumes],
         "forms": list(opts.forms),
         "lesions_per_volume": opts.lesions_per_volume,
         "lesion_cases": len(lesion_cases),

@@ -78,7 +78,8 @@ def cmd_tune(args) -> int:
     opts = TuneOptions(forms=tuple(args.forms), lesions_per_volume=args.lesions, seed=args.seed,
                        batch_size=args.batch_size, grid=grid, max_healthy_ml=args.max_healthy_ml, region=args.region)
     rec = tune_model(args.model, args.data, output=args.output, options=opts, device=args.device,
-                     description=args.data_description or "", version=args.model_version, progress=progress_for(args))
+                     description=args.data_description or "", version=args.model_version,
+                     allow_held_out=args.allow_held_out, progress=progress_for(args))
     out = args.output or args.model
     best = rec["chosen"]
     print(f"tuned {out} on {rec['lesion_cases']} volumes with {rec['lesions']} implanted lesions "
@@ -181,6 +182,9 @@ def add_parsers(sub) -> None:
                     help="where maps are scored: foreground, or brain (a T1 brain atlas registered to each volume), or "
                          "brain-stripped (that brain also cut out before healing); default: the model's current "
                          "volume setting's")
+    tu.add_argument("--allow-held-out", action="store_true",
+                    help="accept the volumes kept for evaluation (ch2, robex, itk-t1) as tuning data, for a "
+                         "leave-one-volume-out experiment; `synomaly evaluate` then refuses to test the card on them")
     tu.add_argument("--data-description", help="what the tuning volumes are (for the card)")
     tu.add_argument("--model-version", help="the tuned card's version (default: the model's; the weights are the same)")
     tu.add_argument("--seed", type=int, default=0)
