@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import warnings
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -62,8 +63,6 @@ def main() -> None:
             for name, s in settings:
                 if isinstance(s, tuple):
                     card = model.card.copy()
-                    from dataclasses import replace
-
                     card.detection_3d = replace(card.detection_for(True), t=s[0], t_ensemble=s)
                     model.card, kept = card, model.card
                     with warnings.catch_warnings():

@@ -41,6 +41,8 @@ def read_run(folder: Path) -> dict[str, dict[str, dict]]:
 def metrics(rows: list[dict]) -> dict[str, float]:
     lesion = [r for r in rows if r["label"] == 1]
     free = [r for r in rows if r["label"] == 0]
+    if not lesion or not free:
+        raise SystemExit("pooling needs volumes with and without lesions (evaluate with --healthy-every 2 or 3)")
     return {"Dice / volume": float(np.mean([r["dice"] for r in lesion])),
             "AUPRC / volume": float(np.nanmean([r["auprc"] for r in lesion])),
             "mL per lesion-free volume": float(np.mean([r["ml"] for r in free])),
