@@ -15,7 +15,6 @@ evaluation), and the model's counterfactual is compared with the untouched volum
 from __future__ import annotations
 
 import argparse
-import warnings
 from collections import defaultdict
 from dataclasses import replace
 
@@ -65,9 +64,7 @@ def main() -> None:
                     card = model.card.copy()
                     card.detection_3d = replace(card.detection_for(True), t=s[0], t_ensemble=s)
                     model.card, kept = card, model.card
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        res = detect(lesioned, model, DetectionSettings(device="cpu"))
+                    res = detect(lesioned, model, DetectionSettings(device="cpu"))
                     model.card = kept
                 else:
                     res = detect(lesioned, model, s)

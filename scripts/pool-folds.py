@@ -79,32 +79,30 @@ def main() -> None:
     def table(m: str) -> list[dict]:
         return [pooled[m][v] for v in volumes]
 
-    names = list(metrics(table(args.baseline)))
+    # every method's metrics on the whole set and on each resample, computed once: the same draws serve the
+    # intervals and the paired differences
+    est = {m: metrics(table(m)) for m in methods}
+    boot = {m: [metrics([table(m)[i] for i in d]) for d in draws] for m in methods}
+    names = list(est[args.baseline])
+    interval = names[:4]  # the count of volumes over 1 mL is reported as it is
     print(f"{len(args.runs)} runs, {int(labels.sum())} volumes with lesions, {int((labels == 0).sum())} lesion-free; "
           f"{args.bootstrap} bootstrap resamples by volume within label, seed {args.seed}\n")
     print("| method | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     for m in methods:
-        rows = table(m)
-        est = metrics(rows)
         cells = []
         for k in names:
-            boot = [metrics([rows[i] for i in d])[k] for d in draws]
-            lo, hi = np.percentile(boot, [2.5, 97.5])
-            cells.append(f"{est[k]:.3f} [{lo:.3f}, {hi:.3f}]" if "over" not in k else f"{est[k]:.0f}")
+            lo, hi = np.percentile([b[k] for b in boot[m]], [2.5, 97.5])
+            cells.append(f"{est[m][k]:.3f} [{lo:.3f}, {hi:.3f}]" if k in interval else f"{est[m][k]:.0f}")
         print(f"| {m} | " + " | ".join(cells) + " |")
     print(f"\nPaired differences from {args.baseline} (method - baseline, 95 % paired bootstrap interval):\n")
-    base = table(args.baseline)
     for m in methods:
         if m == args.baseline:
             continue
-        rows = table(m)
         diffs = []
-        for k in names[:4]:
-            est = metrics(rows)[k] - metrics(base)[k]
-            boot = [metrics([rows[i] for i in d])[k] - metrics([base[i] for i in d])[k] for d in draws]
-            lo, hi = np.percentile(boot, [2.5, 97.5])
-            diffs.append(f"{k} {est:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        for k in interval:
+            lo, hi = np.percentile([b[k] - a[k] for b, a in zip(boot[m], boot[args.baseline])], [2.5, 97.5])
+            diffs.append(f"{k} {est[m][k] - est[args.baseline][k]:+.3f} [{lo:+.3f}, {hi:+.3f}]")
         print(f"- {m}: " + "; ".join(diffs))
 
 

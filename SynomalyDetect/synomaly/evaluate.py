@@ -88,8 +88,7 @@ def run_evaluation(methods: Sequence[Method], data_spec: str, out: str | Path, s
 
     if s.threshold_from not in ("val", "card"):
         raise InputError("--threshold-from must be 'val' or 'card'")
-    for m in methods:  # a missing or broken model file fails before any work
-        read_card(resolve_model_path(m.model))
+    cards = [read_card(resolve_model_path(m.model)) for m in methods]  # a missing or broken file fails first
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputError(f"{out} already exists; choose another folder or pass --overwrite")
@@ -97,8 +96,8 @@ def run_evaluation(methods: Sequence[Method], data_spec: str, out: str | Path, s
     data = load_eval_data(data_spec, limit=limit, templates=templates, cases=cases, val_cases=val_cases,
                           seed=s.seed, forms=forms, val_templates=val_templates, healthy_every=healthy_every)
     progress("data", 1, 1, f"{len(data.val)} validation and {len(data.test)} test cases")
-    for m in methods:
-        seen = tuned_on_test(read_card(resolve_model_path(m.model)), data)
+    for m, card in zip(methods, cards):
+        seen = tuned_on_test(card, data)
         if seen:
             raise InputError(f"method {m.name}: its card was tuned on the test volume(s) {', '.join(seen)}; "
                              "test it on other volumes (--templates)")
