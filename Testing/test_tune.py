@@ -223,11 +223,17 @@ def test_an_ensemble_of_noise_levels_averages_the_healed_images(tiny_model_file)
 
     model = load_model(tiny_model_file, device="cpu")
     x = torch.rand(3, 1, 32, 32) * 2 - 1
-    both = _denoise(model, x, (50, 300), 1, slice_generators(3, 0, torch.device("cpu")))
+    both, none = _denoise(model, x, (50, 300), 1, slice_generators(3, 0, torch.device("cpu")))
+    assert none is None
     g2 = slice_generators(3, 0, torch.device("cpu"))  # each slice's stream continues from level to level
-    a = _denoise(model, x, 50, 1, g2)
-    b = _denoise(model, x, 300, 1, g2)
+    a, _ = _denoise(model, x, 50, 1, g2)
+    b, _ = _denoise(model, x, 300, 1, g2)
     assert torch.allclose(both, (a + b) / 2, atol=1e-5)
+    # asked for, each level's own prediction comes back too, from the same noise (the average is unchanged)
+    again, each = _denoise(model, x, (50, 300), 1, slice_generators(3, 0, torch.device("cpu")), per_level=True)
+    assert torch.equal(again, both)
+    assert each.shape == (2, 3, 1, 32, 32)
+    assert torch.allclose(each[0], a, atol=1e-6) and torch.allclose(each[1], b, atol=1e-6)
 
 
 def test_lesion_recall_counts_found_lesions_by_polarity_and_size():
@@ -416,3 +422,82 @@ def test_a_card_or_a_setting_with_impossible_tissue_classes_is_refused_in_one_se
 
     with pytest.raises(SettingsError, match="tissue classes must lie between 0 \\(off\\) and 64, got -1"):
         resolve_map(DetectionSettings(tissue_bins=-1), tuned, volume=True)
+
+
+def test_maps_per_noise_level_are_each_scaled_by_their_healthy_tail_and_averaged(tiny_model_file):
+    """A setting with level_maps: run_stages keeps each level's healed slices (their mean is the ensemble's
+    healed image); scan_map divides each level's map by its scale and averages; calibrate measures the scales
+    on the healthy scans (their 99.9th percentile) and thresholds the averaged map; detect builds the same map
+    from the card and refuses a card whose calibration has no scales for its levels."""
+    from synomaly.calibrate import LEVEL_SCALE_QUANTILE, calibrate
+    from synomaly.card import DetectionDefaults
+    from synomaly.detect import DetectionSettings, detect, run_stages, scan_map
+    from synomaly.metrics import threshold_at_fpr
+    from synomaly.prepare import prepare_scan
+
+    model = load_model(tiny_model_file, device="cpu")
+    prep = prepare_scan(_head(seed=5), model.card)
+    both = run_stages(model, prep.slices, prep.masks, t=(50, 300), kernel=3, threshold=float("inf"), max_stages=1,
+                      keep_levels=True)
+    plain = run_stages(model, prep.slices, prep.masks, t=(50, 300), kernel=3, threshold=float("inf"), max_stages=1)
+    assert plain.levels is None and both.levels.shape == (2, *prep.slices.shape)
+    assert torch.equal(both.healed, plain.healed), "keeping the levels changes nothing else"
+    assert torch.allclose(both.levels.mean(0), both.healed, atol=1e-6)
+    m50 = scan_map(both.levels[0], prep, 3, 2.0)
+    m300 = scan_map(both.levels[1], prep, 3, 2.0)
+    per_level = scan_map(both.healed, prep, 3, 2.0, levels=both.levels, scales=(0.5, 2.0))
+    assert np.allclose(per_level, (m50 / 0.5 + m300 / 2.0) / 2, atol=1e-6)
+    assert not np.allclose(per_level, scan_map(both.healed, prep, 3, 2.0) / 1.25, atol=1e-3)
+    with pytest.raises(ValueError, match="one scale per level"):
+        scan_map(both.healed, prep, 3, 2.0, levels=both.levels, scales=(1.0,))
+
+    model.card.detection_3d = DetectionDefaults(t=50, t_ensemble=(50, 300), blur_kernel=3, max_stages=1,
+                                                smooth_mm=2.0, fpr=1e-2, level_maps=True)
+    with pytest.raises(ValueError, match="preps"):
+        calibrate(model, prep.slices, prep.masks, fprs=(1e-2,), volume=True)
+    cal = calibrate(model, prep.slices, prep.masks, fprs=(1e-2, 1e-3), volume=True, preps=[prep])
+    fg = prep.foreground
+    want = [float(np.quantile(m[fg].astype(np.float64), LEVEL_SCALE_QUANTILE)) for m in (m50, m300)]
+    assert cal["level_maps"] is True and cal["level_scales"] == pytest.approx(want, rel=1e-4)
+    combined = scan_map(both.healed, prep, 3, 2.0, levels=both.levels, scales=cal["level_scales"])
+    assert cal["thresholds"]["0.01"] == pytest.approx(threshold_at_fpr(combined[fg], 1e-2), abs=1e-4)
+    for m, sc in zip((m50, m300), cal["level_scales"]):  # each level, scaled, reaches 1 at its healthy tail
+        assert np.quantile(m[fg] / sc, LEVEL_SCALE_QUANTILE) == pytest.approx(1.0, rel=1e-3)
+
+    model.card.calibration_3d = cal
+    assert "a map per level" in model.card.detection_text(True)
+    result = detect(_head(seed=5), model, DetectionSettings(device="cpu"))
+    assert result.report["level_maps"] is True and result.report["level_scales"] == cal["level_scales"]
+    assert result.threshold == pytest.approx(cal["thresholds"]["0.01"])
+    amap = sitk.GetArrayFromImage(result.anomaly_map)
+    assert float(amap.max()) == pytest.approx(float(combined.max()), rel=1e-4), "detect builds the calibrated map"
+    one = detect(_head(seed=5), model, DetectionSettings(device="cpu", t=50, threshold=0.5))
+    assert one.report["level_maps"] is False, "an explicit t is one level: the plain map"
+    model.card.calibration_3d = {**cal, "level_scales": []}
+    with pytest.raises(ModelError, match="no scales for those levels"):
+        detect(_head(seed=5), model, DetectionSettings(device="cpu"))
+
+
+def test_tuning_tries_maps_per_noise_level_when_asked_and_the_card_keeps_the_choice(tiny_model_file, tmp_path):
+    vol = tmp_path / "healthy.nii.gz"
+    sitk.WriteImage(_head(seed=4), str(vol))
+    out = tmp_path / "tuned.safetensors"
+    grid = tune.TuneGrid(ts=(50,), blurs=(3,), ensembles=((50, 200),), max_stages=1, multi_top=0, more_draws=1,
+                         smooths=(2.0,), smooth_top=3, level_maps=(False, True))
+    opts = tune.TuneOptions(forms=("native",), lesions_per_volume=2, grid=grid, seed=1)
+    tune.tune_model(tiny_model_file, [str(vol)], output=out, options=opts, device="cpu")
+    card = read_card(out)
+    table = card.tuning["table"]
+    # t 50 (one level: no per-level row), 50+200 plain and per level; the three again smoothed 2 mm
+    assert sorted((r["t"], r["levels"], r["smooth"]) for r in table) == sorted(
+        [("50", False, s) for s in (0.0, 2.0)] + [("50+200", lv, s) for lv in (False, True) for s in (0.0, 2.0)])
+    chosen = card.tuning["chosen"]
+    d3 = card.detection_3d
+    assert d3.level_maps == chosen["levels"]
+    assert bool(card.calibration_3d.get("level_maps", False)) == chosen["levels"]
+    if chosen["levels"]:
+        assert len(card.calibration_3d["level_scales"]) == 2
+    # the sweep's scales for a per-level row are measured away from the implanted lesions
+    lesion_cases, _ = tune.build_cases(tune.load_tune_volumes([str(vol)]), read_card(tiny_model_file), opts)
+    away = tune._away_from_lesions(lesion_cases[0])
+    assert not (away & lesion_cases[0].truth).any() and away.sum() < lesion_cases[0].prep.foreground.sum()

@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FPRS = (1e-2, 1e-3, 1e-4)
 FUSION_FPR = 1e-2  # stages keep healing where a stage-1 map flags 1 % of healthy voxels
+# maps per noise level (detect.scan_map): each level's map is divided by this quantile of it over healthy voxels
+# (0.999 and 0.9999 chose the same settings on the tuning volumes: scripts/multiscale-probe.py)
+LEVEL_SCALE_QUANTILE = 0.999
 
 
 def quantile_threshold(values: torch.Tensor, fpr: float) -> float:
@@ -29,9 +32,10 @@ def quantile_threshold(values: torch.Tensor, fpr: float) -> float:
 
 def calibration_maps(model, slices: torch.Tensor, masks: torch.Tensor, *, ts: tuple[int, ...], kernel: int,
                      max_stages: int, draws: int = 1, fusion_fpr: float = FUSION_FPR, batch_size: Optional[int] = None,
-                     seed: int = 0, progress: ProgressFn = null_progress):
+                     seed: int = 0, keep_levels: bool = False, progress: ProgressFn = null_progress):
     """The fusion threshold (the stage-1 level that flags `fusion_fpr` of healthy foreground voxels) and the
-    multi-stage result on healthy slices (S, 1, G, G) run with it."""
+    multi-stage result on healthy slices (S, 1, G, G) run with it (`keep_levels`: with each noise level's own
+    healed slices, for maps per level)."""
     from .detect import run_stages
 
     fg = masks.bool()
@@ -41,7 +45,7 @@ def calibration_maps(model, slices: torch.Tensor, masks: torch.Tensor, *, ts: tu
     fusion = quantile_threshold(first.score[fg.to(first.score.device)], fusion_fpr)
     progress("calibrate", 1, 2, "multi-stage maps of healthy slices")
     res = run_stages(model, slices, masks, t=ts, kernel=kernel, threshold=fusion, max_stages=max_stages,
-                     batch_size=batch_size, draws=draws, seed=seed)
+                     batch_size=batch_size, draws=draws, seed=seed, keep_levels=keep_levels)
     return fusion, res
 
 
@@ -89,13 +93,16 @@ def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequenc
     if region != "foreground" and (preps is None or any(p.region != region for p in preps)):
         raise ValueError(f"a volume setting scored in the {region} is calibrated on scans prepared with that "
                          "region: pass their preps")
+    per_level = volume and d.level_maps and len(ts) > 1
     fusion, res = calibration_maps(model, slices, masks, ts=ts, kernel=kernel, max_stages=max_stages, draws=draws,
-                                   fusion_fpr=fusion_fpr, batch_size=batch_size, seed=seed, progress=progress)
+                                   fusion_fpr=fusion_fpr, batch_size=batch_size, seed=seed, keep_levels=per_level,
+                                   progress=progress)
     progress("calibrate", 2, 2, "calibrated")
     cal = calibration_record(res, masks, fprs, fusion=fusion, fusion_fpr=fusion_fpr, ts=ts, kernel=kernel,
                              max_stages=max_stages, draws=draws, region=region)
     if volume and needs_whole_scans(d):
-        cal = scan_map_thresholds(cal, res.healed, preps, replace(d, blur_kernel=kernel), fprs)
+        cal = scan_map_thresholds(cal, res.healed, preps, replace(d, blur_kernel=kernel, level_maps=per_level), fprs,
+                                  levels=res.levels)
     return cal
 
 
@@ -126,30 +133,52 @@ def calibration_record(res, masks: torch.Tensor, fprs: Sequence[float], *, fusio
 
 
 def needs_whole_scans(d) -> bool:
-    """Whether a volume setting's map is more than each slice's own (smoothed across slices or normalised per
-    scan, detect.scan_map): its thresholds are then measured on whole scans' maps."""
-    return d.smooth_mm > 0 or d.tissue_bins > 0
+    """Whether a volume setting's map is more than each slice's own (smoothed across slices, normalised per
+    scan, or built per noise level: detect.scan_map): its thresholds are then measured on whole scans' maps."""
+    return d.smooth_mm > 0 or d.tissue_bins > 0 or (d.level_maps and len(d.noise_levels()) > 1)
 
 
 def scan_map_thresholds(cal: dict[str, Any], healed: torch.Tensor, preps: Sequence[Any], d,
-                        fprs: Sequence[float]) -> dict[str, Any]:
+                        fprs: Sequence[float], levels: Optional[torch.Tensor] = None) -> dict[str, Any]:
     """A volume calibration whose map is built from whole scans (detect.scan_map with the setting `d`: smoothed
-    across slices, signed, normalised per tissue class): the thresholds recomputed on each scan's map on its own
-    grid (`healed`: the scans' model-grid healed slices, concatenated in the order of `preps`), foreground voxels
-    pooled, as detection thresholds them."""
+    across slices, signed, normalised per tissue class, per noise level): the thresholds recomputed on each
+    scan's map on its own grid (`healed`: the scans' model-grid healed slices, concatenated in the order of
+    `preps`), foreground voxels pooled, as detection thresholds them. A setting with maps per noise level needs
+    `levels` (L, S, 1, G, G; run_stages keep_levels): each level's scale is first measured on these scans
+    (level_scales), then the thresholds on the averaged scaled maps."""
     import numpy as np
 
     from .detect import scan_map
 
-    parts = torch.split(healed, [p.slices.shape[0] for p in preps])
-    values = [scan_map(h, p, int(d.blur_kernel), float(d.smooth_mm), bool(d.signed_map), int(d.tissue_bins))[p.foreground]
-              for h, p in zip(parts, preps)]
-    pooled = torch.from_numpy(np.concatenate(values))
+    k, smooth, signed, bins = int(d.blur_kernel), float(d.smooth_mm), bool(d.signed_map), int(d.tissue_bins)
+    sizes = [p.slices.shape[0] for p in preps]
+    extra: dict[str, Any] = {"signed_map": signed, "tissue_bins": bins} if signed or bins else {}
+    if d.level_maps and len(d.noise_levels()) > 1:
+        if levels is None or levels.shape[0] != len(d.noise_levels()):
+            raise ValueError("a setting with maps per noise level is calibrated on each level's healed slices")
+        per_level = [np.concatenate([scan_map(h, p, k, smooth, signed, bins)[p.foreground]
+                                     for h, p in zip(torch.split(lv, sizes), preps)]) for lv in levels]
+        scales = level_scales(per_level)
+        pooled_np = sum(v / np.float32(s) for v, s in zip(per_level, scales)) / np.float32(len(scales))
+        extra.update(level_maps=True, level_scales=[round(s, 6) for s in scales],
+                     level_scale_quantile=LEVEL_SCALE_QUANTILE)
+    else:
+        pooled_np = np.concatenate([scan_map(h, p, k, smooth, signed, bins)[p.foreground]
+                                    for h, p in zip(torch.split(healed, sizes), preps)])
+    pooled = torch.from_numpy(pooled_np.astype(np.float32, copy=False))
     thresholds, measured = thresholds_at_fprs(pooled, fprs)
-    extra = {"signed_map": bool(d.signed_map), "tissue_bins": int(d.tissue_bins)} if d.signed_map or d.tissue_bins else {}
     return {**cal, **extra, "thresholds": thresholds, "measured_fpr_on_calibration_data": measured,
-            "smooth_mm": float(d.smooth_mm), "foreground_voxels": int(pooled.numel()),
+            "smooth_mm": smooth, "foreground_voxels": int(pooled.numel()),
             "unit": "per foreground voxel of each scan's own grid, the map built from the whole scan (detect.scan_map)"}
+
+
+def level_scales(values: Sequence[Any]) -> list[float]:
+    """Each noise level's scale for maps per level: the LEVEL_SCALE_QUANTILE of its map over healthy voxels
+    (one array of values per level), so that 1 means "as high as that level goes in a thousandth of healthy
+    tissue" whichever level it is."""
+    import numpy as np
+
+    return [max(float(np.quantile(np.asarray(v, dtype=np.float64), LEVEL_SCALE_QUANTILE)), 1e-6) for v in values]
 
 
 def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[float] = DEFAULT_FPRS,

@@ -94,6 +94,10 @@ class DetectionDefaults:
     # each of `tissue_bins` classes of the healed image's intensity shows in the same scan (0: not)
     signed_map: bool = False
     tissue_bins: int = 0
+    # volumes with an ensemble only (detect.scan_map): one map per noise level, each divided by what that level
+    # shows in healthy tissue (the calibration's level_scales), averaged; instead of one map of the averaged
+    # healed images
+    level_maps: bool = False
 
     def noise_levels(self) -> tuple[int, ...]:
         """The noise levels of one stage: the ensemble, else t alone."""
@@ -276,6 +280,8 @@ class ModelCard:
         """A detection setting in one phrase ('t 50+100+200, blur 3, up to 5 stages, FPR 0.001')."""
         d = self.detection_for(volume)
         t = "+".join(str(v) for v in d.t_ensemble) if d.t_ensemble else str(d.t)
+        if volume and d.level_maps and len(d.t_ensemble) > 1:
+            t += " (a map per level, averaged)"
         draws = f", {d.noise_draws} draws" if d.noise_draws > 1 else ""
         grow = f" grown to FPR {d.grow_fpr:g}" if d.grow_fpr else ""
         smooth = ""

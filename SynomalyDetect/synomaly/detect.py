@@ -73,6 +73,7 @@ class StageResult:
     stages: torch.Tensor  # (S,) stages run per slice
     calls: int  # network calls (batches)
     first_score: torch.Tensor  # (S, 1, G, G) the map after stage 1 (single-stage result)
+    levels: Optional[torch.Tensor] = None  # (L, S, 1, G, G) each noise level's last x_hat (run_stages keep_levels)
 
 
 @dataclass
@@ -113,12 +114,14 @@ def resolve_settings(settings: DetectionSettings, card, volume: bool = False) ->
     if fpr is not None:
         value = calibrated_threshold(card, thresholds, fpr, "", "give --threshold")
         _warn_if_calibration_differs(cal, ts, k, stages, resolve_smoothing(settings, card, volume),
-                                     resolve_region(settings, card, volume), *resolve_map(settings, card, volume))
+                                     resolve_region(settings, card, volume), *resolve_map(settings, card, volume),
+                                     uses_level_maps(settings, card, ts, volume))
         return ts, k, stages, value, f"calibrated FPR {fpr_key(fpr)}"
     default = fpr_key(d.fpr)
     if default in thresholds:
         _warn_if_calibration_differs(cal, ts, k, stages, resolve_smoothing(settings, card, volume),
-                                     resolve_region(settings, card, volume), *resolve_map(settings, card, volume))
+                                     resolve_region(settings, card, volume), *resolve_map(settings, card, volume),
+                                     uses_level_maps(settings, card, ts, volume))
         return ts, k, stages, float(thresholds[default]), f"calibrated FPR {default}"
     return ts, k, stages, float(d.threshold), "model default (uncalibrated)"
 
@@ -259,15 +262,30 @@ def tissue_normalised(score: np.ndarray, tissue: np.ndarray, region: np.ndarray,
 
 
 def scan_map(healed: torch.Tensor, prep, kernel: int, smooth_mm: float, signed: bool = False, tissue_bins: int = 0,
-             score: Optional[torch.Tensor] = None) -> np.ndarray:
+             score: Optional[torch.Tensor] = None, levels: Optional[torch.Tensor] = None,
+             scales: Optional[Sequence[float]] = None) -> np.ndarray:
     """The map detection thresholds, on a prepared scan's oriented grid, from its healed slices (S, 1, G, G):
     D = G_k * x0 - G_k * x_hat inside the region, smoothed across slices by `smooth_mm` (volumes) either after
     taking its magnitude (the original) or, with `signed`, before: a lesion changes its neighbouring slices with
     the same sign while each slice's healing errs its own way, so the errors cancel instead of adding up.
     With `tissue_bins`, the map is then normalised per tissue class (tissue_normalised). `score`: the
-    model-grid |D| when already computed (run_stages' score)."""
+    model-grid |D| when already computed (run_stages' score).
+
+    With `levels` (L, S, 1, G, G: each noise level's own healed slices) and their `scales`, the map is instead
+    the average over the levels of each level's map divided by its scale (what that level shows in healthy
+    tissue, calibrate.level_scales): a lesion that one level heals and another does not keeps the first
+    level's evidence whole instead of having it diluted in an averaged healed image, and every level speaks
+    in the same units."""
     from .prepare import grid_to_oriented
 
+    if levels is not None:
+        if scales is None or len(scales) != levels.shape[0]:
+            raise ValueError("maps per noise level need one scale per level")
+        total = None
+        for h, sc in zip(levels, scales):
+            part = scan_map(h, prep, kernel, smooth_mm, signed, tissue_bins) / np.float32(sc)
+            total = part if total is None else total + part
+        return (total / np.float32(len(scales))).astype(np.float32, copy=False)
     signed = bool(signed and smooth_mm > 0)
     if score is None or signed:
         x0 = prep.slices.to(healed.device)
@@ -282,9 +300,36 @@ def scan_map(healed: torch.Tensor, prep, kernel: int, smooth_mm: float, signed: 
     return out
 
 
+def uses_level_maps(settings: DetectionSettings, card, ts: tuple[int, ...], volume: bool) -> bool:
+    """Whether a volume's map is built per noise level: the card's volume setting says so, it has an ensemble,
+    and no explicit t replaces it."""
+    return bool(volume and card.detection_for(volume).level_maps and len(ts) > 1 and settings.t is None)
+
+
+def resolve_level_scales(settings: DetectionSettings, card, ts: tuple[int, ...],
+                         volume: bool) -> Optional[tuple[float, ...]]:
+    """The per-level scales when a volume's map is built per noise level (the card's setting has level_maps, an
+    ensemble, and no explicit t replaces it); None for one map of the averaged healed images. The scales come
+    from the calibration, which must have been measured with these levels."""
+    if not uses_level_maps(settings, card, ts, volume):
+        return None
+    cal = card.calibration_for(volume) or {}
+    scales = cal.get("level_scales")
+    if not scales or _calibrated_ts(cal, ()) != ts or len(scales) != len(ts):
+        raise ModelError(f"model {card.name!r} builds a volume's map per noise level (t {'+'.join(map(str, ts))}) "
+                         "but its calibration has no scales for those levels; run `synomaly calibrate` on healthy "
+                         "volumes, or `synomaly tune`")
+    return tuple(float(v) for v in scales)
+
+
 def _warn_if_calibration_differs(cal: dict, ts: tuple[int, ...], k: int, stages: int, smooth: float,
-                                 region: str = "foreground", signed: bool = False, bins: int = 0) -> None:
+                                 region: str = "foreground", signed: bool = False, bins: int = 0,
+                                 level_maps: bool = False) -> None:
     """Calibrated thresholds hold only for the settings they were measured with."""
+    if bool(cal.get("level_maps", False)) != level_maps:
+        log.warning("threshold was calibrated on %s but %s is used; its false-positive rate will differ",
+                    *(("a map per noise level, averaged" if v else "one map of the averaged healed images")
+                      for v in (bool(cal.get("level_maps", False)), level_maps)))
     have = _calibrated_ts(cal, ts)
     if have != ts:
         log.warning("threshold was calibrated with t=%s but t=%s is used; its false-positive rate will differ",
@@ -320,25 +365,31 @@ def _slice_noise(shape: torch.Size, gens: Sequence[torch.Generator], device: tor
     return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in gens])
 
 
-def _denoise(model, x: torch.Tensor, ts: int | Sequence[int], draws: int, gens: Sequence[torch.Generator]) -> torch.Tensor:
+def _denoise(model, x: torch.Tensor, ts: int | Sequence[int], draws: int, gens: Sequence[torch.Generator],
+             per_level: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One stage for a batch (B, 1, G, G): noise to each level in `ts`, predict x0 in one call per level
     and draw, and average the predictions (one level and one draw: the original method). Slice b's noise
-    comes from its own stream gens[b], in the order level, draw."""
+    comes from its own stream gens[b], in the order level, draw. Returns the average and, with `per_level`,
+    each level's own average over its draws (L, B, 1, G, G), else None."""
     levels = (int(ts),) if isinstance(ts, int) else tuple(int(t) for t in ts)
     out = torch.zeros_like(x)
-    for t in levels:
+    each = torch.zeros((len(levels), *x.shape), dtype=x.dtype, device=x.device) if per_level else None
+    for i, t in enumerate(levels):
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         for _ in range(draws):
             noise = _slice_noise(x.shape, gens, x.device)
             if model.card.noise.kind == "coarse":
                 # denoising autoencoder: the input itself is the corrupted image; predict its noise at t = 0
                 eps = model.predict_noise(x, torch.zeros_like(tt))
-                out += (x - eps).clamp(-1, 1)
+                pred = (x - eps).clamp(-1, 1)
             else:
                 xt = q_sample(x, tt, noise, model.abar)
                 eps = model.predict_noise(xt, tt)
-                out += predict_x0(xt, tt, eps, model.abar)
-    return out / (draws * len(levels))
+                pred = predict_x0(xt, tt, eps, model.abar)
+            out += pred
+            if each is not None:
+                each[i] += pred
+    return out / (draws * len(levels)), (each / draws if each is not None else None)
 
 
 def anomaly_score(x0: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor, kernel: int,
@@ -352,11 +403,12 @@ def anomaly_score(x0: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor, ker
 
 def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int | Sequence[int], kernel: int, threshold: float,
                max_stages: int, tolerance: float = 0.01, batch_size: Optional[int] = None, draws: int = 1, seed: int = 0,
-               progress: ProgressFn = null_progress) -> StageResult:
+               keep_levels: bool = False, progress: ProgressFn = null_progress) -> StageResult:
     """Multi-stage healing of S slices (S, 1, G, G): each stage noises the fused image, denoises it in one
     call, and keeps healed pixels only where the map (against the original x0) exceeds the threshold.
     A slice stops when its anomalous area changes by less than `tolerance` (or is zero after stage 1).
-    `batch_size` None: slices per call from the model's execution plan (measured once per machine)."""
+    `batch_size` None: slices per call from the model's execution plan (measured once per machine).
+    `keep_levels`: also keep each noise level's own healed slices (for maps per level, scan_map)."""
     from .plan import execution_plan
 
     if batch_size is None:
@@ -368,6 +420,8 @@ def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int | Sequence
     x = x0.clone()
     healed = x0.clone()
     first = torch.zeros_like(x0)
+    n_levels = 1 if isinstance(t, int) else len(t)
+    levels = x0.unsqueeze(0).repeat(n_levels, 1, 1, 1, 1) if keep_levels else None
     stages = torch.zeros(s, dtype=torch.long, device=device)
     prev_area = torch.full((s,), -1.0, device=device)
     active = torch.arange(s, device=device)
@@ -385,7 +439,7 @@ def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int | Sequence
         while start < active.numel():
             idx = active[start : start + bs]
             try:
-                xh = _denoise(model, x[idx], t, draws, [gens[i] for i in idx.tolist()])
+                xh, each = _denoise(model, x[idx], t, draws, [gens[i] for i in idx.tolist()], keep_levels)
             except torch.cuda.OutOfMemoryError:
                 if bs > 1:
                     bs = max(1, bs // 2)
@@ -399,6 +453,8 @@ def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int | Sequence
             area[start : start + idx.numel()] = m.sum(dim=(1, 2, 3))
             x[idx] = xh * m + x0[idx] * (1 - m)
             healed[idx] = xh
+            if levels is not None:
+                levels[:, idx] = each
             if stage == 1:
                 first[idx] = d
             stages[idx] = stage
@@ -417,7 +473,7 @@ def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int | Sequence
         active = active[~converged]
     progress("detect", total, total, "multi-stage diffusion finished")
     score = anomaly_score(x0, healed, mask, kernel, x0_blurred)
-    return StageResult(healed, score, stages, calls, first)
+    return StageResult(healed, score, stages, calls, first, levels)
 
 
 def is_volume(image: sitk.Image) -> bool:
@@ -544,7 +600,8 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
 
     Returns the counterfactual (input intensity units), the anomaly map (the normalised intensity difference,
     0..2; for a volume whose setting normalises per tissue class, how far above its tissue's typical value in
-    units of that tissue's spread, scan_map), the binary segmentation and the lesion rows, all on the input grid.
+    units of that tissue's spread; for one built per noise level, the levels' maps in units of their healthy
+    99.9th percentiles, averaged: scan_map), the binary segmentation and the lesion rows, all on the input grid.
     """
     from .prepare import grid_to_oriented, model_units_per_intensity, oriented_to_image, pixel_units, prepare_scan
 
@@ -561,6 +618,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     smooth = resolve_smoothing(settings, card, volume)
     region = resolve_region(settings, card, volume)
     signed, bins = resolve_map(settings, card, volume)
+    scales = resolve_level_scales(settings, card, ts, volume)
     draws = int(settings.noise_draws if settings.noise_draws is not None else card.detection_for(volume).noise_draws)
     if draws < 1:
         raise SettingsError(f"noise draws must be at least 1, got {draws}")
@@ -573,7 +631,8 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     t_prep = time.perf_counter()
     torch.manual_seed(settings.seed)
     stage_args = dict(t=ts, kernel=k, threshold=fusion, max_stages=stages, tolerance=settings.tolerance,
-                      batch_size=settings.batch_size, draws=draws, seed=settings.seed, progress=progress)
+                      batch_size=settings.batch_size, draws=draws, seed=settings.seed, keep_levels=scales is not None,
+                      progress=progress)
     try:
         res = run_stages(model, prep.slices, prep.masks, **stage_args)
     except torch.cuda.OutOfMemoryError:
@@ -590,7 +649,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     t_net = time.perf_counter()
     progress("postprocess", 0, 1, "mapping back to the input grid, 3D components")
     g = prep.geometry
-    score_o = scan_map(res.healed, prep, k, smooth, signed, bins, score=res.score)
+    score_o = scan_map(res.healed, prep, k, smooth, signed, bins, score=res.score, levels=res.levels, scales=scales)
     delta_o = grid_to_oriented(res.healed - prep.slices.to(res.healed.device), prep)
     cf_o = prep.oriented + delta_o * np.asarray(1.0 / model_units_per_intensity(g), dtype=np.float32)
     score_img = oriented_to_image(score_o, prep)
@@ -614,7 +673,8 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
         "model_version": card.version,
         "settings": asdict(settings),
         "t": ts[0] if len(ts) == 1 else list(ts), "noise_draws": draws, "blur_kernel": k, "smooth_mm": smooth,
-        "signed_map": signed, "tissue_bins": bins,
+        "signed_map": signed, "tissue_bins": bins, "level_maps": scales is not None,
+        "level_scales": list(scales) if scales is not None else None,
         "region": prep.region, "region_note": prep.region_note,
         "setting": "volume (tuned)" if volume and card.detection_3d is not None else "card default", "max_stages": stages, "threshold": threshold, "threshold_source": source,
         "fusion_threshold": fusion,

@@ -3,7 +3,8 @@
 Synthetic lesions (lesions.implant_random_lesions) are implanted into healthy volumes that the model
 did not train on, each volume is also turned into the forms a site may send (lesions.scan_form), and
 detection runs over a grid of settings: noise level t, blur kernel, single or multi-stage, and
-ensembles of noise levels. The setting with the best pooled pixel AUPRC on the implanted lesions
+ensembles of noise levels (their healed images averaged into one map, or, asked for, one map per level in
+units of that level's healthy tail, averaged). The setting with the best pooled pixel AUPRC on the implanted lesions
 (on each scan's own grid, inside its foreground) wins; ties go to the cheaper one. Thresholds are then
 calibrated on the untouched volumes under that setting, and the default false-positive rate is the
 one with the best mean Dice on the implanted lesions that flags at most `max_healthy_ml` in every
@@ -54,6 +55,9 @@ class TuneGrid:
     # (README, *The signed map and per-tissue normalisation*)
     signed: tuple[bool, ...] = (False,)
     tissue_bins: tuple[int, ...] = (0,)
+    # ensembles also scored as one map per noise level, each in units of its healthy tail, averaged
+    # (detect.scan_map levels); off by default until the held-out volumes say (README, *Maps per noise level*)
+    level_maps: tuple[bool, ...] = (False,)
 
 
 @dataclass
@@ -185,7 +189,8 @@ def _label(ts: Sequence[int]) -> str:
 def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
           progress: ProgressFn = null_progress) -> list[dict[str, Any]]:
     """Pooled pixel AUPRC of the grid's settings on the lesion cases, one row per setting: every noise
-    level and ensemble with every blur, single stage; the best few again with their maps smoothed across
+    level and ensemble with every blur, single stage (ensembles also as maps per level when the grid asks,
+    level_case_maps); the best few again with their maps smoothed across
     slices, signed or not, normalised per tissue class or not; the best of all with more noise draws; the
     best so far multi-stage."""
     from .calibrate import FUSION_FPR, quantile_threshold
@@ -213,13 +218,22 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
                 done += 1
         return torch.stack([healed[(t, draws)] for t in ts]).mean(0)
 
+    def stack(ts: tuple[int, ...], draws: int) -> torch.Tensor:
+        predictions(ts, draws)
+        return torch.stack([healed[(t, draws)] for t in ts])
+
     def score_row(ts: tuple[int, ...], k: int, draws: int, xh: torch.Tensor, stages: int, mean_stages: float,
-                  smooth: float = 0.0, signed: bool = False, bins: int = 0, score: Optional[torch.Tensor] = None):
-        scores = _split(score, cases) if score is not None else [None] * len(cases)
-        maps = [scan_map(h, c.prep, k, smooth, signed, bins, score=sc)
-                for h, sc, c in zip(_split(xh, cases), scores, cases)]
+                  smooth: float = 0.0, signed: bool = False, bins: int = 0, score: Optional[torch.Tensor] = None,
+                  levels: Optional[torch.Tensor] = None):
+        if levels is not None:
+            maps = level_case_maps(levels, cases, k, smooth, signed, bins)
+        else:
+            scores = _split(score, cases) if score is not None else [None] * len(cases)
+            maps = [scan_map(h, c.prep, k, smooth, signed, bins, score=sc)
+                    for h, sc, c in zip(_split(xh, cases), scores, cases)]
         return {"t": _label(ts), "blur": k, "smooth": smooth, "signed": bool(signed and smooth > 0), "bins": bins,
-                "stages": stages, "draws": draws, "auprc": round(_pooled_auprc(maps, cases, opts), 4),
+                "levels": levels is not None, "stages": stages, "draws": draws,
+                "auprc": round(_pooled_auprc(maps, cases, opts), 4),
                 "cost": round(len(ts) * draws * mean_stages, 2), "stages_mean": round(mean_stages, 2)}
 
     def levels_of(row: dict[str, Any]) -> tuple[int, ...]:
@@ -230,6 +244,8 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
         xh = predictions(ts, g.draws)
         for k in g.blurs:
             rows.append(score_row(ts, k, g.draws, xh, 1, 1.0, score=anomaly_score(x0, xh, fmask, k)))
+            if len(ts) > 1 and True in g.level_maps:
+                rows.append(score_row(ts, k, g.draws, xh, 1, 1.0, levels=stack(ts, g.draws)))
     if g.smooth_top > 0 and (g.smooths or any(g.tissue_bins)):
         variants = [(float(sm), bool(sg), int(b)) for sm in (0.0, *g.smooths) for sg in g.signed for b in g.tissue_bins
                     if not (sg and sm <= 0) and (sm, sg, b) != (0.0, False, 0)]
@@ -241,12 +257,14 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
             ts = levels_of(row)
             xh = predictions(ts, g.draws)
             score = anomaly_score(x0, xh, fmask, row["blur"])  # |D| once per row; the signed variants recompute D
-            rows.extend(score_row(ts, row["blur"], g.draws, xh, 1, 1.0, sm, sg, b, score) for sm, sg, b in variants)
+            lv = stack(ts, g.draws) if row["levels"] else None
+            rows.extend(score_row(ts, row["blur"], g.draws, xh, 1, 1.0, sm, sg, b, score, lv) for sm, sg, b in variants)
     best = max(rows, key=lambda r: r["auprc"])
     if g.more_draws > g.draws:
         ts = levels_of(best)
         rows.append(score_row(ts, best["blur"], g.more_draws, predictions(ts, g.more_draws), 1, 1.0, best["smooth"],
-                              best["signed"], best["bins"]))
+                              best["signed"], best["bins"],
+                              levels=stack(ts, g.more_draws) if best["levels"] else None))
     if g.max_stages > 1:
         lesion = torch.cat([_grid_truth(c) for c in cases])
         healthy = masks.bool() & ~lesion
@@ -256,13 +274,43 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
             first = anomaly_score(x0, predictions(ts, row["draws"]), fmask, row["blur"])
             fusion = quantile_threshold(first[healthy], FUSION_FPR)  # stage-1 level flagging 1 % of lesion-free voxels
             res = run_stages(model, x0, masks, t=ts, kernel=row["blur"], threshold=fusion, max_stages=g.max_stages,
-                             batch_size=opts.batch_size, draws=row["draws"], seed=opts.seed)
+                             batch_size=opts.batch_size, draws=row["draws"], seed=opts.seed, keep_levels=row["levels"])
             rows.append(score_row(ts, row["blur"], row["draws"], res.healed, g.max_stages,
                                   float(res.stages.float().mean()), row["smooth"], row["signed"], row["bins"],
-                                  score=res.score))
+                                  score=res.score, levels=res.levels))
             done += 1
     progress("tune", steps, steps, f"{len(rows)} settings scored")
     return rows
+
+
+def level_case_maps(levels: torch.Tensor, cases: Sequence[TuneCase], k: int, smooth: float, signed: bool = False,
+                    bins: int = 0) -> list[np.ndarray]:
+    """Maps per noise level (detect.scan_map levels) of lesion cases, from each level's healed slices of all the
+    cases (L, S, 1, G, G): each level's scale is measured on these same cases away from their implanted lesions
+    (foreground voxels more than LESION_MARGIN voxels from the truth), which are healthy tissue, so the sweep needs
+    no lesion-free volumes; the chosen setting is then calibrated on the lesion-free volumes as usual."""
+    from .calibrate import level_scales
+    from .detect import scan_map
+
+    per_level = [[scan_map(h, c.prep, k, smooth, signed, bins) for h, c in zip(_split(lv, cases), cases)]
+                 for lv in levels]
+    away = [_away_from_lesions(c) for c in cases]
+    scales = level_scales([np.concatenate([m[a] for m, a in zip(maps, away)]) for maps in per_level])
+    return [sum(maps[i] / np.float32(sc) for maps, sc in zip(per_level, scales)) / np.float32(len(scales))
+            for i in range(len(cases))]
+
+
+LESION_MARGIN = 3  # voxels: where an implanted lesion's soft edge may still change the map
+
+
+def _away_from_lesions(case: TuneCase) -> np.ndarray:
+    """The case's foreground voxels more than LESION_MARGIN voxels from its implanted lesions (all of it when none)."""
+    from scipy import ndimage
+
+    if case.truth is None or not case.truth.any():
+        return case.prep.foreground
+    near = ndimage.binary_dilation(case.truth, iterations=LESION_MARGIN)
+    return case.prep.foreground & ~near
 
 
 def _grid_truth(case: TuneCase) -> torch.Tensor:
@@ -294,24 +342,33 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
     k, stages, draws = int(setting["blur"]), int(setting["stages"]), int(setting["draws"])
     smooth = float(setting.get("smooth", 0.0))
     signed, bins = bool(setting.get("signed", False)), int(setting.get("bins", 0))
-    d = DetectionDefaults(blur_kernel=k, smooth_mm=smooth, signed_map=signed, tissue_bins=bins)
+    per_level = bool(setting.get("levels", False)) and len(ts) > 1
+    d = DetectionDefaults(t=ts[0], t_ensemble=ts if len(ts) > 1 else (), blur_kernel=k, smooth_mm=smooth,
+                          signed_map=signed, tissue_bins=bins, level_maps=per_level)
     hx = torch.cat([c.prep.slices for c in healthy_cases])
     hm = torch.cat([c.prep.masks for c in healthy_cases])
     fusion, hres = calibration_maps(model, hx, hm, ts=ts, kernel=k, max_stages=stages, draws=draws,
-                                    batch_size=opts.batch_size, seed=opts.seed, progress=progress)
+                                    batch_size=opts.batch_size, seed=opts.seed, keep_levels=per_level,
+                                    progress=progress)
     cal = calibration_record(hres, hm, opts.fprs, fusion=fusion, fusion_fpr=FUSION_FPR, ts=ts, kernel=k,
                              max_stages=stages, draws=draws, region=opts.region or "foreground")
     if needs_whole_scans(d):
-        cal = scan_map_thresholds(cal, hres.healed, [c.prep for c in healthy_cases], d, opts.fprs)
+        cal = scan_map_thresholds(cal, hres.healed, [c.prep for c in healthy_cases], d, opts.fprs, levels=hres.levels)
     thresholds = cal["thresholds"]
+    scales = cal.get("level_scales") if per_level else None
     lx = torch.cat([c.prep.slices for c in lesion_cases])
     lm = torch.cat([c.prep.masks for c in lesion_cases])
     lres = run_stages(model, lx, lm, t=ts, kernel=k, threshold=fusion, max_stages=stages,
-                      batch_size=opts.batch_size, draws=draws, seed=opts.seed)
-    lmaps = [scan_map(h, c.prep, k, smooth, signed, bins, score=s)
-             for h, s, c in zip(_split(lres.healed, lesion_cases), _split(lres.score, lesion_cases), lesion_cases)]
-    hmaps = [scan_map(h, c.prep, k, smooth, signed, bins, score=s)
-             for h, s, c in zip(_split(hres.healed, healthy_cases), _split(hres.score, healthy_cases), healthy_cases)]
+                      batch_size=opts.batch_size, draws=draws, seed=opts.seed, keep_levels=per_level)
+
+    def case_maps(res, cases):
+        sizes = [c.prep.slices.shape[0] for c in cases]
+        lv = torch.split(res.levels, sizes, dim=1) if per_level else [None] * len(cases)
+        return [scan_map(h, c.prep, k, smooth, signed, bins, score=s, levels=v, scales=scales)
+                for h, s, v, c in zip(_split(res.healed, cases), _split(res.score, cases), lv, cases)]
+
+    lmaps = case_maps(lres, lesion_cases)
+    hmaps = case_maps(hres, healthy_cases)
     components = [lesion_polarities(c, h) for c, h in zip(lesion_cases, healthy_cases)]
     points = []
     for key, thr in thresholds.items():
@@ -400,7 +457,8 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
     rows = sweep(model, lesion_cases, opts, progress)
     chosen = choose(rows)
     t_sweep = time.perf_counter()
-    progress("tune", 0, 1, f"chosen: t {chosen['t']}, blur {chosen['blur']}, smoothing {chosen['smooth']:g} mm"
+    progress("tune", 0, 1, f"chosen: t {chosen['t']}{' (a map per level)' if chosen.get('levels') else ''}, "
+             f"blur {chosen['blur']}, smoothing {chosen['smooth']:g} mm"
              f"{' (signed)' if chosen.get('signed') else ''}, tissue classes {chosen.get('bins', 0)}, "
              f"{chosen['stages']} stage(s); "
              "calibrating on the lesion-free volumes")
@@ -418,7 +476,8 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
                                           grow_fpr=float(op["grow_fpr"]) if op.get("grow_fpr") else None,
                                           smooth_mm=float(chosen.get("smooth", 0.0)), region=opts.region or "foreground",
                                           signed_map=bool(chosen.get("signed", False)),
-                                          tissue_bins=int(chosen.get("bins", 0)))
+                                          tissue_bins=int(chosen.get("bins", 0)),
+                                          level_maps=bool(chosen.get("levels", False)) and len(ts) > 1)
     what = description or ", ".join(f"{v.name} ({v.source})" for v in volumes)
     cal["data"] = f"the lesion-free forms of: {what}"
     cal["scans"] = len(healthy_cases)

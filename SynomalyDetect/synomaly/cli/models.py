@@ -73,6 +73,8 @@ def cmd_tune(args) -> int:
         grid.tissue_bins = tuple(sorted(set(args.tissue_bins) | {0}))
     if args.signed:
         grid.signed = (False, True)
+    if args.level_maps:
+        grid.level_maps = (False, True)
     if args.single_stage:  # no multi-stage rows, no extra noise draws: the cheapest sweep of the grid
         grid.max_stages, grid.multi_top, grid.more_draws = 1, 0, 1
     opts = TuneOptions(forms=tuple(args.forms), lesions_per_volume=args.lesions, seed=args.seed,
@@ -83,7 +85,8 @@ def cmd_tune(args) -> int:
     out = args.output or args.model
     best = rec["chosen"]
     print(f"tuned {out} on {rec['lesion_cases']} volumes with {rec['lesions']} implanted lesions "
-          f"({rec['seconds']['total']:.0f} s): t {best['t']}, blur {best['blur']}, smoothing {best['smooth']:g} mm"
+          f"({rec['seconds']['total']:.0f} s): t {best['t']}{' (a map per level)' if best.get('levels') else ''}, "
+          f"blur {best['blur']}, smoothing {best['smooth']:g} mm"
           f"{' (signed)' if best.get('signed') else ''}, tissue classes {best.get('bins', 0)}, "
           f"{best['stages']} stage(s), "
           f"pooled pixel AUPRC {best['auprc']:.3f}; default FPR {rec['chosen_fpr']}"
@@ -174,6 +177,9 @@ def add_parsers(sub) -> None:
     tu.add_argument("--signed", action="store_true",
                     help="also try smoothing the signed difference across slices before its magnitude is taken "
                          "(default: not; not better on our held-out volumes, see the README)")
+    tu.add_argument("--level-maps", action="store_true",
+                    help="also try each ensemble as one map per noise level, each in units of its healthy tail, "
+                         "averaged (default: not; see the README, Maps per noise level)")
     tu.add_argument("--single-stage", action="store_true",
                     help="score single-stage settings only (no multi-stage rows, no extra noise draws)")
     tu.add_argument("--max-healthy-ml", type=float, default=1.0,
