@@ -464,6 +464,8 @@ def test_maps_per_noise_level_are_each_scaled_by_their_healthy_tail_and_averaged
     for m, sc in zip((m50, m300), cal["level_scales"]):  # each level, scaled, reaches 1 at its healthy tail
         assert np.quantile(m[fg] / sc, LEVEL_SCALE_QUANTILE) == pytest.approx(1.0, rel=1e-3)
 
+    other = calibrate(model, prep.slices, prep.masks, fprs=(1e-2,), t=(50, 100, 200), volume=True, preps=[prep])
+    assert other["t_ensemble"] == [50, 100, 200] and len(other["level_scales"]) == 3, "asked-for levels are measured"
     model.card.calibration_3d = cal
     assert "a map per level" in model.card.detection_text(True)
     result = detect(_head(seed=5), model, DetectionSettings(device="cpu"))

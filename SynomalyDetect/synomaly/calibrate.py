@@ -101,8 +101,8 @@ def calibrate(model, slices: torch.Tensor, masks: torch.Tensor, *, fprs: Sequenc
     cal = calibration_record(res, masks, fprs, fusion=fusion, fusion_fpr=fusion_fpr, ts=ts, kernel=kernel,
                              max_stages=max_stages, draws=draws, region=region)
     if volume and needs_whole_scans(d):
-        cal = scan_map_thresholds(cal, res.healed, preps, replace(d, blur_kernel=kernel, level_maps=per_level), fprs,
-                                  levels=res.levels)
+        measured = replace(d, blur_kernel=kernel, t=ts[0], t_ensemble=ts if len(ts) > 1 else (), level_maps=per_level)
+        cal = scan_map_thresholds(cal, res.healed, preps, measured, fprs, levels=res.levels)
     return cal
 
 
