@@ -429,7 +429,9 @@ def test_maps_per_noise_level_are_each_scaled_by_their_healthy_tail_and_averaged
     healed image); scan_map divides each level's map by its scale and averages; calibrate measures the scales
     on the healthy scans (their 99.9th percentile) and thresholds the averaged map; detect builds the same map
     from the card and refuses a card whose calibration has no scales for its levels."""
-    from synomaly.calibrate import LEVEL_SCALE_QUANTILE, calibrate
+    from dataclasses import replace
+
+    from synomaly.calibrate import LEVEL_SCALE_QUANTILE, SCAN_LEVEL_QUANTILE, calibrate
     from synomaly.card import DetectionDefaults
     from synomaly.detect import DetectionSettings, detect, run_stages, scan_map
     from synomaly.metrics import threshold_at_fpr
@@ -479,26 +481,53 @@ def test_maps_per_noise_level_are_each_scaled_by_their_healthy_tail_and_averaged
     with pytest.raises(ModelError, match="no scales for those levels"):
         detect(_head(seed=5), model, DetectionSettings(device="cpu"))
 
+    # scaled in each scan: each level by its own 90th percentile there, nothing to measure beforehand
+    by_scan = scan_map(both.healed, prep, 3, 2.0, levels=both.levels, scan_quantile=SCAN_LEVEL_QUANTILE)
+    want = (m50 / np.quantile(m50[fg], SCAN_LEVEL_QUANTILE) + m300 / np.quantile(m300[fg], SCAN_LEVEL_QUANTILE)) / 2
+    assert np.allclose(by_scan, want, rtol=1e-4, atol=1e-6)
+    model.card.detection_3d = replace(model.card.detection_3d, level_scaling="scan")
+    cal = calibrate(model, prep.slices, prep.masks, fprs=(1e-2,), volume=True, preps=[prep])
+    assert cal["level_scaling"] == "scan" and "level_scales" not in cal
+    assert cal["thresholds"]["0.01"] == pytest.approx(threshold_at_fpr(by_scan[fg], 1e-2), abs=1e-4)
+    model.card.calibration_3d = cal
+    assert "scaled in each scan" in model.card.detection_text(True)
+    result = detect(_head(seed=5), model, DetectionSettings(device="cpu"))
+    assert result.report["level_scan_quantile"] == SCAN_LEVEL_QUANTILE and result.report["level_scales"] is None
+    assert float(sitk.GetArrayFromImage(result.anomaly_map).max()) == pytest.approx(float(by_scan.max()), rel=1e-4)
+    from synomaly.card import ModelCard, ModelCardError
+
+    bad = model.card.to_json().replace('"level_scaling": "scan"', '"level_scaling": "atlas"')
+    with pytest.raises(ModelCardError, match="level_scaling 'atlas'"):
+        ModelCard.from_json(bad)
+
 
 def test_tuning_tries_maps_per_noise_level_when_asked_and_the_card_keeps_the_choice(tiny_model_file, tmp_path):
     vol = tmp_path / "healthy.nii.gz"
     sitk.WriteImage(_head(seed=4), str(vol))
     out = tmp_path / "tuned.safetensors"
     grid = tune.TuneGrid(ts=(50,), blurs=(3,), ensembles=((50, 200),), max_stages=1, multi_top=0, more_draws=1,
-                         smooths=(2.0,), smooth_top=3, level_maps=(False, True))
+                         smooths=(2.0,), smooth_top=4, level_maps=("healthy", "scan"))
     opts = tune.TuneOptions(forms=("native",), lesions_per_volume=2, grid=grid, seed=1)
     tune.tune_model(tiny_model_file, [str(vol)], output=out, options=opts, device="cpu")
     card = read_card(out)
     table = card.tuning["table"]
-    # t 50 (one level: no per-level row), 50+200 plain and per level; the three again smoothed 2 mm
+    # t 50 (one level: no per-level row), 50+200 plain and per level both ways; the four again smoothed 2 mm
     assert sorted((r["t"], r["levels"], r["smooth"]) for r in table) == sorted(
-        [("50", False, s) for s in (0.0, 2.0)] + [("50+200", lv, s) for lv in (False, True) for s in (0.0, 2.0)])
+        [("50", "", s) for s in (0.0, 2.0)] + [("50+200", lv, s) for lv in ("", "healthy", "scan") for s in (0.0, 2.0)])
     chosen = card.tuning["chosen"]
     d3 = card.detection_3d
-    assert d3.level_maps == chosen["levels"]
-    assert bool(card.calibration_3d.get("level_maps", False)) == chosen["levels"]
-    if chosen["levels"]:
+    assert d3.level_maps == bool(chosen["levels"])
+    assert d3.level_scaling == (chosen["levels"] or "healthy")
+    assert bool(card.calibration_3d.get("level_maps", False)) == bool(chosen["levels"])
+    if chosen["levels"] == "healthy":
         assert len(card.calibration_3d["level_scales"]) == 2
+    # the operating points of a setting scaled in each scan: calibrated without scales, thresholds of that map
+    model = load_model(tiny_model_file, device="cpu")
+    lesion_cases, healthy_cases = tune.build_cases(tune.load_tune_volumes([str(vol)]), model.card, opts)
+    setting = {"t": "50+200", "blur": 3, "stages": 1, "draws": 1, "smooth": 2.0, "levels": "scan"}
+    cal, points = tune.operating_points(model, lesion_cases, healthy_cases, setting, opts)
+    assert cal["level_maps"] is True and cal["level_scaling"] == "scan" and "level_scales" not in cal
+    assert len(points) == 10 and all(0 <= p["dice_mean"] <= 1 for p in points)
     # the sweep's scales for a per-level row are measured away from the implanted lesions
     lesion_cases, _ = tune.build_cases(tune.load_tune_volumes([str(vol)]), read_card(tiny_model_file), opts)
     away = tune._away_from_lesions(lesion_cases[0])

@@ -14,6 +14,7 @@ Two data sets, both prepared exactly as `synomaly tune` and `synomaly evaluate` 
   from the tuning volumes.
 
     python scripts/multiscale-probe.py --t 25 50 100 200 400 --heldout
+    python scripts/multiscale-probe.py --t 50 100 200 400 --blur 5 --quantile 0.999 --self-quantile 0.9 0.99 --heldout
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def main() -> None:
     ap.add_argument("--smooth", type=float, default=4.0)
     ap.add_argument("--quantile", type=float, nargs="+", default=[0.999, 0.9999],
                     help="the healthy quantile each level's map is divided by")
+    ap.add_argument("--self-quantile", type=float, nargs="*", default=[],
+                    help="also: each level's map divided by this quantile of itself in the same scan (no calibration "
+                         "scale), averaged over the levels")
     ap.add_argument("--fprs", type=float, nargs="+", default=[1e-4, 1e-5])
     ap.add_argument("--heldout", action="store_true", help="also score the held-out evaluation volumes")
     ap.add_argument("--top", type=int, default=3, help="held out: the best this many by tuning AUPRC and Dice")
@@ -127,6 +131,21 @@ def main() -> None:
 
                     variants.append((label, (lambda c=combine: c(tune_levels)),
                                      (lambda c=combine: c(held_levels))))
+        for q in args.self_quantile:  # each level's map in units of its own tail in the same scan
+            for ts in [(t,) for t in args.t] + combos:
+                label = f"mean-self q{q:g} " + "+".join(map(str, ts))
+
+                def selfnorm(levels, name, ts=ts, q=q):
+                    les, hea = sets[name]
+                    out = []
+                    for i, c in enumerate(les + hea):
+                        parts = [levels[t][i] / max(float(np.quantile(levels[t][i][c.prep.foreground], q)), 1e-6)
+                                 for t in ts]
+                        out.append(np.mean(parts, axis=0).astype(np.float32))
+                    return out
+
+                variants.append((label, (lambda f=selfnorm: f(tune_levels, "tune")),
+                                 (lambda f=selfnorm: f(held_levels, "heldout"))))
         scored = []
         for label, tune_fn, held_fn in variants:
             tmaps = tune_fn()

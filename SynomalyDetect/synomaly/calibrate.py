@@ -18,6 +18,9 @@ FUSION_FPR = 1e-2  # stages keep healing where a stage-1 map flags 1 % of health
 # maps per noise level (detect.scan_map): each level's map is divided by this quantile of it over healthy voxels
 # (0.999 and 0.9999 chose the same settings on the tuning volumes: scripts/multiscale-probe.py)
 LEVEL_SCALE_QUANTILE = 0.999
+# ... or, with level_scaling "scan", by this quantile of it in the scan itself (scripts/multiscale-probe.py
+# --self-quantile: 0.9 held the 1 mL target held out where the calibrated scales did not)
+SCAN_LEVEL_QUANTILE = 0.9
 
 
 def quantile_threshold(values: torch.Tensor, fpr: float) -> float:
@@ -156,11 +159,17 @@ def scan_map_thresholds(cal: dict[str, Any], healed: torch.Tensor, preps: Sequen
     if d.level_maps and len(d.noise_levels()) > 1:
         if levels is None or levels.shape[0] != len(d.noise_levels()):
             raise ValueError("a setting with maps per noise level is calibrated on each level's healed slices")
+    if d.level_maps and len(d.noise_levels()) > 1 and d.level_scaling == "scan":
+        pooled_np = np.concatenate([scan_map(h, p, k, smooth, signed, bins, levels=lv, scan_quantile=SCAN_LEVEL_QUANTILE)
+                                    [p.foreground] for h, lv, p in zip(torch.split(healed, sizes),
+                                                                        torch.split(levels, sizes, dim=1), preps)])
+        extra.update(level_maps=True, level_scaling="scan", level_scan_quantile=SCAN_LEVEL_QUANTILE)
+    elif d.level_maps and len(d.noise_levels()) > 1:
         per_level = [np.concatenate([scan_map(h, p, k, smooth, signed, bins)[p.foreground]
                                      for h, p in zip(torch.split(lv, sizes), preps)]) for lv in levels]
         scales = level_scales(per_level)
         pooled_np = sum(v / np.float32(s) for v, s in zip(per_level, scales)) / np.float32(len(scales))
-        extra.update(level_maps=True, level_scales=[round(s, 6) for s in scales],
+        extra.update(level_maps=True, level_scaling="healthy", level_scales=[round(s, 6) for s in scales],
                      level_scale_quantile=LEVEL_SCALE_QUANTILE)
     else:
         pooled_np = np.concatenate([scan_map(h, p, k, smooth, signed, bins)[p.foreground]

@@ -12,6 +12,7 @@ from .contract import REGIONS
 CARD_FORMAT = "synomaly-model-card/1"
 ORIENTATIONS = ("axial", "coronal", "sagittal")
 POLARITIES = ("brighter", "darker", "both")
+LEVEL_SCALINGS = ("healthy", "scan")  # DetectionDefaults.level_scaling
 ARCHITECTURES = ("monai.DiffusionModelUNet", "guided-diffusion.UNetModel")
 NORMALISATIONS = ("foreground-percentile", "slice-minmax")
 FRAMINGS = ("foreground-square", "whole-slice")
@@ -95,9 +96,11 @@ class DetectionDefaults:
     signed_map: bool = False
     tissue_bins: int = 0
     # volumes with an ensemble only (detect.scan_map): one map per noise level, each divided by what that level
-    # shows in healthy tissue (the calibration's level_scales), averaged; instead of one map of the averaged
-    # healed images
+    # shows in healthy tissue, averaged; instead of one map of the averaged healed images. level_scaling
+    # "healthy": by the level's 99.9th percentile on the calibration scans (calibration_3d.level_scales);
+    # "scan": by the level's 90th percentile in the scan itself (no scales to calibrate)
     level_maps: bool = False
+    level_scaling: str = "healthy"
 
     def noise_levels(self) -> tuple[int, ...]:
         """The noise levels of one stage: the ensemble, else t alone."""
@@ -254,6 +257,8 @@ class ModelCard:
             if not 0 <= int(d.tissue_bins) <= MAX_TISSUE_BINS:
                 raise ModelCardError(f"{name}.tissue_bins {d.tissue_bins} must lie between 0 (off) and "
                                      f"{MAX_TISSUE_BINS}")
+            if d.level_scaling not in LEVEL_SCALINGS:
+                raise ModelCardError(f"{name}.level_scaling {d.level_scaling!r} is not one of {LEVEL_SCALINGS}")
             if d.region not in REGIONS:
                 raise ModelCardError(f"{name}.region {d.region!r} is not one of {REGIONS}")
         n = self.normalisation
@@ -281,7 +286,7 @@ class ModelCard:
         d = self.detection_for(volume)
         t = "+".join(str(v) for v in d.t_ensemble) if d.t_ensemble else str(d.t)
         if volume and d.level_maps and len(d.t_ensemble) > 1:
-            t += " (a map per level, averaged)"
+            t += f" (a map per level{', scaled in each scan' if d.level_scaling == 'scan' else ''}, averaged)"
         draws = f", {d.noise_draws} draws" if d.noise_draws > 1 else ""
         grow = f" grown to FPR {d.grow_fpr:g}" if d.grow_fpr else ""
         smooth = ""

@@ -263,7 +263,7 @@ def tissue_normalised(score: np.ndarray, tissue: np.ndarray, region: np.ndarray,
 
 def scan_map(healed: torch.Tensor, prep, kernel: int, smooth_mm: float, signed: bool = False, tissue_bins: int = 0,
              score: Optional[torch.Tensor] = None, levels: Optional[torch.Tensor] = None,
-             scales: Optional[Sequence[float]] = None) -> np.ndarray:
+             scales: Optional[Sequence[float]] = None, scan_quantile: float = 0.0) -> np.ndarray:
     """The map detection thresholds, on a prepared scan's oriented grid, from its healed slices (S, 1, G, G):
     D = G_k * x0 - G_k * x_hat inside the region, smoothed across slices by `smooth_mm` (volumes) either after
     taking its magnitude (the original) or, with `signed`, before: a lesion changes its neighbouring slices with
@@ -275,17 +275,26 @@ def scan_map(healed: torch.Tensor, prep, kernel: int, smooth_mm: float, signed: 
     the average over the levels of each level's map divided by its scale (what that level shows in healthy
     tissue, calibrate.level_scales): a lesion that one level heals and another does not keeps the first
     level's evidence whole instead of having it diluted in an averaged healed image, and every level speaks
-    in the same units."""
+    in the same units. With `scan_quantile` instead of scales, each level's scale is that quantile of its own
+    map over the scan's scored voxels (a lesion fills far less than the rest of a brain, so a low quantile such
+    as the 90th is healthy tissue's): the units then follow how well this scan heals, not the calibration
+    scans."""
     from .prepare import grid_to_oriented
 
     if levels is not None:
-        if scales is None or len(scales) != levels.shape[0]:
-            raise ValueError("maps per noise level need one scale per level")
+        if scan_quantile <= 0 and (scales is None or len(scales) != levels.shape[0]):
+            raise ValueError("maps per noise level need one scale per level, or a quantile to scale each in the scan")
         total = None
-        for h, sc in zip(levels, scales):
-            part = scan_map(h, prep, kernel, smooth_mm, signed, tissue_bins) / np.float32(sc)
+        for i, h in enumerate(levels):
+            part = scan_map(h, prep, kernel, smooth_mm, signed, tissue_bins)
+            if scan_quantile > 0:
+                inside = part[prep.foreground]
+                sc = float(np.quantile(inside, scan_quantile)) if inside.size else 1.0
+            else:
+                sc = float(scales[i])
+            part = part / np.float32(max(sc, 1e-6))
             total = part if total is None else total + part
-        return (total / np.float32(len(scales))).astype(np.float32, copy=False)
+        return (total / np.float32(levels.shape[0])).astype(np.float32, copy=False)
     signed = bool(signed and smooth_mm > 0)
     if score is None or signed:
         x0 = prep.slices.to(healed.device)
@@ -306,20 +315,36 @@ def uses_level_maps(settings: DetectionSettings, card, ts: tuple[int, ...], volu
     return bool(volume and card.detection_for(volume).level_maps and len(ts) > 1 and settings.t is None)
 
 
-def resolve_level_scales(settings: DetectionSettings, card, ts: tuple[int, ...],
-                         volume: bool) -> Optional[tuple[float, ...]]:
-    """The per-level scales when a volume's map is built per noise level (the card's setting has level_maps, an
-    ensemble, and no explicit t replaces it); None for one map of the averaged healed images. The scales come
-    from the calibration, which must have been measured with these levels."""
+@dataclass
+class LevelMaps:
+    """How a volume's map per noise level is scaled (scan_map): by calibrated scales, or by each scan's own
+    quantile."""
+
+    scales: Optional[tuple[float, ...]] = None
+    scan_quantile: float = 0.0
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"scales": self.scales, "scan_quantile": self.scan_quantile}
+
+
+def resolve_level_maps(settings: DetectionSettings, card, ts: tuple[int, ...], volume: bool) -> Optional[LevelMaps]:
+    """How the map is built per noise level when a volume's setting asks for it (the card's setting has level_maps,
+    an ensemble, and no explicit t replaces it); None for one map of the averaged healed images. Scaled by each
+    scan's own quantile (level_scaling "scan"), or by the calibration's scales, which must have been measured
+    with these levels."""
+    from .calibrate import SCAN_LEVEL_QUANTILE
+
     if not uses_level_maps(settings, card, ts, volume):
         return None
+    if card.detection_for(volume).level_scaling == "scan":
+        return LevelMaps(scan_quantile=SCAN_LEVEL_QUANTILE)
     cal = card.calibration_for(volume) or {}
     scales = cal.get("level_scales")
     if not scales or _calibrated_ts(cal, ()) != ts or len(scales) != len(ts):
         raise ModelError(f"model {card.name!r} builds a volume's map per noise level (t {'+'.join(map(str, ts))}) "
                          "but its calibration has no scales for those levels; run `synomaly calibrate` on healthy "
                          "volumes, or `synomaly tune`")
-    return tuple(float(v) for v in scales)
+    return LevelMaps(scales=tuple(float(v) for v in scales))
 
 
 def _warn_if_calibration_differs(cal: dict, ts: tuple[int, ...], k: int, stages: int, smooth: float,
@@ -601,7 +626,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     Returns the counterfactual (input intensity units), the anomaly map (the normalised intensity difference,
     0..2; for a volume whose setting normalises per tissue class, how far above its tissue's typical value in
     units of that tissue's spread; for one built per noise level, the levels' maps in units of their healthy
-    99.9th percentiles, averaged: scan_map), the binary segmentation and the lesion rows, all on the input grid.
+    99.9th percentiles or of their own 90th percentile in the scan, averaged: scan_map), the binary segmentation and the lesion rows, all on the input grid.
     """
     from .prepare import grid_to_oriented, model_units_per_intensity, oriented_to_image, pixel_units, prepare_scan
 
@@ -618,7 +643,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     smooth = resolve_smoothing(settings, card, volume)
     region = resolve_region(settings, card, volume)
     signed, bins = resolve_map(settings, card, volume)
-    scales = resolve_level_scales(settings, card, ts, volume)
+    level_maps = resolve_level_maps(settings, card, ts, volume)
     draws = int(settings.noise_draws if settings.noise_draws is not None else card.detection_for(volume).noise_draws)
     if draws < 1:
         raise SettingsError(f"noise draws must be at least 1, got {draws}")
@@ -631,7 +656,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     t_prep = time.perf_counter()
     torch.manual_seed(settings.seed)
     stage_args = dict(t=ts, kernel=k, threshold=fusion, max_stages=stages, tolerance=settings.tolerance,
-                      batch_size=settings.batch_size, draws=draws, seed=settings.seed, keep_levels=scales is not None,
+                      batch_size=settings.batch_size, draws=draws, seed=settings.seed, keep_levels=level_maps is not None,
                       progress=progress)
     try:
         res = run_stages(model, prep.slices, prep.masks, **stage_args)
@@ -649,7 +674,8 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     t_net = time.perf_counter()
     progress("postprocess", 0, 1, "mapping back to the input grid, 3D components")
     g = prep.geometry
-    score_o = scan_map(res.healed, prep, k, smooth, signed, bins, score=res.score, levels=res.levels, scales=scales)
+    score_o = scan_map(res.healed, prep, k, smooth, signed, bins, score=res.score, levels=res.levels,
+                       **(level_maps.kwargs() if level_maps is not None else {}))
     delta_o = grid_to_oriented(res.healed - prep.slices.to(res.healed.device), prep)
     cf_o = prep.oriented + delta_o * np.asarray(1.0 / model_units_per_intensity(g), dtype=np.float32)
     score_img = oriented_to_image(score_o, prep)
@@ -673,8 +699,9 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
         "model_version": card.version,
         "settings": asdict(settings),
         "t": ts[0] if len(ts) == 1 else list(ts), "noise_draws": draws, "blur_kernel": k, "smooth_mm": smooth,
-        "signed_map": signed, "tissue_bins": bins, "level_maps": scales is not None,
-        "level_scales": list(scales) if scales is not None else None,
+        "signed_map": signed, "tissue_bins": bins, "level_maps": level_maps is not None,
+        "level_scales": list(level_maps.scales) if level_maps is not None and level_maps.scales else None,
+        "level_scan_quantile": level_maps.scan_quantile if level_maps is not None else None,
         "region": prep.region, "region_note": prep.region_note,
         "setting": "volume (tuned)" if volume and card.detection_3d is not None else "card default", "max_stages": stages, "threshold": threshold, "threshold_source": source,
         "fusion_threshold": fusion,

@@ -56,8 +56,9 @@ class TuneGrid:
     signed: tuple[bool, ...] = (False,)
     tissue_bins: tuple[int, ...] = (0,)
     # ensembles also scored as one map per noise level, each in units of its healthy tail, averaged
-    # (detect.scan_map levels); off by default until the held-out volumes say (README, *Maps per noise level*)
-    level_maps: tuple[bool, ...] = (False,)
+    # (detect.scan_map levels), the tail measured on healthy tissue ("healthy") or in each scan ("scan");
+    # off by default until the held-out volumes say (README, *Maps per noise level*)
+    level_maps: tuple[str, ...] = ()
 
 
 @dataclass
@@ -224,15 +225,15 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
 
     def score_row(ts: tuple[int, ...], k: int, draws: int, xh: torch.Tensor, stages: int, mean_stages: float,
                   smooth: float = 0.0, signed: bool = False, bins: int = 0, score: Optional[torch.Tensor] = None,
-                  levels: Optional[torch.Tensor] = None):
+                  levels: Optional[torch.Tensor] = None, scaling: str = ""):
         if levels is not None:
-            maps = level_case_maps(levels, cases, k, smooth, signed, bins)
+            maps = level_case_maps(levels, cases, k, smooth, signed, bins, scaling)
         else:
             scores = _split(score, cases) if score is not None else [None] * len(cases)
             maps = [scan_map(h, c.prep, k, smooth, signed, bins, score=sc)
                     for h, sc, c in zip(_split(xh, cases), scores, cases)]
         return {"t": _label(ts), "blur": k, "smooth": smooth, "signed": bool(signed and smooth > 0), "bins": bins,
-                "levels": levels is not None, "stages": stages, "draws": draws,
+                "levels": scaling if levels is not None else "", "stages": stages, "draws": draws,
                 "auprc": round(_pooled_auprc(maps, cases, opts), 4),
                 "cost": round(len(ts) * draws * mean_stages, 2), "stages_mean": round(mean_stages, 2)}
 
@@ -244,8 +245,9 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
         xh = predictions(ts, g.draws)
         for k in g.blurs:
             rows.append(score_row(ts, k, g.draws, xh, 1, 1.0, score=anomaly_score(x0, xh, fmask, k)))
-            if len(ts) > 1 and True in g.level_maps:
-                rows.append(score_row(ts, k, g.draws, xh, 1, 1.0, levels=stack(ts, g.draws)))
+            if len(ts) > 1:
+                rows.extend(score_row(ts, k, g.draws, xh, 1, 1.0, levels=stack(ts, g.draws), scaling=sc)
+                            for sc in g.level_maps)
     if g.smooth_top > 0 and (g.smooths or any(g.tissue_bins)):
         variants = [(float(sm), bool(sg), int(b)) for sm in (0.0, *g.smooths) for sg in g.signed for b in g.tissue_bins
                     if not (sg and sm <= 0) and (sm, sg, b) != (0.0, False, 0)]
@@ -258,13 +260,14 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
             xh = predictions(ts, g.draws)
             score = anomaly_score(x0, xh, fmask, row["blur"])  # |D| once per row; the signed variants recompute D
             lv = stack(ts, g.draws) if row["levels"] else None
-            rows.extend(score_row(ts, row["blur"], g.draws, xh, 1, 1.0, sm, sg, b, score, lv) for sm, sg, b in variants)
+            rows.extend(score_row(ts, row["blur"], g.draws, xh, 1, 1.0, sm, sg, b, score, lv, row["levels"])
+                        for sm, sg, b in variants)
     best = max(rows, key=lambda r: r["auprc"])
     if g.more_draws > g.draws:
         ts = levels_of(best)
         rows.append(score_row(ts, best["blur"], g.more_draws, predictions(ts, g.more_draws), 1, 1.0, best["smooth"],
                               best["signed"], best["bins"],
-                              levels=stack(ts, g.more_draws) if best["levels"] else None))
+                              levels=stack(ts, g.more_draws) if best["levels"] else None, scaling=best["levels"]))
     if g.max_stages > 1:
         lesion = torch.cat([_grid_truth(c) for c in cases])
         healthy = masks.bool() & ~lesion
@@ -274,24 +277,28 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
             first = anomaly_score(x0, predictions(ts, row["draws"]), fmask, row["blur"])
             fusion = quantile_threshold(first[healthy], FUSION_FPR)  # stage-1 level flagging 1 % of lesion-free voxels
             res = run_stages(model, x0, masks, t=ts, kernel=row["blur"], threshold=fusion, max_stages=g.max_stages,
-                             batch_size=opts.batch_size, draws=row["draws"], seed=opts.seed, keep_levels=row["levels"])
+                             batch_size=opts.batch_size, draws=row["draws"], seed=opts.seed, keep_levels=bool(row["levels"]))
             rows.append(score_row(ts, row["blur"], row["draws"], res.healed, g.max_stages,
                                   float(res.stages.float().mean()), row["smooth"], row["signed"], row["bins"],
-                                  score=res.score, levels=res.levels))
+                                  score=res.score, levels=res.levels, scaling=row["levels"]))
             done += 1
     progress("tune", steps, steps, f"{len(rows)} settings scored")
     return rows
 
 
 def level_case_maps(levels: torch.Tensor, cases: Sequence[TuneCase], k: int, smooth: float, signed: bool = False,
-                    bins: int = 0) -> list[np.ndarray]:
+                    bins: int = 0, scaling: str = "healthy") -> list[np.ndarray]:
     """Maps per noise level (detect.scan_map levels) of lesion cases, from each level's healed slices of all the
     cases (L, S, 1, G, G): each level's scale is measured on these same cases away from their implanted lesions
     (foreground voxels more than LESION_MARGIN voxels from the truth), which are healthy tissue, so the sweep needs
     no lesion-free volumes; the chosen setting is then calibrated on the lesion-free volumes as usual."""
-    from .calibrate import level_scales
+    from .calibrate import SCAN_LEVEL_QUANTILE, level_scales
     from .detect import scan_map
 
+    if scaling == "scan":  # each level in units of its own quantile in the same scan: nothing to measure first
+        return [scan_map(h, c.prep, k, smooth, signed, bins, levels=lv, scan_quantile=SCAN_LEVEL_QUANTILE)
+                for h, lv, c in zip(_split(levels[0], cases), torch.split(levels, [c.prep.slices.shape[0] for c in cases],
+                                                                           dim=1), cases)]
     per_level = [[scan_map(h, c.prep, k, smooth, signed, bins) for h, c in zip(_split(lv, cases), cases)]
                  for lv in levels]
     away = [_away_from_lesions(c) for c in cases]
@@ -333,7 +340,8 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
                      progress: ProgressFn = null_progress) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Calibrate on the untouched volumes under `setting`, then score every calibrated FPR: mean Dice on
     the lesion cases and the volume flagged in each lesion-free one (after the minimum lesion size)."""
-    from .calibrate import FUSION_FPR, calibration_maps, calibration_record, needs_whole_scans, scan_map_thresholds
+    from .calibrate import (FUSION_FPR, SCAN_LEVEL_QUANTILE, calibration_maps, calibration_record, needs_whole_scans,
+                            scan_map_thresholds)
     from .card import DetectionDefaults
     from .detect import postprocess, run_stages, scan_map
     from .metrics import dice
@@ -343,8 +351,9 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
     smooth = float(setting.get("smooth", 0.0))
     signed, bins = bool(setting.get("signed", False)), int(setting.get("bins", 0))
     per_level = bool(setting.get("levels", False)) and len(ts) > 1
+    scaling = _scaling(setting)
     d = DetectionDefaults(t=ts[0], t_ensemble=ts if len(ts) > 1 else (), blur_kernel=k, smooth_mm=smooth,
-                          signed_map=signed, tissue_bins=bins, level_maps=per_level)
+                          signed_map=signed, tissue_bins=bins, level_maps=per_level, level_scaling=scaling)
     hx = torch.cat([c.prep.slices for c in healthy_cases])
     hm = torch.cat([c.prep.masks for c in healthy_cases])
     fusion, hres = calibration_maps(model, hx, hm, ts=ts, kernel=k, max_stages=stages, draws=draws,
@@ -364,7 +373,8 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
     def case_maps(res, cases):
         sizes = [c.prep.slices.shape[0] for c in cases]
         lv = torch.split(res.levels, sizes, dim=1) if per_level else [None] * len(cases)
-        return [scan_map(h, c.prep, k, smooth, signed, bins, score=s, levels=v, scales=scales)
+        return [scan_map(h, c.prep, k, smooth, signed, bins, score=s, levels=v, scales=scales,
+                         scan_quantile=SCAN_LEVEL_QUANTILE if per_level and scaling == "scan" else 0.0)
                 for h, s, v, c in zip(_split(res.healed, cases), _split(res.score, cases), lv, cases)]
 
     lmaps = case_maps(lres, lesion_cases)
@@ -392,6 +402,11 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
                            "healthy_ml_max": round(max(flagged), 3),
                            "healthy_ml_per_case": [round(f, 3) for f in flagged]})
     return cal, points
+
+
+def _scaling(row: dict[str, Any]) -> str:
+    """How a sweep row's maps per level are scaled ("healthy" also for rows of earlier tables, which said True)."""
+    return row["levels"] if isinstance(row.get("levels"), str) and row["levels"] else "healthy"
 
 
 def lesion_polarities(lesion_case: TuneCase, healthy_case: TuneCase) -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -477,7 +492,8 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
                                           smooth_mm=float(chosen.get("smooth", 0.0)), region=opts.region or "foreground",
                                           signed_map=bool(chosen.get("signed", False)),
                                           tissue_bins=int(chosen.get("bins", 0)),
-                                          level_maps=bool(chosen.get("levels", False)) and len(ts) > 1)
+                                          level_maps=bool(chosen.get("levels", False)) and len(ts) > 1,
+                                          level_scaling=_scaling(chosen))
     what = description or ", ".join(f"{v.name} ({v.source})" for v in volumes)
     cal["data"] = f"the lesion-free forms of: {what}"
     cal["scans"] = len(healthy_cases)

@@ -73,8 +73,8 @@ def cmd_tune(args) -> int:
         grid.tissue_bins = tuple(sorted(set(args.tissue_bins) | {0}))
     if args.signed:
         grid.signed = (False, True)
-    if args.level_maps:
-        grid.level_maps = (False, True)
+    if args.level_maps is not None:
+        grid.level_maps = tuple(dict.fromkeys(args.level_maps or ("healthy", "scan")))
     if args.single_stage:  # no multi-stage rows, no extra noise draws: the cheapest sweep of the grid
         grid.max_stages, grid.multi_top, grid.more_draws = 1, 0, 1
     opts = TuneOptions(forms=tuple(args.forms), lesions_per_volume=args.lesions, seed=args.seed,
@@ -177,9 +177,10 @@ def add_parsers(sub) -> None:
     tu.add_argument("--signed", action="store_true",
                     help="also try smoothing the signed difference across slices before its magnitude is taken "
                          "(default: not; not better on our held-out volumes, see the README)")
-    tu.add_argument("--level-maps", action="store_true",
+    tu.add_argument("--level-maps", nargs="*", choices=["healthy", "scan"],
                     help="also try each ensemble as one map per noise level, each in units of its healthy tail, "
-                         "averaged (default: not; see the README, Maps per noise level)")
+                         "averaged: the tail measured on the healthy volumes (healthy) or in each scan (scan); "
+                         "no value: both (default: not; see the README, Maps per noise level)")
     tu.add_argument("--single-stage", action="store_true",
                     help="score single-stage settings only (no multi-stage rows, no extra noise draws)")
     tu.add_argument("--max-healthy-ml", type=float, default=1.0,
