@@ -431,9 +431,9 @@ def test_maps_per_noise_level_are_each_scaled_by_their_healthy_tail_and_averaged
     from the card and refuses a card whose calibration has no scales for its levels."""
     from dataclasses import replace
 
-    from synomaly.calibrate import LEVEL_SCALE_QUANTILE, SCAN_LEVEL_QUANTILE, calibrate
+    from synomaly.calibrate import LEVEL_SCALE_QUANTILE, calibrate
     from synomaly.card import DetectionDefaults
-    from synomaly.detect import DetectionSettings, detect, run_stages, scan_map
+    from synomaly.detect import SCAN_LEVEL_QUANTILE, DetectionSettings, detect, run_stages, scan_map
     from synomaly.metrics import threshold_at_fpr
     from synomaly.prepare import prepare_scan
 

@@ -18,9 +18,7 @@ FUSION_FPR = 1e-2  # stages keep healing where a stage-1 map flags 1 % of health
 # maps per noise level (detect.scan_map): each level's map is divided by this quantile of it over healthy voxels
 # (0.999 and 0.9999 chose the same settings on the tuning volumes: scripts/multiscale-probe.py)
 LEVEL_SCALE_QUANTILE = 0.999
-# ... or, with level_scaling "scan", by this quantile of it in the scan itself (scripts/multiscale-probe.py
-# --self-quantile: 0.9 held the 1 mL target held out where the calibrated scales did not)
-SCAN_LEVEL_QUANTILE = 0.9
+# (or, with level_scaling "scan", by detect.SCAN_LEVEL_QUANTILE of it in the scan itself)
 
 
 def quantile_threshold(values: torch.Tensor, fpr: float) -> float:
@@ -151,7 +149,7 @@ def scan_map_thresholds(cal: dict[str, Any], healed: torch.Tensor, preps: Sequen
     (level_scales), then the thresholds on the averaged scaled maps."""
     import numpy as np
 
-    from .detect import scan_map
+    from .detect import SCAN_LEVEL_QUANTILE, scan_map
 
     k, smooth, signed, bins = int(d.blur_kernel), float(d.smooth_mm), bool(d.signed_map), int(d.tissue_bins)
     sizes = [p.slices.shape[0] for p in preps]

@@ -19,6 +19,11 @@ from .schedule import predict_x0, q_sample
 
 log = logging.getLogger(__name__)
 
+# maps per noise level scaled in each scan (card level_scaling "scan", scan_map): each level's map is divided by
+# this quantile of itself over the scan's scored voxels (scripts/multiscale-probe.py --self-quantile: 0.9 kept
+# the held-out lesion-free volumes lowest)
+SCAN_LEVEL_QUANTILE = 0.9
+
 
 @dataclass
 class DetectionSettings:
@@ -332,8 +337,6 @@ def resolve_level_maps(settings: DetectionSettings, card, ts: tuple[int, ...], v
     an ensemble, and no explicit t replaces it); None for one map of the averaged healed images. Scaled by each
     scan's own quantile (level_scaling "scan"), or by the calibration's scales, which must have been measured
     with these levels."""
-    from .calibrate import SCAN_LEVEL_QUANTILE
-
     if not uses_level_maps(settings, card, ts, volume):
         return None
     if card.detection_for(volume).level_scaling == "scan":

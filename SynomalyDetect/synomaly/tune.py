@@ -289,16 +289,17 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
 def level_case_maps(levels: torch.Tensor, cases: Sequence[TuneCase], k: int, smooth: float, signed: bool = False,
                     bins: int = 0, scaling: str = "healthy") -> list[np.ndarray]:
     """Maps per noise level (detect.scan_map levels) of lesion cases, from each level's healed slices of all the
-    cases (L, S, 1, G, G): each level's scale is measured on these same cases away from their implanted lesions
+    cases (L, S, 1, G, G). Scaled in each scan ("scan"), there is nothing to measure first; scaled by the healthy
+    tail ("healthy"), each level's scale is measured on these same cases away from their implanted lesions
     (foreground voxels more than LESION_MARGIN voxels from the truth), which are healthy tissue, so the sweep needs
     no lesion-free volumes; the chosen setting is then calibrated on the lesion-free volumes as usual."""
-    from .calibrate import SCAN_LEVEL_QUANTILE, level_scales
-    from .detect import scan_map
+    from .calibrate import level_scales
+    from .detect import SCAN_LEVEL_QUANTILE, scan_map
 
-    if scaling == "scan":  # each level in units of its own quantile in the same scan: nothing to measure first
-        return [scan_map(h, c.prep, k, smooth, signed, bins, levels=lv, scan_quantile=SCAN_LEVEL_QUANTILE)
-                for h, lv, c in zip(_split(levels[0], cases), torch.split(levels, [c.prep.slices.shape[0] for c in cases],
-                                                                           dim=1), cases)]
+    if scaling == "scan":
+        parts = torch.split(levels, [c.prep.slices.shape[0] for c in cases], dim=1)
+        return [scan_map(lv.mean(0), c.prep, k, smooth, signed, bins, levels=lv, scan_quantile=SCAN_LEVEL_QUANTILE)
+                for lv, c in zip(parts, cases)]
     per_level = [[scan_map(h, c.prep, k, smooth, signed, bins) for h, c in zip(_split(lv, cases), cases)]
                  for lv in levels]
     away = [_away_from_lesions(c) for c in cases]
@@ -340,10 +341,9 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
                      progress: ProgressFn = null_progress) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Calibrate on the untouched volumes under `setting`, then score every calibrated FPR: mean Dice on
     the lesion cases and the volume flagged in each lesion-free one (after the minimum lesion size)."""
-    from .calibrate import (FUSION_FPR, SCAN_LEVEL_QUANTILE, calibration_maps, calibration_record, needs_whole_scans,
-                            scan_map_thresholds)
+    from .calibrate import FUSION_FPR, calibration_maps, calibration_record, needs_whole_scans, scan_map_thresholds
     from .card import DetectionDefaults
-    from .detect import postprocess, run_stages, scan_map
+    from .detect import SCAN_LEVEL_QUANTILE, postprocess, run_stages, scan_map
     from .metrics import dice
 
     ts = tuple(int(v) for v in setting["t"].split("+"))
