@@ -424,7 +424,7 @@ def test_a_card_or_a_setting_with_impossible_tissue_classes_is_refused_in_one_se
         resolve_map(DetectionSettings(tissue_bins=-1), tuned, volume=True)
 
 
-def test_maps_per_noise_level_are_each_scaled_by_their_healthy_tail_and_averaged(tiny_model_file):
+def test_maps_per_noise_level_are_each_scaled_by_their_healthy_tail_and_averaged(tiny_model_file, caplog):
     """A setting with level_maps: run_stages keeps each level's healed slices (their mean is the ensemble's
     healed image); scan_map divides each level's map by its scale and averages; calibrate measures the scales
     on the healthy scans (their 99.9th percentile) and thresholds the averaged map; detect builds the same map
@@ -433,7 +433,7 @@ def test_maps_per_noise_level_are_each_scaled_by_their_healthy_tail_and_averaged
 
     from synomaly.calibrate import LEVEL_SCALE_QUANTILE, calibrate
     from synomaly.card import DetectionDefaults
-    from synomaly.detect import SCAN_LEVEL_QUANTILE, DetectionSettings, detect, run_stages, scan_map
+    from synomaly.detect import SCAN_LEVEL_QUANTILE, DetectionSettings, detect, resolve_settings, run_stages, scan_map
     from synomaly.metrics import threshold_at_fpr
     from synomaly.prepare import prepare_scan
 
@@ -477,6 +477,7 @@ def test_maps_per_noise_level_are_each_scaled_by_their_healthy_tail_and_averaged
     assert float(amap.max()) == pytest.approx(float(combined.max()), rel=1e-4), "detect builds the calibrated map"
     one = detect(_head(seed=5), model, DetectionSettings(device="cpu", t=50, threshold=0.5))
     assert one.report["level_maps"] is False, "an explicit t is one level: the plain map"
+    healthy_cal = cal
     model.card.calibration_3d = {**cal, "level_scales": []}
     with pytest.raises(ModelError, match="no scales for those levels"):
         detect(_head(seed=5), model, DetectionSettings(device="cpu"))
@@ -489,7 +490,15 @@ def test_maps_per_noise_level_are_each_scaled_by_their_healthy_tail_and_averaged
     cal = calibrate(model, prep.slices, prep.masks, fprs=(1e-2,), volume=True, preps=[prep])
     assert cal["level_scaling"] == "scan" and "level_scales" not in cal
     assert cal["thresholds"]["0.01"] == pytest.approx(threshold_at_fpr(by_scan[fg], 1e-2), abs=1e-4)
+    model.card.calibration_3d = healthy_cal  # thresholds measured with the other scaling: said, not silent
+    with caplog.at_level("WARNING", logger="synomaly.detect"):
+        resolve_settings(DetectionSettings(), model.card, volume=True)
+    assert "calibrated on a map per noise level, averaged but a map per noise level, scaled in each scan" in caplog.text
     model.card.calibration_3d = cal
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="synomaly.detect"):
+        resolve_settings(DetectionSettings(), model.card, volume=True)
+    assert "per noise level" not in caplog.text, "the same scaling: no warning"
     assert "scaled in each scan" in model.card.detection_text(True)
     result = detect(_head(seed=5), model, DetectionSettings(device="cpu"))
     assert result.report["level_scan_quantile"] == SCAN_LEVEL_QUANTILE and result.report["level_scales"] is None

@@ -120,13 +120,13 @@ def resolve_settings(settings: DetectionSettings, card, volume: bool = False) ->
         value = calibrated_threshold(card, thresholds, fpr, "", "give --threshold")
         _warn_if_calibration_differs(cal, ts, k, stages, resolve_smoothing(settings, card, volume),
                                      resolve_region(settings, card, volume), *resolve_map(settings, card, volume),
-                                     uses_level_maps(settings, card, ts, volume))
+                                     uses_level_maps(settings, card, ts, volume), card.detection_for(volume).level_scaling)
         return ts, k, stages, value, f"calibrated FPR {fpr_key(fpr)}"
     default = fpr_key(d.fpr)
     if default in thresholds:
         _warn_if_calibration_differs(cal, ts, k, stages, resolve_smoothing(settings, card, volume),
                                      resolve_region(settings, card, volume), *resolve_map(settings, card, volume),
-                                     uses_level_maps(settings, card, ts, volume))
+                                     uses_level_maps(settings, card, ts, volume), card.detection_for(volume).level_scaling)
         return ts, k, stages, float(thresholds[default]), f"calibrated FPR {default}"
     return ts, k, stages, float(d.threshold), "model default (uncalibrated)"
 
@@ -352,12 +352,18 @@ def resolve_level_maps(settings: DetectionSettings, card, ts: tuple[int, ...], v
 
 def _warn_if_calibration_differs(cal: dict, ts: tuple[int, ...], k: int, stages: int, smooth: float,
                                  region: str = "foreground", signed: bool = False, bins: int = 0,
-                                 level_maps: bool = False) -> None:
+                                 level_maps: bool = False, level_scaling: str = "healthy") -> None:
     """Calibrated thresholds hold only for the settings they were measured with."""
-    if bool(cal.get("level_maps", False)) != level_maps:
+    def maps_words(per_level: bool, scaling: str) -> str:
+        if not per_level:
+            return "one map of the averaged healed images"
+        return "a map per noise level" + (", scaled in each scan" if scaling == "scan" else "") + ", averaged"
+
+    have_maps = (bool(cal.get("level_maps", False)), str(cal.get("level_scaling", "healthy")))
+    used = (level_maps, level_scaling if level_maps else "healthy")
+    if have_maps[0] != used[0] or (used[0] and have_maps[1] != used[1]):
         log.warning("threshold was calibrated on %s but %s is used; its false-positive rate will differ",
-                    *(("a map per noise level, averaged" if v else "one map of the averaged healed images")
-                      for v in (bool(cal.get("level_maps", False)), level_maps)))
+                    maps_words(*have_maps), maps_words(*used))
     have = _calibrated_ts(cal, ts)
     if have != ts:
         log.warning("threshold was calibrated with t=%s but t=%s is used; its false-positive rate will differ",
