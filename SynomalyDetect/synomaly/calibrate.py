@@ -149,24 +149,24 @@ def scan_map_thresholds(cal: dict[str, Any], healed: torch.Tensor, preps: Sequen
     (level_scales), then the thresholds on the averaged scaled maps."""
     import numpy as np
 
-    from .detect import SCAN_LEVEL_QUANTILE, scan_map
+    from .detect import SCAN_LEVEL_QUANTILE, mean_of_scaled, scan_map
 
     k, smooth, signed, bins = int(d.blur_kernel), float(d.smooth_mm), bool(d.signed_map), int(d.tissue_bins)
     sizes = [p.slices.shape[0] for p in preps]
     extra: dict[str, Any] = {"signed_map": signed, "tissue_bins": bins} if signed or bins else {}
-    if d.level_maps and len(d.noise_levels()) > 1:
-        if levels is None or levels.shape[0] != len(d.noise_levels()):
-            raise ValueError("a setting with maps per noise level is calibrated on each level's healed slices")
-    if d.level_maps and len(d.noise_levels()) > 1 and d.level_scaling == "scan":
-        pooled_np = np.concatenate([scan_map(h, p, k, smooth, signed, bins, levels=lv, scan_quantile=SCAN_LEVEL_QUANTILE)
-                                    [p.foreground] for h, lv, p in zip(torch.split(healed, sizes),
-                                                                        torch.split(levels, sizes, dim=1), preps)])
+    per_level = d.level_maps and len(d.noise_levels()) > 1
+    if per_level and (levels is None or levels.shape[0] != len(d.noise_levels())):
+        raise ValueError("a setting with maps per noise level is calibrated on each level's healed slices")
+    if per_level and d.level_scaling == "scan":
+        pooled_np = np.concatenate([scan_map(lv.mean(0), p, k, smooth, signed, bins, levels=lv,
+                                             scan_quantile=SCAN_LEVEL_QUANTILE)[p.foreground]
+                                    for lv, p in zip(torch.split(levels, sizes, dim=1), preps)])
         extra.update(level_maps=True, level_scaling="scan", level_scan_quantile=SCAN_LEVEL_QUANTILE)
-    elif d.level_maps and len(d.noise_levels()) > 1:
-        per_level = [np.concatenate([scan_map(h, p, k, smooth, signed, bins)[p.foreground]
-                                     for h, p in zip(torch.split(lv, sizes), preps)]) for lv in levels]
-        scales = level_scales(per_level)
-        pooled_np = sum(v / np.float32(s) for v, s in zip(per_level, scales)) / np.float32(len(scales))
+    elif per_level:
+        values = [np.concatenate([scan_map(h, p, k, smooth, signed, bins)[p.foreground]
+                                  for h, p in zip(torch.split(lv, sizes), preps)]) for lv in levels]
+        scales = level_scales(values)
+        pooled_np = mean_of_scaled(values, scales)
         extra.update(level_maps=True, level_scaling="healthy", level_scales=[round(s, 6) for s in scales],
                      level_scale_quantile=LEVEL_SCALE_QUANTILE)
     else:

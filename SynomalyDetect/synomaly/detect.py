@@ -118,17 +118,15 @@ def resolve_settings(settings: DetectionSettings, card, volume: bool = False) ->
     fpr = settings.fpr
     if fpr is not None:
         value = calibrated_threshold(card, thresholds, fpr, "", "give --threshold")
-        _warn_if_calibration_differs(cal, ts, k, stages, resolve_smoothing(settings, card, volume),
-                                     resolve_region(settings, card, volume), *resolve_map(settings, card, volume),
-                                     uses_level_maps(settings, card, ts, volume), card.detection_for(volume).level_scaling)
-        return ts, k, stages, value, f"calibrated FPR {fpr_key(fpr)}"
-    default = fpr_key(d.fpr)
-    if default in thresholds:
-        _warn_if_calibration_differs(cal, ts, k, stages, resolve_smoothing(settings, card, volume),
-                                     resolve_region(settings, card, volume), *resolve_map(settings, card, volume),
-                                     uses_level_maps(settings, card, ts, volume), card.detection_for(volume).level_scaling)
-        return ts, k, stages, float(thresholds[default]), f"calibrated FPR {default}"
-    return ts, k, stages, float(d.threshold), "model default (uncalibrated)"
+        source = f"calibrated FPR {fpr_key(fpr)}"
+    elif fpr_key(d.fpr) in thresholds:
+        value, source = float(thresholds[fpr_key(d.fpr)]), f"calibrated FPR {fpr_key(d.fpr)}"
+    else:
+        return ts, k, stages, float(d.threshold), "model default (uncalibrated)"
+    _warn_if_calibration_differs(cal, ts, k, stages, resolve_smoothing(settings, card, volume),
+                                 resolve_region(settings, card, volume), *resolve_map(settings, card, volume),
+                                 uses_level_maps(settings, card, ts, volume), d.level_scaling)
+    return ts, k, stages, value, source
 
 
 def resolve_grow_threshold(settings: DetectionSettings, card, threshold: float, volume: bool = False) -> Optional[float]:
@@ -289,17 +287,11 @@ def scan_map(healed: torch.Tensor, prep, kernel: int, smooth_mm: float, signed: 
     if levels is not None:
         if scan_quantile <= 0 and (scales is None or len(scales) != levels.shape[0]):
             raise ValueError("maps per noise level need one scale per level, or a quantile to scale each in the scan")
-        total = None
-        for i, h in enumerate(levels):
-            part = scan_map(h, prep, kernel, smooth_mm, signed, tissue_bins)
-            if scan_quantile > 0:
-                inside = part[prep.foreground]
-                sc = float(np.quantile(inside, scan_quantile)) if inside.size else 1.0
-            else:
-                sc = float(scales[i])
-            part = part / np.float32(max(sc, 1e-6))
-            total = part if total is None else total + part
-        return (total / np.float32(levels.shape[0])).astype(np.float32, copy=False)
+        parts = [scan_map(h, prep, kernel, smooth_mm, signed, tissue_bins) for h in levels]
+        if scan_quantile > 0:
+            scales = [float(np.quantile(m[prep.foreground], scan_quantile)) if prep.foreground.any() else 1.0
+                      for m in parts]
+        return mean_of_scaled(parts, scales)
     signed = bool(signed and smooth_mm > 0)
     if score is None or signed:
         x0 = prep.slices.to(healed.device)
@@ -312,6 +304,16 @@ def scan_map(healed: torch.Tensor, prep, kernel: int, smooth_mm: float, signed: 
         tissue = grid_to_oriented(blur_kernel(healed, 3), prep)
         out = tissue_normalised(out, tissue, prep.foreground, tissue_bins)
     return out
+
+
+def mean_of_scaled(parts: Sequence[np.ndarray], scales: Sequence[float]) -> np.ndarray:
+    """The average of maps (or of their values at the same voxels) each divided by its scale, in float32 and in
+    one order, so that detection's map and the calibration's values agree to the bit."""
+    total = None
+    for part, sc in zip(parts, scales):
+        scaled = part / np.float32(max(float(sc), 1e-6))
+        total = scaled if total is None else total + scaled
+    return (total / np.float32(len(parts))).astype(np.float32, copy=False)
 
 
 def uses_level_maps(settings: DetectionSettings, card, ts: tuple[int, ...], volume: bool) -> bool:
@@ -635,7 +637,8 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     Returns the counterfactual (input intensity units), the anomaly map (the normalised intensity difference,
     0..2; for a volume whose setting normalises per tissue class, how far above its tissue's typical value in
     units of that tissue's spread; for one built per noise level, the levels' maps in units of their healthy
-    99.9th percentiles or of their own 90th percentile in the scan, averaged: scan_map), the binary segmentation and the lesion rows, all on the input grid.
+    99.9th percentiles or of their own 90th percentile in the scan, averaged: scan_map), the binary segmentation
+    and the lesion rows, all on the input grid.
     """
     from .prepare import grid_to_oriented, model_units_per_intensity, oriented_to_image, pixel_units, prepare_scan
 
@@ -665,8 +668,8 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     t_prep = time.perf_counter()
     torch.manual_seed(settings.seed)
     stage_args = dict(t=ts, kernel=k, threshold=fusion, max_stages=stages, tolerance=settings.tolerance,
-                      batch_size=settings.batch_size, draws=draws, seed=settings.seed, keep_levels=level_maps is not None,
-                      progress=progress)
+                      batch_size=settings.batch_size, draws=draws, seed=settings.seed,
+                      keep_levels=level_maps is not None, progress=progress)
     try:
         res = run_stages(model, prep.slices, prep.masks, **stage_args)
     except torch.cuda.OutOfMemoryError:

@@ -277,7 +277,8 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
             first = anomaly_score(x0, predictions(ts, row["draws"]), fmask, row["blur"])
             fusion = quantile_threshold(first[healthy], FUSION_FPR)  # stage-1 level flagging 1 % of lesion-free voxels
             res = run_stages(model, x0, masks, t=ts, kernel=row["blur"], threshold=fusion, max_stages=g.max_stages,
-                             batch_size=opts.batch_size, draws=row["draws"], seed=opts.seed, keep_levels=bool(row["levels"]))
+                             batch_size=opts.batch_size, draws=row["draws"], seed=opts.seed,
+                             keep_levels=bool(row["levels"]))
             rows.append(score_row(ts, row["blur"], row["draws"], res.healed, g.max_stages,
                                   float(res.stages.float().mean()), row["smooth"], row["signed"], row["bins"],
                                   score=res.score, levels=res.levels, scaling=row["levels"]))
@@ -294,7 +295,7 @@ def level_case_maps(levels: torch.Tensor, cases: Sequence[TuneCase], k: int, smo
     (foreground voxels more than LESION_MARGIN voxels from the truth), which are healthy tissue, so the sweep needs
     no lesion-free volumes; the chosen setting is then calibrated on the lesion-free volumes as usual."""
     from .calibrate import level_scales
-    from .detect import SCAN_LEVEL_QUANTILE, scan_map
+    from .detect import SCAN_LEVEL_QUANTILE, mean_of_scaled, scan_map
 
     if scaling == "scan":
         parts = torch.split(levels, [c.prep.slices.shape[0] for c in cases], dim=1)
@@ -304,8 +305,7 @@ def level_case_maps(levels: torch.Tensor, cases: Sequence[TuneCase], k: int, smo
                  for lv in levels]
     away = [_away_from_lesions(c) for c in cases]
     scales = level_scales([np.concatenate([m[a] for m, a in zip(maps, away)]) for maps in per_level])
-    return [sum(maps[i] / np.float32(sc) for maps, sc in zip(per_level, scales)) / np.float32(len(scales))
-            for i in range(len(cases))]
+    return [mean_of_scaled([maps[i] for maps in per_level], scales) for i in range(len(cases))]
 
 
 LESION_MARGIN = 3  # voxels: where an implanted lesion's soft edge may still change the map
@@ -405,8 +405,8 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
 
 
 def _scaling(row: dict[str, Any]) -> str:
-    """How a sweep row's maps per level are scaled ("healthy" also for rows of earlier tables, which said True)."""
-    return row["levels"] if isinstance(row.get("levels"), str) and row["levels"] else "healthy"
+    """How a sweep row's maps per level are scaled (the card's level_scaling; "healthy" for a row without)."""
+    return row.get("levels") or "healthy"
 
 
 def lesion_polarities(lesion_case: TuneCase, healthy_case: TuneCase) -> tuple[np.ndarray, list[dict[str, Any]]]:
