@@ -92,6 +92,9 @@ def test_choice_prefers_the_cheaper_of_tied_settings_and_the_fpr_respects_health
     assert tune.choose_fpr(points + [grown], 1.0) is grown, "growth wins when it segments better and stays clean"
     assert tune.choose_fpr(points + [dict(grown, healthy_ml_max=1.5)], 1.0)["fpr"] == "0.001"
     assert tune.choose_fpr(points + [dict(grown, dice_mean=0.2)], 0.5).get("grow_fpr") is None, "ties: no growth"
+    cut = dict(points[1], peak_fraction=0.5)
+    assert tune.choose_fpr(points + [cut], 1.0).get("peak_fraction") is None, "ties: the plain threshold"
+    assert tune.choose_fpr(points + [dict(cut, dice_mean=0.41)], 1.0) == dict(cut, dice_mean=0.41)
 
 
 def test_hysteresis_grows_found_lesions_to_their_extent_and_leaves_unseeded_regions_out():
@@ -111,6 +114,37 @@ def test_hysteresis_grows_found_lesions_to_their_extent_and_leaves_unseeded_regi
     assert not postprocess(score, 0.5, (1.0, 1.0, 1.0), 401.0, grow=0.2)[0].any()
     # a grow level at or above the threshold changes nothing
     assert np.array_equal(postprocess(score, 0.5, (1.0, 1.0, 1.0), 0.0, grow=0.6)[0], strict)
+
+
+def test_each_lesion_can_be_outlined_at_half_its_own_peak_whatever_its_contrast():
+    from synomaly.detect import postprocess
+
+    # two blurred lesions of the same size (radius 7), one faint and one strong: one absolute threshold outlines
+    # the strong one too wide; half of each one's own peak falls at its edge
+    zz, yy, xx = np.mgrid[:24, :60, :60]
+    from scipy import ndimage
+
+    ball = lambda cy, cx: ((zz - 12) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 <= 49).astype(np.float32)
+    truth = ball(15, 15) + ball(15, 45) > 0
+    score = ndimage.gaussian_filter(0.25 * ball(15, 15) + 2.0 * ball(15, 45), 1.5)
+    spacing, thr = (1.0, 1.0, 1.0), 0.15
+    plain, _ = postprocess(score, thr, spacing, 0.0)
+    cut, labels = postprocess(score, thr, spacing, 0.0, peak_fraction=0.5)
+    left, right = (slice(None), slice(None), slice(0, 30)), (slice(None), slice(None), slice(30, 60))
+
+    def dice(a, b):
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    assert plain[right].sum() > 1.5 * truth[right].sum(), "the absolute threshold overflows the strong lesion"
+    assert dice(cut[right], truth[right]) > 0.9 > dice(plain[right], truth[right])
+    # the faint lesion's half peak lies below the threshold it was found at: outlined as before, never grown
+    assert np.array_equal(cut[left], plain[left]) and labels.max() == 2
+    # with growth, the faint one grows to its own half peak and stops there
+    grown, _ = postprocess(score, thr, spacing, 0.0, grow=0.01, peak_fraction=0.5)
+    assert dice(grown[left], truth[left]) > 0.9 and dice(grown[right], truth[right]) > 0.9
+    assert postprocess(score, thr, spacing, 0.0, grow=0.01)[0][left].sum() > 1.5 * truth[left].sum()
+    # pieces a cut leaves under the minimum size are dropped as any small lesion is
+    assert postprocess(score, thr, spacing, float(cut[left].sum()) + 1, peak_fraction=0.5)[0][left].sum() == 0
 
 
 def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file, tmp_path):
@@ -147,11 +181,14 @@ def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file,
     assert (d3.grow_fpr is None) if grow_key is None else (f"{d3.grow_fpr:g}" == grow_key)
     points = card.tuning["operating_points"]
     rates = ["0.01", "0.001", "0.0001", "1e-05"]
-    assert {(p["fpr"], p["grow_fpr"]) for p in points} == {(r, None) for r in rates} | {
-        (strict, loose) for i, strict in enumerate(rates) for loose in rates[:i]}  # each rate alone and grown
+    assert {(p["fpr"], p["grow_fpr"], p["peak_fraction"]) for p in points} == {
+        (r, g, pf) for i, r in enumerate(rates) for g in [None] + rates[:i] for pf in (None, 0.5)
+    }  # each rate alone and grown, each of those also outlined at half of each lesion's peak
+    assert d3.peak_fraction == card.tuning["chosen_peak_fraction"]
     for p in points:  # growing a rate's lesions never flags less in a lesion-free volume than the rate alone
         if p["grow_fpr"]:
-            alone = next(q for q in points if q["fpr"] == p["fpr"] and q["grow_fpr"] is None)
+            alone = next(q for q in points if q["fpr"] == p["fpr"] and q["grow_fpr"] is None
+                         and q["peak_fraction"] == p["peak_fraction"])
             assert p["healthy_ml_max"] >= alone["healthy_ml_max"]
     assert card.detection == read_card(tiny_model_file).detection, "single slices keep the untuned setting"
     assert card.calibration == read_card(tiny_model_file).calibration
@@ -173,7 +210,10 @@ def test_tuning_writes_the_chosen_setting_and_detection_uses_it(tiny_model_file,
     assert source == f"calibrated FPR {card.tuning['chosen_fpr']}"
     result = detect(_head(seed=9), model, DetectionSettings(device="cpu"))
     assert result.report["t"] == (ts[0] if len(ts) == 1 else ts) and result.threshold == pytest.approx(thr)
-    assert result.report["smooth_mm"] == d3.smooth_mm
+    assert result.report["smooth_mm"] == d3.smooth_mm and result.report["peak_fraction"] == d3.peak_fraction
+    cut = detect(_head(seed=9), model, DetectionSettings(device="cpu", peak_fraction=0.5))
+    assert cut.report["peak_fraction"] == 0.5
+    assert detect(_head(seed=9), model, DetectionSettings(device="cpu", peak_fraction=0)).report["peak_fraction"] is None
     if d3.grow_fpr:
         assert result.report["grow_threshold"] == pytest.approx(cal["thresholds"][grow_key])
     else:
@@ -536,7 +576,7 @@ def test_tuning_tries_maps_per_noise_level_when_asked_and_the_card_keeps_the_cho
     setting = {"t": "50+200", "blur": 3, "stages": 1, "draws": 1, "smooth": 2.0, "levels": "scan"}
     cal, points = tune.operating_points(model, lesion_cases, healthy_cases, setting, opts)
     assert cal["level_maps"] is True and cal["level_scaling"] == "scan" and "level_scales" not in cal
-    assert len(points) == 10 and all(0 <= p["dice_mean"] <= 1 for p in points)
+    assert len(points) == 10 * 2 and all(0 <= p["dice_mean"] <= 1 for p in points)  # each also cut at half peak
     # the sweep's scales for a per-level row are measured away from the implanted lesions
     lesion_cases, _ = tune.build_cases(tune.load_tune_volumes([str(vol)]), read_card(tiny_model_file), opts)
     away = tune._away_from_lesions(lesion_cases[0])

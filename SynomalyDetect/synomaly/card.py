@@ -86,6 +86,9 @@ class DetectionDefaults:
     noise_draws: int = 1  # noise draws averaged per noise level
     fpr: float = 1e-3  # the calibrated false-positive rate used when none is asked for
     grow_fpr: Optional[float] = None  # lesions grow into connected voxels above this rate's threshold (hysteresis)
+    # each lesion found is then outlined at this fraction of its own peak where that lies above the threshold it
+    # was found at (detect.postprocess; None: not)
+    peak_fraction: Optional[float] = None
     smooth_mm: float = 0.0  # a volume's map is smoothed across slices (Gaussian sigma, mm; 0: not)
     # where a volume is scored: the foreground, the registered atlas brain ("brain"), or that brain cut out
     # before healing ("brain-stripped")
@@ -257,6 +260,8 @@ class ModelCard:
             if not 0 <= int(d.tissue_bins) <= MAX_TISSUE_BINS:
                 raise ModelCardError(f"{name}.tissue_bins {d.tissue_bins} must lie between 0 (off) and "
                                      f"{MAX_TISSUE_BINS}")
+            if d.peak_fraction is not None and not 0 < float(d.peak_fraction) < 1:
+                raise ModelCardError(f"{name}.peak_fraction {d.peak_fraction} must lie in (0, 1), or be absent")
             if d.level_scaling not in LEVEL_SCALINGS:
                 raise ModelCardError(f"{name}.level_scaling {d.level_scaling!r} is not one of {LEVEL_SCALINGS}")
             if d.region not in REGIONS:
@@ -289,6 +294,7 @@ class ModelCard:
             t += f" (a map per level{', scaled in each scan' if d.level_scaling == 'scan' else ''}, averaged)"
         draws = f", {d.noise_draws} draws" if d.noise_draws > 1 else ""
         grow = f" grown to FPR {d.grow_fpr:g}" if d.grow_fpr else ""
+        grow += f", each lesion outlined at {d.peak_fraction:g} of its peak" if d.peak_fraction else ""
         smooth = ""
         if volume and d.smooth_mm:
             smooth = f", {'signed difference ' if d.signed_map else ''}smoothed {d.smooth_mm:g} mm across slices"

@@ -138,6 +138,10 @@ DETECTION_SETTINGS = (
             "rate's threshold (hysteresis; default: the model card's, 0: off; an explicit --threshold turns the "
             "card's growth off)", "the grow false-positive rate", low=0, high=1, high_open=True,
             example=" (0: no growth)"),
+    Setting("peak_fraction", "--peak-fraction", float,
+            "each lesion found is outlined where the map exceeds this fraction of the lesion's own peak, where that "
+            "lies above the threshold it was found at (0.5: a blurred lesion's edge whatever its contrast; default: "
+            "the model card's, 0: off)", "the peak fraction", low=0, high=1, high_open=True, example=" (0: off)"),
     Setting("blur_kernel", "--blur", int, "Gaussian blur kernel of the map, odd, model-grid pixels", "the blur kernel",
             low=1, odd=True),
     Setting("smooth_mm", "--smooth", float,

@@ -39,6 +39,7 @@ class DetectionSettings:
     tolerance: float = 0.01  # a slice stops when its anomalous area changes by less; negative: never early
     noise_draws: Optional[int] = None  # None: the card's
     grow_fpr: Optional[float] = None  # lesions grow to connected voxels above this FPR's threshold; None: the card's, 0: off
+    peak_fraction: Optional[float] = None  # each lesion outlined at this fraction of its own peak; None: the card's, 0: off
     smooth_mm: Optional[float] = None  # volumes: the map smoothed across slices (sigma, mm); None: the card's, 0: off
     region: Optional[str] = None  # volumes: "foreground", "brain" or "brain-stripped" (contract.REGIONS); None: the card's
     signed_map: Optional[bool] = None  # volumes: smooth the signed difference across slices (scan_map); None: card's
@@ -151,6 +152,13 @@ def calibrated_threshold(card, thresholds: dict[str, float], fpr: float, purpose
         raise ModelError(f"model {card.name!r} has no threshold calibrated for FPR {fpr:g}{purpose} (has: {have}); "
                          f"run `synomaly calibrate` or {instead}")
     return float(thresholds[key])
+
+
+def resolve_peak_fraction(settings: DetectionSettings, card, volume: bool = False) -> Optional[float]:
+    """The fraction of each lesion's own peak it is outlined at (`postprocess`): the asked or the card's; None
+    (or 0) for off."""
+    v = settings.peak_fraction if settings.peak_fraction is not None else card.detection_for(volume).peak_fraction
+    return float(v) if v else None
 
 
 def resolve_fusion_threshold(settings: DetectionSettings, card, ts: tuple[int, ...], k: int, threshold: float,
@@ -541,12 +549,17 @@ def check_compatibility(image: sitk.Image, card, allow: bool = False) -> list[st
 
 
 def postprocess(score: np.ndarray, threshold: float, spacing: tuple[float, ...], min_mm3: float,
-                grow: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
+                grow: Optional[float] = None, peak_fraction: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
     """Threshold an anomaly map and drop 3D connected components smaller than min_mm3; returns (binary, labels).
 
     With `grow` below `threshold` (hysteresis): the components of the map above `grow` that reach above
     `threshold` somewhere are kept whole, so a lesion found at a strict threshold is segmented to its
     extent at a looser one, while regions that never reach the strict threshold stay out.
+
+    With `peak_fraction` (say 0.5): each lesion kept is then cut at that fraction of its own peak, where
+    this is above the threshold it was found at (`grow` if given, else `threshold`). A blurred map of a
+    lesion crosses half its peak at the lesion's edge whatever its contrast, while one absolute threshold
+    outlines a strong lesion too wide and a faint one too narrow; which lesions are found is unchanged.
     """
     from scipy import ndimage
 
@@ -568,6 +581,14 @@ def postprocess(score: np.ndarray, threshold: float, spacing: tuple[float, ...],
         seeded[np.unique(inner[score[box] > threshold])] = True
         keep &= seeded
     keep[0] = False
+    if peak_fraction is not None and keep.any():
+        peaks = np.asarray(ndimage.maximum(score[box], inner, index=np.arange(n + 1)), dtype=np.float64)
+        level = np.maximum(peak_fraction * peaks, grow if hysteresis else threshold)
+        cut = keep[inner] & (score[box] > level[inner])
+        inner, n = ndimage.label(cut, structure=structure)  # a cut lesion may fall into pieces: size each again
+        counts = np.bincount(inner.ravel(), minlength=n + 1)
+        keep = counts * voxel_mm3 >= min_mm3
+        keep[0] = False
     if not keep[1:].all():  # renumber the components kept 1..m (removing components never joins others)
         renumber = np.where(keep, np.cumsum(keep), 0).astype(np.int32)
         inner = renumber[inner]
@@ -652,6 +673,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     ts, k, stages, threshold, source = resolve_settings(settings, card, volume)
     fusion = resolve_fusion_threshold(settings, card, ts, k, threshold, volume)
     grow = resolve_grow_threshold(settings, card, threshold, volume)
+    peak_fraction = resolve_peak_fraction(settings, card, volume)
     smooth = resolve_smoothing(settings, card, volume)
     region = resolve_region(settings, card, volume)
     signed, bins = resolve_map(settings, card, volume)
@@ -700,7 +722,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
                    f"the minimum lesion size {settings.min_lesion_mm3:g} pixels), not mm")
         log.warning(message)
         warnings.append(message)
-    binary, labels = postprocess(np.asarray(score_in), threshold, spacing, settings.min_lesion_mm3, grow)
+    binary, labels = postprocess(np.asarray(score_in), threshold, spacing, settings.min_lesion_mm3, grow, peak_fraction)
     seg_img = sitk.GetImageFromArray(binary.astype(np.uint8))
     seg_img.CopyInformation(score_img)
     lesions = lesion_table(labels, np.asarray(score_in), score_img, units=units)
@@ -718,6 +740,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
         "setting": "volume (tuned)" if volume and card.detection_3d is not None else "card default", "max_stages": stages, "threshold": threshold, "threshold_source": source,
         "fusion_threshold": fusion,
         "grow_threshold": grow,
+        "peak_fraction": peak_fraction,
         "slices_total": int(g.oriented_shape[0]),
         "slices_analysed": int(prep.slices.shape[0]),
         "stages_per_slice_mean": round(float(res.stages.float().mean()), 3) if res.stages.numel() else 0.0,

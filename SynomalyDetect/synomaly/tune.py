@@ -15,6 +15,7 @@ since 3D lesions in volumes say nothing about what suits a 2D slice.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -77,6 +78,9 @@ class TuneOptions:
     region: Optional[str] = None  # where maps are scored (contract.REGIONS), written into the tuned setting;
     # None: the model's volume setting's (so a fine-tuned brain model keeps scoring the brain)
     grid: TuneGrid = field(default_factory=TuneGrid)
+    # every operating point is also scored with each lesion outlined at these fractions of its own peak
+    # (detect.postprocess); the card keeps one only where it scores better than the plain threshold
+    peak_fractions: tuple[float, ...] = (0.5,)
 
 
 @dataclass
@@ -383,21 +387,23 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
     points = []
     for key, thr in thresholds.items():
         # the strict threshold alone, and grown (hysteresis) into each looser calibrated threshold
-        for grow_key in [None] + [g for g, v in thresholds.items() if v < thr]:
+        # and each of those with every lesion outlined at a fraction of its own peak
+        for grow_key, pf in itertools.product([None] + [g for g, v in thresholds.items() if v < thr],
+                                              (None,) + tuple(opts.peak_fractions)):
             grow = thresholds[grow_key] if grow_key is not None else None
             dices = []
             found: list[tuple[int, float, bool]] = []
             for m, c, (labels, rows) in zip(lmaps, lesion_cases, components):
-                binary, _ = postprocess(m, thr, c.spacing, opts.min_lesion_mm3, grow)
+                binary, _ = postprocess(m, thr, c.spacing, opts.min_lesion_mm3, grow, pf)
                 dices.append(dice(binary, c.truth))
                 hit = np.unique(labels[binary & (labels > 0)])
                 found.extend((r["polarity"], r["ml"], j + 1 in hit) for j, r in enumerate(rows))
             flagged = []
             for m, c in zip(hmaps, healthy_cases):
-                binary, _ = postprocess(m, thr, c.spacing, opts.min_lesion_mm3, grow)
+                binary, _ = postprocess(m, thr, c.spacing, opts.min_lesion_mm3, grow, pf)
                 flagged.append(float(binary.sum()) * float(np.prod(c.spacing)) / 1000.0)
             points.append({"fpr": key, "threshold": thr, "grow_fpr": grow_key, "grow_threshold": grow,
-                           "dice_mean": round(float(np.mean(dices)), 4),
+                           "peak_fraction": pf, "dice_mean": round(float(np.mean(dices)), 4),
                            "dice_per_case": [round(d, 3) for d in dices], "lesions_found": lesion_recall(found),
                            "healthy_ml_max": round(max(flagged), 3),
                            "healthy_ml_per_case": [round(f, 3) for f in flagged]})
@@ -440,14 +446,16 @@ def lesion_recall(found: Sequence[tuple[int, float, bool]]) -> dict[str, Any]:
 
 
 def choose_fpr(points: Sequence[dict[str, Any]], max_healthy_ml: float) -> dict[str, Any]:
-    """The best mean Dice among the operating points (rate, and the looser rate lesions grow into, if any) that
-    flag at most `max_healthy_ml` in every lesion-free volume (if none does, the one that flags least); ties go
-    to the stricter rate, then to no growth."""
+    """The best mean Dice among the operating points (rate, the looser rate lesions grow into, if any, and the
+    fraction of its peak each lesion is outlined at, if any) that flag at most `max_healthy_ml` in every
+    lesion-free volume (if none does, the one that flags least); ties go to the stricter rate, then to no
+    growth, then to the plain threshold."""
     ok = [p for p in points if p["healthy_ml_max"] <= max_healthy_ml]
     if not ok:
-        return min(points, key=lambda p: (p["healthy_ml_max"], p.get("grow_fpr") is not None))
+        return min(points, key=lambda p: (p["healthy_ml_max"], p.get("grow_fpr") is not None,
+                                          p.get("peak_fraction") is not None))
     return max(ok, key=lambda p: (p["dice_mean"], -float(p["fpr"]), p.get("grow_fpr") is None,
-                                  -float(p.get("grow_fpr") or 0)))
+                                  -float(p.get("grow_fpr") or 0), p.get("peak_fraction") is None))
 
 
 def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Path | None = None,
@@ -489,6 +497,7 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
                                           max_stages=int(chosen["stages"]), t_ensemble=tuple(ts) if len(ts) > 1 else (),
                                           noise_draws=int(chosen["draws"]), fpr=float(op["fpr"]),
                                           grow_fpr=float(op["grow_fpr"]) if op.get("grow_fpr") else None,
+                                          peak_fraction=op.get("peak_fraction"),
                                           smooth_mm=float(chosen.get("smooth", 0.0)), region=opts.region or "foreground",
                                           signed_map=bool(chosen.get("signed", False)),
                                           tissue_bins=int(chosen.get("bins", 0)),
@@ -515,6 +524,7 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
         "operating_points": [{k: v for k, v in p.items() if not k.endswith("per_case")} for p in points],
         "chosen_fpr": op["fpr"],
         "chosen_grow_fpr": op.get("grow_fpr"),
+        "chosen_peak_fraction": op.get("peak_fraction"),
         "max_healthy_ml": opts.max_healthy_ml,
         "seed": opts.seed,
         "seconds": {"prepare": round(t_cases - start, 1), "sweep": round(t_sweep - t_cases, 1),

@@ -75,10 +75,13 @@ def cmd_tune(args) -> int:
         grid.signed = (False, True)
     if args.level_maps is not None:
         grid.level_maps = tuple(dict.fromkeys(args.level_maps or ("healthy", "scan")))
+    if args.peak_fractions and any(not 0 < f < 1 for f in args.peak_fractions):
+        raise InputError(f"peak fractions must lie between 0 and 1 (exclusive), got {args.peak_fractions}")
     if args.single_stage:  # no multi-stage rows, no extra noise draws: the cheapest sweep of the grid
         grid.max_stages, grid.multi_top, grid.more_draws = 1, 0, 1
     opts = TuneOptions(forms=tuple(args.forms), lesions_per_volume=args.lesions, seed=args.seed,
-                       batch_size=args.batch_size, grid=grid, max_healthy_ml=args.max_healthy_ml, region=args.region)
+                       batch_size=args.batch_size, grid=grid, max_healthy_ml=args.max_healthy_ml, region=args.region,
+                       **({} if args.peak_fractions is None else {"peak_fractions": tuple(args.peak_fractions)}))
     rec = tune_model(args.model, args.data, output=args.output, options=opts, device=args.device,
                      description=args.data_description or "", version=args.model_version,
                      allow_held_out=args.allow_held_out, progress=progress_for(args))
@@ -90,11 +93,14 @@ def cmd_tune(args) -> int:
           f"{' (signed)' if best.get('signed') else ''}, tissue classes {best.get('bins', 0)}, "
           f"{best['stages']} stage(s), "
           f"pooled pixel AUPRC {best['auprc']:.3f}; default FPR {rec['chosen_fpr']}"
-          + (f", grown to FPR {rec['chosen_grow_fpr']}" if rec.get("chosen_grow_fpr") else ""))
+          + (f", grown to FPR {rec['chosen_grow_fpr']}" if rec.get("chosen_grow_fpr") else "")
+          + (f", each lesion outlined at {rec['chosen_peak_fraction']:g} of its peak"
+             if rec.get("chosen_peak_fraction") else ""))
     for p in rec["points"]:
         lf = p["lesions_found"]
         by = ", ".join(f"{k.replace('_', ' ')} {v['found']}/{v['of']}" for k, v in lf.items() if k != "all")
         grown = f" grown to FPR {p['grow_fpr']} ({p['grow_threshold']:.4f})" if p.get("grow_fpr") else ""
+        grown += f", outlined at {p['peak_fraction']:g} of each lesion's peak" if p.get("peak_fraction") else ""
         print(f"  FPR {p['fpr']}: threshold {p['threshold']:.4f}{grown}, mean Dice {p['dice_mean']:.3f}, "
               f"at most {p['healthy_ml_max']:.2f} mL flagged in a lesion-free volume; "
               f"lesions found {lf['all']['found']}/{lf['all']['of']} ({by})")
@@ -181,6 +187,9 @@ def add_parsers(sub) -> None:
                     help="also try each ensemble as one map per noise level, each in units of its healthy tail, "
                          "averaged: the tail measured on the healthy volumes (healthy) or in each scan (scan); "
                          "no value: both (default: not; see the README, Maps per noise level)")
+    tu.add_argument("--peak-fractions", type=float, nargs="*", metavar="F",
+                    help="also score every operating point with each lesion found outlined at this fraction of its "
+                         "own peak (detect --peak-fraction; default 0.5; none with no value)")
     tu.add_argument("--single-stage", action="store_true",
                     help="score single-stage settings only (no multi-stage rows, no extra noise draws)")
     tu.add_argument("--max-healthy-ml", type=float, default=1.0,
