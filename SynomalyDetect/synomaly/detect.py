@@ -582,7 +582,9 @@ def postprocess(score: np.ndarray, threshold: float, spacing: tuple[float, ...],
         keep &= seeded
     keep[0] = False
     if peak_fraction is not None and keep.any():
-        peaks = np.asarray(ndimage.maximum(score[box], inner, index=np.arange(n + 1)), dtype=np.float64)
+        voxels = inner > 0  # each component's peak from its own voxels (ndimage.maximum scans the whole box per call)
+        peaks = np.full(n + 1, -np.inf)
+        np.maximum.at(peaks, inner[voxels], score[box][voxels])
         level = np.maximum(peak_fraction * peaks, grow if hysteresis else threshold)
         cut = keep[inner] & (score[box] > level[inner])
         inner, n = ndimage.label(cut, structure=structure)  # a cut lesion may fall into pieces: size each again
