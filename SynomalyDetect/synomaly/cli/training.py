@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
 from ..errors import InputError
 from ..sampledata import resolve_data
 from .common import DATA_SPEC_HELP, progress_for
+
+
+def _leave_torchrun_process(code: int) -> None:
+    """End a torchrun worker without interpreter finalisation. Its work is done and written (the process group
+    is destroyed, the model file and checkpoint are closed); what is left is tearing down gloo's worker threads,
+    which now and then aborts a rank at exit ("terminate called without an active exception", SIGABRT) and turns
+    a finished run into a failed one. os._exit skips that teardown; the streams are flushed first."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_train(args) -> int:
@@ -71,7 +84,7 @@ def cmd_train(args) -> int:
     summary = train(card, paths, val_paths, args.output, settings, base_state=base_state, resume=args.resume,
                     checkpoint=args.checkpoint, progress=progress_for(args), data_description=description)
     if summary["rank"] != 0:
-        return 0  # rank 0 calibrates, tunes and reports
+        _leave_torchrun_process(0)  # rank 0 calibrates, tunes and reports
     if args.tune_data:  # label-free tuning on healthy volumes, then calibration under the chosen setting
         from ..tune import tune_model
 
@@ -84,6 +97,8 @@ def cmd_train(args) -> int:
     on = f" on {summary['world_size']} processes" if summary["world_size"] > 1 else ""
     print(f"model written to {args.output} ({summary['it_per_s']:.2f} iterations/s{on}, "
           f"noise {100 * summary['noise_fraction']:.1f} % of step time)", file=sys.stderr)
+    if summary["world_size"] > 1:
+        _leave_torchrun_process(0)
     return 0
 
 
