@@ -7,13 +7,14 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from ..errors import InputError
 from ..sampledata import resolve_data
 from .common import DATA_SPEC_HELP, progress_for
 
 
-def _leave_torchrun_process(code: int) -> None:
+def _leave_torchrun_process(code: int) -> NoReturn:
     """End a torchrun worker without interpreter finalisation. Its work is done and written (the process group
     is destroyed, the model file and checkpoint are closed); what is left is tearing down gloo's worker threads,
     which now and then aborts a rank at exit ("terminate called without an active exception", SIGABRT) and turns
