@@ -24,7 +24,8 @@ def test_every_setting_is_a_field_with_the_same_default():
         assert spec.name in fields, spec.name
         assert getattr(defaults, spec.name) == spec.default, spec.name
     # the fields without a flag are the engine's internal knobs (the map's form is the card's, from `synomaly tune`)
-    assert set(fields) - set(DETECTION_SETTING) == {"fusion_threshold", "tolerance", "signed_map", "tissue_bins"}
+    assert set(fields) - set(DETECTION_SETTING) == {"fusion_threshold", "tolerance", "signed_map", "tissue_bins",
+                                                       "mirror_mm"}
 
 
 def test_the_command_line_gives_back_the_defaults_and_every_value():

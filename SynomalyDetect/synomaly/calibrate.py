@@ -136,30 +136,35 @@ def calibration_record(res, masks: torch.Tensor, fprs: Sequence[float], *, fusio
 def needs_whole_scans(d) -> bool:
     """Whether a volume setting's map is more than each slice's own (smoothed across slices, normalised per
     scan, or built per noise level: detect.scan_map): its thresholds are then measured on whole scans' maps."""
-    return d.smooth_mm > 0 or d.tissue_bins > 0 or (d.level_maps and len(d.noise_levels()) > 1)
+    return (d.smooth_mm > 0 or d.tissue_bins > 0 or d.mirror_mm > 0
+            or (d.level_maps and len(d.noise_levels()) > 1))
 
 
 def scan_map_thresholds(cal: dict[str, Any], healed: torch.Tensor, preps: Sequence[Any], d,
                         fprs: Sequence[float], levels: Optional[torch.Tensor] = None) -> dict[str, Any]:
     """A volume calibration whose map is built from whole scans (detect.scan_map with the setting `d`: smoothed
-    across slices, signed, normalised per tissue class, per noise level): the thresholds recomputed on each
+    across slices, signed, normalised per tissue class, per noise level, less its mirror image): the thresholds
+    recomputed on each
     scan's map on its own grid (`healed`: the scans' model-grid healed slices, concatenated in the order of
     `preps`), foreground voxels pooled, as detection thresholds them. A setting with maps per noise level needs
     `levels` (L, S, 1, G, G; run_stages keep_levels): each level's scale is first measured on these scans
     (level_scales), then the thresholds on the averaged scaled maps."""
     import numpy as np
 
-    from .detect import SCAN_LEVEL_QUANTILE, mean_of_scaled, scan_map
+    from .detect import SCAN_LEVEL_QUANTILE, contralateral, mean_of_scaled, scan_map
 
     k, smooth, signed, bins = int(d.blur_kernel), float(d.smooth_mm), bool(d.signed_map), int(d.tissue_bins)
+    mirror = float(d.mirror_mm)
     sizes = [p.slices.shape[0] for p in preps]
     extra: dict[str, Any] = {"signed_map": signed, "tissue_bins": bins} if signed or bins else {}
+    if mirror > 0:
+        extra["mirror_mm"] = mirror
     per_level = d.level_maps and len(d.noise_levels()) > 1
     if per_level and (levels is None or levels.shape[0] != len(d.noise_levels())):
         raise ValueError("a setting with maps per noise level is calibrated on each level's healed slices")
     if per_level and d.level_scaling == "scan":
         pooled_np = np.concatenate([scan_map(lv.mean(0), p, k, smooth, signed, bins, levels=lv,
-                                             scan_quantile=SCAN_LEVEL_QUANTILE)[p.foreground]
+                                             scan_quantile=SCAN_LEVEL_QUANTILE, mirror_mm=mirror)[p.foreground]
                                     for lv, p in zip(torch.split(levels, sizes, dim=1), preps)])
         extra.update(level_maps=True, level_scaling="scan", level_scan_quantile=SCAN_LEVEL_QUANTILE)
     elif per_level:
@@ -167,10 +172,15 @@ def scan_map_thresholds(cal: dict[str, Any], healed: torch.Tensor, preps: Sequen
                                   for h, p in zip(torch.split(lv, sizes), preps)]) for lv in levels]
         scales = level_scales(values)
         pooled_np = mean_of_scaled(values, scales)
+        if mirror > 0:  # the mirror image is taken from each scan's whole averaged map, as detection does
+            pooled_np = np.concatenate([
+                contralateral(mean_of_scaled([scan_map(h, p, k, smooth, signed, bins) for h in lv], scales), p,
+                              mirror)[p.foreground]
+                for lv, p in zip(torch.split(levels, sizes, dim=1), preps)])
         extra.update(level_maps=True, level_scaling="healthy", level_scales=[round(s, 6) for s in scales],
                      level_scale_quantile=LEVEL_SCALE_QUANTILE)
     else:
-        pooled_np = np.concatenate([scan_map(h, p, k, smooth, signed, bins)[p.foreground]
+        pooled_np = np.concatenate([scan_map(h, p, k, smooth, signed, bins, mirror_mm=mirror)[p.foreground]
                                     for h, p in zip(torch.split(healed, sizes), preps)])
     pooled = torch.from_numpy(pooled_np.astype(np.float32, copy=False))
     thresholds, measured = thresholds_at_fprs(pooled, fprs)

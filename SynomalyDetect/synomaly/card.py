@@ -17,6 +17,7 @@ ARCHITECTURES = ("monai.DiffusionModelUNet", "guided-diffusion.UNetModel")
 NORMALISATIONS = ("foreground-percentile", "slice-minmax")
 FRAMINGS = ("foreground-square", "whole-slice")
 MAX_TISSUE_BINS = 64  # a volume map is normalised in at most this many tissue classes (detect.tissue_normalised)
+MAX_MIRROR_MM = 20.0  # a volume map's mirror image is grown by at most this much (detect.contralateral)
 
 
 class ModelCardError(ValueError):
@@ -98,6 +99,9 @@ class DetectionDefaults:
     # each of `tissue_bins` classes of the healed image's intensity shows in the same scan (0: not)
     signed_map: bool = False
     tissue_bins: int = 0
+    # volumes scored in the registered brain only (detect.contralateral): the map less its mirror image across
+    # the brain's midline, that image grown by `mirror_mm` (0: not)
+    mirror_mm: float = 0.0
     # volumes with an ensemble only (detect.scan_map): one map per noise level, each divided by what that level
     # shows in healthy tissue, averaged; instead of one map of the averaged healed images. level_scaling
     # "healthy": by the level's 99.9th percentile on the calibration scans (calibration_3d.level_scales);
@@ -260,6 +264,8 @@ class ModelCard:
             if not 0 <= int(d.tissue_bins) <= MAX_TISSUE_BINS:
                 raise ModelCardError(f"{name}.tissue_bins {d.tissue_bins} must lie between 0 (off) and "
                                      f"{MAX_TISSUE_BINS}")
+            if not 0 <= float(d.mirror_mm) <= MAX_MIRROR_MM:
+                raise ModelCardError(f"{name}.mirror_mm {d.mirror_mm} must lie between 0 (off) and {MAX_MIRROR_MM:g}")
             if d.peak_fraction is not None and not 0 < float(d.peak_fraction) < 1:
                 raise ModelCardError(f"{name}.peak_fraction {d.peak_fraction} must lie in (0, 1), or be absent")
             if d.level_scaling not in LEVEL_SCALINGS:
@@ -300,6 +306,8 @@ class ModelCard:
             smooth = f", {'signed difference ' if d.signed_map else ''}smoothed {d.smooth_mm:g} mm across slices"
         if volume and d.tissue_bins:
             smooth += f", normalised in {d.tissue_bins} tissue classes"
+        if volume and d.mirror_mm:
+            smooth += f", less its mirror image across the midline (grown {d.mirror_mm:g} mm)"
         stages = "1 stage" if d.max_stages == 1 else f"up to {d.max_stages} stages"
         region = {"brain": ", scored in the brain", "brain-stripped": ", the brain cut out and scored"}.get(d.region, "") \
             if volume else ""

@@ -44,6 +44,9 @@ class DetectionSettings:
     region: Optional[str] = None  # volumes: "foreground", "brain" or "brain-stripped" (contract.REGIONS); None: the card's
     signed_map: Optional[bool] = None  # volumes: smooth the signed difference across slices (scan_map); None: card's
     tissue_bins: Optional[int] = None  # volumes: normalise the map in this many tissue classes, 0: off; None: the card's
+    # volumes in the brain region: the map less its mirror image across the brain's midline, grown by this many mm
+    # (scan_map); 0: off; None: the card's
+    mirror_mm: Optional[float] = None
     seed: int = DETECTION_SETTING["seed"].default
     batch_size: Optional[int] = None  # slices per network call; None: the measured plan (synomaly.plan)
     device: str = DETECTION_SETTING["device"].default
@@ -126,7 +129,8 @@ def resolve_settings(settings: DetectionSettings, card, volume: bool = False) ->
         return ts, k, stages, float(d.threshold), "model default (uncalibrated)"
     _warn_if_calibration_differs(cal, ts, k, stages, resolve_smoothing(settings, card, volume),
                                  resolve_region(settings, card, volume), *resolve_map(settings, card, volume),
-                                 uses_level_maps(settings, card, ts, volume), d.level_scaling)
+                                 uses_level_maps(settings, card, ts, volume), d.level_scaling,
+                                 resolve_mirror(settings, card, volume))
     return ts, k, stages, value, source
 
 
@@ -244,6 +248,35 @@ def resolve_map(settings: DetectionSettings, card, volume: bool) -> tuple[bool, 
     return signed, bins
 
 
+def resolve_mirror(settings: DetectionSettings, card, volume: bool) -> float:
+    """How far (mm) a volume's mirror image is grown before it is taken from its map (contralateral): explicit,
+    else the card's; 2D images: 0 (off)."""
+    from .card import MAX_MIRROR_MM
+
+    if not volume:
+        return 0.0
+    mm = float(settings.mirror_mm if settings.mirror_mm is not None else card.detection_for(True).mirror_mm)
+    if not 0 <= mm <= MAX_MIRROR_MM:
+        raise SettingsError(f"the mirror map's growth must lie between 0 (off) and {MAX_MIRROR_MM:g} mm, got {mm:g}")
+    return mm
+
+
+def contralateral(score: np.ndarray, prep, grow_mm: float) -> np.ndarray:
+    """An oriented map less its mirror image across the midsagittal plane of the brain atlas registered to the
+    scan (atlas.contralateral_excess), zero outside the scored region. What both hemispheres show alike
+    (the midline's bright veins, paired structures that the healing gets wrong on both sides) cancels; a
+    lesion on one side stays. Unchanged when `grow_mm` is 0 or the scan has no registered brain."""
+    from .atlas import contralateral_excess
+    from .prepare import orient_array, oriented_to_image
+
+    if grow_mm <= 0 or prep.atlas_transform is None or prep.geometry.is_2d:
+        return score
+    g = prep.geometry
+    out = contralateral_excess(oriented_to_image(score, prep), prep.atlas_transform, grow_mm)
+    oriented = orient_array(sitk.GetArrayFromImage(out), g.transpose, g.flips)
+    return (oriented * prep.foreground).astype(np.float32, copy=False)
+
+
 def tissue_normalised(score: np.ndarray, tissue: np.ndarray, region: np.ndarray, bins: int) -> np.ndarray:
     """A map divided by what healthy tissue of its kind shows in the same scan: the region's voxels fall into
     `bins` classes of equal size by `tissue` (the healed image's intensity, which a lesion does not change), and
@@ -274,7 +307,7 @@ def tissue_normalised(score: np.ndarray, tissue: np.ndarray, region: np.ndarray,
 
 def scan_map(healed: torch.Tensor, prep, kernel: int, smooth_mm: float, signed: bool = False, tissue_bins: int = 0,
              score: Optional[torch.Tensor] = None, levels: Optional[torch.Tensor] = None,
-             scales: Optional[Sequence[float]] = None, scan_quantile: float = 0.0) -> np.ndarray:
+             scales: Optional[Sequence[float]] = None, scan_quantile: float = 0.0, mirror_mm: float = 0.0) -> np.ndarray:
     """The map detection thresholds, on a prepared scan's oriented grid, from its healed slices (S, 1, G, G):
     D = G_k * x0 - G_k * x_hat inside the region, smoothed across slices by `smooth_mm` (volumes) either after
     taking its magnitude (the original) or, with `signed`, before: a lesion changes its neighbouring slices with
@@ -289,7 +322,10 @@ def scan_map(healed: torch.Tensor, prep, kernel: int, smooth_mm: float, signed: 
     in the same units. With `scan_quantile` instead of scales, each level's scale is that quantile of its own
     map over the scan's scored voxels (a lesion fills far less than the rest of a brain, so a low quantile such
     as the 90th is healthy tissue's): the units then follow how well this scan heals, not the calibration
-    scans."""
+    scans.
+
+    With `mirror_mm`, the map is finally reduced by its mirror image across the registered brain's midline
+    (contralateral)."""
     from .prepare import grid_to_oriented
 
     if levels is not None:
@@ -299,7 +335,7 @@ def scan_map(healed: torch.Tensor, prep, kernel: int, smooth_mm: float, signed: 
         if scan_quantile > 0:
             scales = [float(np.quantile(m[prep.foreground], scan_quantile)) if prep.foreground.any() else 1.0
                       for m in parts]
-        return mean_of_scaled(parts, scales)
+        return contralateral(mean_of_scaled(parts, scales), prep, mirror_mm)
     signed = bool(signed and smooth_mm > 0)
     if score is None or signed:
         x0 = prep.slices.to(healed.device)
@@ -311,7 +347,7 @@ def scan_map(healed: torch.Tensor, prep, kernel: int, smooth_mm: float, signed: 
     if tissue_bins > 0:
         tissue = grid_to_oriented(blur_kernel(healed, 3), prep)
         out = tissue_normalised(out, tissue, prep.foreground, tissue_bins)
-    return out
+    return contralateral(out, prep, mirror_mm)
 
 
 def mean_of_scaled(parts: Sequence[np.ndarray], scales: Sequence[float]) -> np.ndarray:
@@ -362,7 +398,7 @@ def resolve_level_maps(settings: DetectionSettings, card, ts: tuple[int, ...], v
 
 def _warn_if_calibration_differs(cal: dict, ts: tuple[int, ...], k: int, stages: int, smooth: float,
                                  region: str = "foreground", signed: bool = False, bins: int = 0,
-                                 level_maps: bool = False, level_scaling: str = "healthy") -> None:
+                                 level_maps: bool = False, level_scaling: str = "healthy", mirror_mm: float = 0.0) -> None:
     """Calibrated thresholds hold only for the settings they were measured with."""
     def maps_words(per_level: bool, scaling: str) -> str:
         if not per_level:
@@ -392,6 +428,10 @@ def _warn_if_calibration_differs(cal: dict, ts: tuple[int, ...], k: int, stages:
         log.warning("threshold was calibrated on a map %s but a map %s is used; its false-positive rate will differ",
                     _map_words(bool(cal.get("signed_map", False)), int(cal.get("tissue_bins", 0))),
                     _map_words(signed, bins))
+    if float(cal.get("mirror_mm", 0.0)) != mirror_mm:  # calibrations before the mirror map had none
+        log.warning("threshold was calibrated on the map less its mirror image grown %g mm but %g mm is used "
+                    "(0: no mirror image); its false-positive rate will differ", float(cal.get("mirror_mm", 0.0)),
+                    mirror_mm)
 
 
 def _map_words(signed: bool, bins: int) -> str:
@@ -679,6 +719,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     smooth = resolve_smoothing(settings, card, volume)
     region = resolve_region(settings, card, volume)
     signed, bins = resolve_map(settings, card, volume)
+    mirror = resolve_mirror(settings, card, volume)
     level_maps = resolve_level_maps(settings, card, ts, volume)
     draws = int(settings.noise_draws if settings.noise_draws is not None else card.detection_for(volume).noise_draws)
     if draws < 1:
@@ -688,6 +729,10 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     prep = prepare_scan(image, card, device=model.device, region=region)
     if prep.region != region:
         warnings.append(prep.region_note)
+    if mirror > 0 and prep.atlas_transform is None:
+        message = "the map is not reduced by its mirror image: that needs the registered brain, which this scan lacks"
+        log.warning(message)
+        warnings.append(message)
     progress("prepare", 1, 1, f"{prep.slices.shape[0]} slices with " + ("foreground" if prep.region == "foreground" else "brain"))
     t_prep = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -710,7 +755,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     t_net = time.perf_counter()
     progress("postprocess", 0, 1, "mapping back to the input grid, 3D components")
     g = prep.geometry
-    score_o = scan_map(res.healed, prep, k, smooth, signed, bins, score=res.score, levels=res.levels,
+    score_o = scan_map(res.healed, prep, k, smooth, signed, bins, score=res.score, levels=res.levels, mirror_mm=mirror,
                        **(level_maps.kwargs() if level_maps is not None else {}))
     delta_o = grid_to_oriented(res.healed - prep.slices.to(res.healed.device), prep)
     cf_o = prep.oriented + delta_o * np.asarray(1.0 / model_units_per_intensity(g), dtype=np.float32)
@@ -735,7 +780,8 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
         "model_version": card.version,
         "settings": asdict(settings),
         "t": ts[0] if len(ts) == 1 else list(ts), "noise_draws": draws, "blur_kernel": k, "smooth_mm": smooth,
-        "signed_map": signed, "tissue_bins": bins, "level_maps": level_maps is not None,
+        "signed_map": signed, "tissue_bins": bins,
+        "mirror_mm": mirror if prep.atlas_transform is not None else 0.0, "level_maps": level_maps is not None,
         "level_scales": list(level_maps.scales) if level_maps is not None and level_maps.scales else None,
         "level_scan_quantile": level_maps.scan_quantile if level_maps is not None else None,
         "region": prep.region, "region_note": prep.region_note,

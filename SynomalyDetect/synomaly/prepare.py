@@ -10,6 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -266,6 +267,8 @@ class PreparedScan:
     geometry: ScanGeometry
     region: str = "foreground"  # what `foreground` is: "foreground", or "brain" (the registered atlas brain)
     region_note: str = ""  # how the region was found, or why the brain was asked for but not used
+    # the registered atlas's map from the input's points to its own (region "brain"), else None
+    atlas_transform: Optional[sitk.Transform] = None
 
 
 def orientation_permutation(image: sitk.Image, orientation: str) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
@@ -444,14 +447,15 @@ def prepare_scan(
         upper_value = n.upper_value
     if keep.size == 0:
         raise InputError("no slice has enough foreground to analyse")
-    scored, used, note = fg, "foreground", ""
+    scored, used, note, to_atlas = fg, "foreground", "", None
     if region in ("brain", "brain-stripped") and not is_2d:
-        scored, used, note = _brain_region(image, fg, transpose, flips)
+        scored, used, note, to_atlas = _brain_region(image, fg, transpose, flips)
         if used == "brain":
             area_b = scored.reshape(z, -1).sum(axis=1)
             keep_b = keep[area_b[keep] >= 16]
             if keep_b.size == 0:
-                scored, used, note = fg, "foreground", "no slice holds enough of the registered brain; scoring the foreground"
+                scored, used, note, to_atlas = (fg, "foreground", "no slice holds enough of the registered brain; "
+                                                "scoring the foreground", None)
         if used == "brain" and region == "brain-stripped":  # cut out as a skull-stripped scan is
             used, fg, keep = "brain-stripped", scored, keep_b
             if n.method != "slice-minmax":
@@ -480,23 +484,25 @@ def prepare_scan(
     dev = torch.device(device)
     slices = _resize(crop[:, None].to(dev), grid)
     masks = _resize(mcrop[:, None].to(dev), grid) > 0.5
-    return PreparedScan(slices.contiguous(), masks, keep, oriented, scored, geometry, used, note)
+    return PreparedScan(slices.contiguous(), masks, keep, oriented, scored, geometry, used, note, to_atlas)
 
 
-def _brain_region(image: sitk.Image, fg: np.ndarray, transpose, flips) -> tuple[np.ndarray, str, str]:
-    """The oriented foreground within the registered atlas brain, "brain" and how it was found; or the
-    foreground, "foreground" and why the brain was refused."""
+def _brain_region(image: sitk.Image, fg: np.ndarray, transpose,
+                  flips) -> tuple[np.ndarray, str, str, Optional[sitk.Transform]]:
+    """The oriented foreground within the registered atlas brain, "brain", how it was found and the
+    registration (input points to atlas points); or the foreground, "foreground", why the brain was refused
+    and None."""
     from .atlas import atlas_brain_mask
 
     fg_input = unorient_array(fg, transpose, flips)
     found = atlas_brain_mask(image, fg_input)
     if found.mask is None:
         log.warning("brain region not used: %s; scoring the whole foreground", found.problem)
-        return fg, "foreground", f"brain region not used: {found.problem}; scoring the whole foreground"
+        return fg, "foreground", f"brain region not used: {found.problem}; scoring the whole foreground", None
     brain = np.ascontiguousarray(orient_array(found.mask, transpose, flips))
     note = (f"brain atlas registered to the {found.template} ({found.volume_ml:.0f} mL, grown {found.margin_mm:g} mm) "
             f"in {found.seconds:.1f} s")
-    return fg & brain, "brain", note
+    return fg & brain, "brain", note, found.transform
 
 
 def _crop_square(vol: torch.Tensor, row0: int, col0: int, side: int, fill: float) -> torch.Tensor:

@@ -60,6 +60,13 @@ class TuneGrid:
     # (detect.scan_map levels), the tail measured on healthy tissue ("healthy") or in each scan ("scan");
     # off by default until the held-out volumes say (README, *Maps per noise level*)
     level_maps: tuple[str, ...] = ()
+    # the `smooth_top` best settings (one map each, not maps per level) also tried with the map less its mirror
+    # image across the registered brain's midline, that image grown by each of these (mm; detect.contralateral);
+    # needs the brain region. Off by default
+    mirror: tuple[float, ...] = ()
+    # choose among the mirror rows only (an experiment: on a symmetric tuning template with a lesion near the
+    # midline, the pooled AUPRC does not favour them; README, *The mirror map*)
+    mirror_only: bool = False
 
 
 @dataclass
@@ -229,17 +236,20 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
 
     def score_row(ts: tuple[int, ...], k: int, draws: int, xh: torch.Tensor, stages: int, mean_stages: float,
                   smooth: float = 0.0, signed: bool = False, bins: int = 0, score: Optional[torch.Tensor] = None,
-                  levels: Optional[torch.Tensor] = None, scaling: str = ""):
+                  levels: Optional[torch.Tensor] = None, scaling: str = "", mirror: float = 0.0):
         if levels is not None:
             maps = level_case_maps(levels, cases, k, smooth, signed, bins, scaling)
         else:
             scores = _split(score, cases) if score is not None else [None] * len(cases)
-            maps = [scan_map(h, c.prep, k, smooth, signed, bins, score=sc)
+            maps = [scan_map(h, c.prep, k, smooth, signed, bins, score=sc, mirror_mm=mirror)
                     for h, sc, c in zip(_split(xh, cases), scores, cases)]
-        return {"t": _label(ts), "blur": k, "smooth": smooth, "signed": bool(signed and smooth > 0), "bins": bins,
+        row = {"t": _label(ts), "blur": k, "smooth": smooth, "signed": bool(signed and smooth > 0), "bins": bins,
                 "levels": scaling if levels is not None else "", "stages": stages, "draws": draws,
                 "auprc": round(_pooled_auprc(maps, cases, opts), 4),
                 "cost": round(len(ts) * draws * mean_stages, 2), "stages_mean": round(mean_stages, 2)}
+        if mirror > 0 and levels is None:
+            row["mirror"] = mirror
+        return row
 
     def levels_of(row: dict[str, Any]) -> tuple[int, ...]:
         return tuple(int(v) for v in row["t"].split("+"))
@@ -266,12 +276,22 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
             lv = stack(ts, g.draws) if row["levels"] else None
             rows.extend(score_row(ts, row["blur"], g.draws, xh, 1, 1.0, sm, sg, b, score, lv, row["levels"])
                         for sm, sg, b in variants)
+    mirrors = [float(m) for m in g.mirror if m > 0]
+    if g.smooth_top > 0 and mirrors:
+        progress("tune", done, steps, f"the {g.smooth_top} best with the map less its mirror image (grown {mirrors} mm)")
+        for row in sorted([r for r in rows if not r["levels"]], key=lambda r: -r["auprc"])[: g.smooth_top]:
+            ts = levels_of(row)
+            xh = predictions(ts, g.draws)
+            score = anomaly_score(x0, xh, fmask, row["blur"])
+            rows.extend(score_row(ts, row["blur"], g.draws, xh, 1, 1.0, row["smooth"], row["signed"], row["bins"],
+                                  score, mirror=m) for m in mirrors)
     best = max(rows, key=lambda r: r["auprc"])
     if g.more_draws > g.draws:
         ts = levels_of(best)
         rows.append(score_row(ts, best["blur"], g.more_draws, predictions(ts, g.more_draws), 1, 1.0, best["smooth"],
                               best["signed"], best["bins"],
-                              levels=stack(ts, g.more_draws) if best["levels"] else None, scaling=best["levels"]))
+                              levels=stack(ts, g.more_draws) if best["levels"] else None, scaling=best["levels"],
+                              mirror=best.get("mirror", 0.0)))
     if g.max_stages > 1:
         lesion = torch.cat([_grid_truth(c) for c in cases])
         healthy = masks.bool() & ~lesion
@@ -285,7 +305,8 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
                              keep_levels=bool(row["levels"]))
             rows.append(score_row(ts, row["blur"], row["draws"], res.healed, g.max_stages,
                                   float(res.stages.float().mean()), row["smooth"], row["signed"], row["bins"],
-                                  score=res.score, levels=res.levels, scaling=row["levels"]))
+                                  score=res.score, levels=res.levels, scaling=row["levels"],
+                                  mirror=row.get("mirror", 0.0)))
             done += 1
     progress("tune", steps, steps, f"{len(rows)} settings scored")
     return rows
@@ -354,10 +375,12 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
     k, stages, draws = int(setting["blur"]), int(setting["stages"]), int(setting["draws"])
     smooth = float(setting.get("smooth", 0.0))
     signed, bins = bool(setting.get("signed", False)), int(setting.get("bins", 0))
+    mirror = float(setting.get("mirror", 0.0))
     per_level = bool(setting.get("levels", False)) and len(ts) > 1
     scaling = _scaling(setting)
     d = DetectionDefaults(t=ts[0], t_ensemble=ts if len(ts) > 1 else (), blur_kernel=k, smooth_mm=smooth,
-                          signed_map=signed, tissue_bins=bins, level_maps=per_level, level_scaling=scaling)
+                          signed_map=signed, tissue_bins=bins, level_maps=per_level, level_scaling=scaling,
+                          mirror_mm=mirror)
     hx = torch.cat([c.prep.slices for c in healthy_cases])
     hm = torch.cat([c.prep.masks for c in healthy_cases])
     fusion, hres = calibration_maps(model, hx, hm, ts=ts, kernel=k, max_stages=stages, draws=draws,
@@ -378,7 +401,8 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
         sizes = [c.prep.slices.shape[0] for c in cases]
         lv = torch.split(res.levels, sizes, dim=1) if per_level else [None] * len(cases)
         return [scan_map(h, c.prep, k, smooth, signed, bins, score=s, levels=v, scales=scales,
-                         scan_quantile=SCAN_LEVEL_QUANTILE if per_level and scaling == "scan" else 0.0)
+                         scan_quantile=SCAN_LEVEL_QUANTILE if per_level and scaling == "scan" else 0.0,
+                         mirror_mm=mirror)
                 for h, s, v, c in zip(_split(res.healed, cases), _split(res.score, cases), lv, cases)]
 
     lmaps = case_maps(lres, lesion_cases)
@@ -458,6 +482,11 @@ def choose_fpr(points: Sequence[dict[str, Any]], max_healthy_ml: float) -> dict[
                                   -float(p.get("grow_fpr") or 0), p.get("peak_fraction") is None))
 
 
+def mirror_words(row: dict[str, Any]) -> str:
+    """', less its mirror image (grown 4 mm), ' for a sweep row with the mirror map, else ''."""
+    return f"less its mirror image (grown {row['mirror']:g} mm), " if row.get("mirror") else ""
+
+
 def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Path | None = None,
                options: Optional[TuneOptions] = None, device: str = "auto", description: str = "",
                version: Optional[str] = None, allow_held_out: bool = False,
@@ -474,16 +503,20 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
         from dataclasses import replace
 
         opts = replace(opts, region=model.card.detection_for(True).region)
+    if opts.grid.mirror_only and not any(m > 0 for m in opts.grid.mirror):
+        raise InputError("choosing among the mirror maps only needs at least one mirror growth (--mirror MM)")
+    if any(m > 0 for m in opts.grid.mirror) and opts.region not in ("brain", "brain-stripped"):
+        raise InputError("the mirror map needs the brain's midline: tune with the brain region (--region brain)")
     volumes = load_tune_volumes(data, allow_held_out)
     lesion_cases, healthy_cases = build_cases(volumes, model.card, opts, progress)
     t_cases = time.perf_counter()
     rows = sweep(model, lesion_cases, opts, progress)
-    chosen = choose(rows)
+    chosen = choose([r for r in rows if r.get("mirror")] if opts.grid.mirror_only else rows)
     t_sweep = time.perf_counter()
     progress("tune", 0, 1, f"chosen: t {chosen['t']}{' (a map per level)' if chosen.get('levels') else ''}, "
              f"blur {chosen['blur']}, smoothing {chosen['smooth']:g} mm"
              f"{' (signed)' if chosen.get('signed') else ''}, tissue classes {chosen.get('bins', 0)}, "
-             f"{chosen['stages']} stage(s); "
+             f"{mirror_words(chosen)}{chosen['stages']} stage(s); "
              "calibrating on the lesion-free volumes")
     cal, points = operating_points(model, lesion_cases, healthy_cases, chosen, opts, progress)
     op = choose_fpr(points, opts.max_healthy_ml)
@@ -502,7 +535,8 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
                                           signed_map=bool(chosen.get("signed", False)),
                                           tissue_bins=int(chosen.get("bins", 0)),
                                           level_maps=bool(chosen.get("levels", False)) and len(ts) > 1,
-                                          level_scaling=_scaling(chosen))
+                                          level_scaling=_scaling(chosen),
+                                          mirror_mm=float(chosen.get("mirror", 0.0)))
     what = description or ", ".join(f"{v.name} ({v.source})" for v in volumes)
     cal["data"] = f"the lesion-free forms of: {what}"
     cal["scans"] = len(healthy_cases)

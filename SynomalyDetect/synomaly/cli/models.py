@@ -51,7 +51,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_tune(args) -> int:
     """Choose the detection setting and operating point on synthetic lesions in healthy volumes."""
-    from ..tune import TuneGrid, TuneOptions, tune_model
+    from ..tune import TuneGrid, TuneOptions, mirror_words, tune_model
 
     grid = TuneGrid()
     if args.quick:
@@ -75,6 +75,13 @@ def cmd_tune(args) -> int:
         grid.signed = (False, True)
     if args.level_maps is not None:
         grid.level_maps = tuple(dict.fromkeys(args.level_maps or ("healthy", "scan")))
+    if args.mirror:
+        from ..card import MAX_MIRROR_MM
+
+        if any(not 0 < m <= MAX_MIRROR_MM for m in args.mirror):
+            raise InputError(f"the mirror image's growth must lie in (0, {MAX_MIRROR_MM:g}] mm, got {args.mirror}")
+        grid.mirror = tuple(float(m) for m in args.mirror)
+    grid.mirror_only = bool(args.mirror_only)
     if args.peak_fractions and any(not 0 < f < 1 for f in args.peak_fractions):
         raise InputError(f"peak fractions must lie between 0 and 1 (exclusive), got {args.peak_fractions}")
     if args.single_stage:  # no multi-stage rows, no extra noise draws: the cheapest sweep of the grid
@@ -91,7 +98,7 @@ def cmd_tune(args) -> int:
           f"({rec['seconds']['total']:.0f} s): t {best['t']}{' (a map per level)' if best.get('levels') else ''}, "
           f"blur {best['blur']}, smoothing {best['smooth']:g} mm"
           f"{' (signed)' if best.get('signed') else ''}, tissue classes {best.get('bins', 0)}, "
-          f"{best['stages']} stage(s), "
+          f"{mirror_words(best)}{best['stages']} stage(s), "
           f"pooled pixel AUPRC {best['auprc']:.3f}; default FPR {rec['chosen_fpr']}"
           + (f", grown to FPR {rec['chosen_grow_fpr']}" if rec.get("chosen_grow_fpr") else "")
           + (f", each lesion outlined at {rec['chosen_peak_fraction']:g} of its peak"
@@ -187,6 +194,13 @@ def add_parsers(sub) -> None:
                     help="also try each ensemble as one map per noise level, each in units of its healthy tail, "
                          "averaged: the tail measured on the healthy volumes (healthy) or in each scan (scan); "
                          "no value: both (default: not; see the README, Maps per noise level)")
+    tu.add_argument("--mirror", type=float, nargs="+", metavar="MM",
+                    help="also try the best settings' maps less their mirror image across the brain's midline (the "
+                         "registered atlas's), that image grown by MM (e.g. 4): what both hemispheres show alike "
+                         "cancels, and so would a lesion on the midline or two mirror-image lesions; needs "
+                         "--region brain (default: not; see the README, The mirror map)")
+    tu.add_argument("--mirror-only", action="store_true",
+                    help="choose among the --mirror rows only (an experiment; see the README, The mirror map)")
     tu.add_argument("--peak-fractions", type=float, nargs="*", metavar="F",
                     help="also score every operating point with each lesion found outlined at this fraction of its "
                          "own peak (detect --peak-fraction; default 0.5; none with no value)")
