@@ -244,9 +244,9 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
             maps = [scan_map(h, c.prep, k, smooth, signed, bins, score=sc, mirror_mm=mirror)
                     for h, sc, c in zip(_split(xh, cases), scores, cases)]
         row = {"t": _label(ts), "blur": k, "smooth": smooth, "signed": bool(signed and smooth > 0), "bins": bins,
-                "levels": scaling if levels is not None else "", "stages": stages, "draws": draws,
-                "auprc": round(_pooled_auprc(maps, cases, opts), 4),
-                "cost": round(len(ts) * draws * mean_stages, 2), "stages_mean": round(mean_stages, 2)}
+               "levels": scaling if levels is not None else "", "stages": stages, "draws": draws,
+               "auprc": round(_pooled_auprc(maps, cases, opts), 4),
+               "cost": round(len(ts) * draws * mean_stages, 2), "stages_mean": round(mean_stages, 2)}
         if mirror > 0 and levels is None:
             row["mirror"] = mirror
         return row
