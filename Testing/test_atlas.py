@@ -17,16 +17,24 @@ from synomaly.card import DetectionDefaults, ModelCardError
 from synomaly.modelio import load_model, read_card
 
 
+def _moved_transform() -> sitk.AffineTransform:
+    """What _moved_atlas resamples with: its grid's points to the atlas's (rotated 12 degrees about the head's
+    centre, scaled by 1 / 1.08, shifted), i.e. the true registration of the moved head."""
+    head = atlas._load_atlas()[0]
+    moved = sitk.AffineTransform(3)
+    moved.SetCenter(head.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in head.GetSize()]))
+    c, s = np.cos(np.radians(12)), np.sin(np.radians(12))
+    moved.SetMatrix((np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) / 1.08).ravel().tolist())  # output -> atlas
+    moved.SetTranslation((6.0, -4.0, 5.0))
+    return moved
+
+
 def _moved_atlas(skull: bool = True) -> tuple[sitk.Image, np.ndarray]:
     """The atlas head (or its brain alone) rotated 12 degrees, scaled by 1.08 and shifted, on a 1.5 x 1.5 x 3 mm
     grid; and its true brain on that grid (numpy order)."""
     head, brain_t1, brain = atlas._load_atlas()
-    moved = sitk.AffineTransform(3)
-    centre = head.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in head.GetSize()])
-    moved.SetCenter(centre)
-    c, s = np.cos(np.radians(12)), np.sin(np.radians(12))
-    moved.SetMatrix((np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) / 1.08).ravel().tolist())  # output -> atlas
-    moved.SetTranslation((6.0, -4.0, 5.0))
+    moved = _moved_transform()
+    centre = moved.GetCenter()
     ref = sitk.Image([160, 160, 60], sitk.sitkFloat32)
     ref.SetSpacing((1.5, 1.5, 3.0))
     ref.SetOrigin([centre[i] - [120, 120, 90][i] for i in range(3)])

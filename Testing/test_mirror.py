@@ -16,7 +16,7 @@ from synomaly import atlas
 from synomaly.card import MAX_MIRROR_MM, DetectionDefaults, ModelCardError
 from synomaly.modelio import load_model, read_card
 
-from test_atlas import _brain, _moved_atlas
+from test_atlas import _brain, _moved_atlas, _moved_transform
 
 
 def test_the_atlas_midline_splits_its_brain_into_mirror_halves():
@@ -46,18 +46,6 @@ def _blobs(image: sitk.Image, to_atlas: sitk.Transform, centres_atlas: list[tupl
     img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
     img.CopyInformation(image)
     return img
-
-
-def _moved_transform() -> sitk.AffineTransform:
-    """The true map from _moved_atlas's scan points to atlas points (the transform it was resampled with)."""
-    head = atlas._load_atlas()[0]
-    moved = sitk.AffineTransform(3)
-    centre = head.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in head.GetSize()])
-    moved.SetCenter(centre)
-    c, s = np.cos(np.radians(12)), np.sin(np.radians(12))
-    moved.SetMatrix((np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) / 1.08).ravel().tolist())
-    moved.SetTranslation((6.0, -4.0, 5.0))
-    return moved
 
 
 def test_a_map_less_its_mirror_keeps_a_one_sided_finding_and_cancels_paired_and_midline_ones():

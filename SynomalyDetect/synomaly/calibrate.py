@@ -144,11 +144,10 @@ def scan_map_thresholds(cal: dict[str, Any], healed: torch.Tensor, preps: Sequen
                         fprs: Sequence[float], levels: Optional[torch.Tensor] = None) -> dict[str, Any]:
     """A volume calibration whose map is built from whole scans (detect.scan_map with the setting `d`: smoothed
     across slices, signed, normalised per tissue class, per noise level, less its mirror image): the thresholds
-    recomputed on each
-    scan's map on its own grid (`healed`: the scans' model-grid healed slices, concatenated in the order of
-    `preps`), foreground voxels pooled, as detection thresholds them. A setting with maps per noise level needs
-    `levels` (L, S, 1, G, G; run_stages keep_levels): each level's scale is first measured on these scans
-    (level_scales), then the thresholds on the averaged scaled maps."""
+    recomputed on each scan's map on its own grid (`healed`: the scans' model-grid healed slices, concatenated in
+    the order of `preps`), foreground voxels pooled, as detection thresholds them. A setting with maps per noise
+    level needs `levels` (L, S, 1, G, G; run_stages keep_levels): each level's scale is first measured on these
+    scans (level_scales), then the thresholds on the averaged scaled maps."""
     import numpy as np
 
     from .detect import SCAN_LEVEL_QUANTILE, contralateral, mean_of_scaled, scan_map
@@ -172,7 +171,9 @@ def scan_map_thresholds(cal: dict[str, Any], healed: torch.Tensor, preps: Sequen
                                   for h, p in zip(torch.split(lv, sizes), preps)]) for lv in levels]
         scales = level_scales(values)
         pooled_np = mean_of_scaled(values, scales)
-        if mirror > 0:  # the mirror image is taken from each scan's whole averaged map, as detection does
+        if mirror > 0:  # the mirror image is taken from each scan's whole averaged map, as detection does; the
+            # level maps are made again here rather than kept from above, which would hold every level's whole map
+            # of every scan at once
             pooled_np = np.concatenate([
                 contralateral(mean_of_scaled([scan_map(h, p, k, smooth, signed, bins) for h in lv], scales), p,
                               mirror)[p.foreground]
