@@ -581,3 +581,48 @@ def test_tuning_tries_maps_per_noise_level_when_asked_and_the_card_keeps_the_cho
     lesion_cases, _ = tune.build_cases(tune.load_tune_volumes([str(vol)]), read_card(tiny_model_file), opts)
     away = tune._away_from_lesions(lesion_cases[0])
     assert not (away & lesion_cases[0].truth).any() and away.sum() < lesion_cases[0].prep.foreground.sum()
+
+
+def test_choosing_by_dice_takes_the_best_segmentation_within_the_healthy_limit():
+    rows = [{"t": "10", "blur": 5, "stages": 1, "draws": 1, "auprc": 0.40, "cost": 1.0},
+            {"t": "10+25+50", "blur": 5, "stages": 1, "draws": 1, "auprc": 0.38, "cost": 3.0},
+            {"t": "25", "blur": 3, "stages": 1, "draws": 1, "auprc": 0.38, "cost": 1.0},
+            {"t": "400", "blur": 9, "stages": 1, "draws": 1, "auprc": math.nan, "cost": 1.0}]
+    assert [r["t"] for r in tune.dice_candidates(rows, 3)] == ["10", "25", "10+25+50"], "AUPRC, then cheaper"
+    assert [r["t"] for r in tune.dice_candidates(rows, 9)] == ["10", "25", "10+25+50"], "no NaN row"
+    trials = [{"row": rows[0], "point": {"dice_mean": 0.30, "healthy_ml_max": 2.5}},
+              {"row": rows[1], "point": {"dice_mean": 0.20, "healthy_ml_max": 0.4}},
+              {"row": rows[2], "point": {"dice_mean": 0.10, "healthy_ml_max": 0.0}}]
+    assert tune.choose_by_dice(trials, 1.0)["row"]["t"] == "10+25+50", "the best Dice that stays clean"
+    assert tune.choose_by_dice(trials, 3.0)["row"]["t"] == "10"
+    assert tune.choose_by_dice(trials, 0.1)["row"]["t"] == "25"
+    assert tune.choose_by_dice(trials[:2], 0.1)["row"]["t"] == "10+25+50", "none qualifies: the one that flags least"
+    tied = [dict(trials[1], point={"dice_mean": 0.10, "healthy_ml_max": 0.0}), trials[2]]
+    assert tune.choose_by_dice(tied, 1.0)["row"]["t"] == "25", "equal Dice: the cheaper"
+
+
+def test_tuning_by_dice_calibrates_each_candidate_and_keeps_the_winners_operating_point(tiny_model_file, tmp_path,
+                                                                                       capsys):
+    from synomaly.cli import main
+    from synomaly.errors import InputError
+
+    vol = tmp_path / "healthy.nii.gz"
+    sitk.WriteImage(_head(seed=4), str(vol))
+    out = tmp_path / "tuned.safetensors"
+    assert main(["tune", str(tiny_model_file), "--data", str(vol), "--forms", "native", "--lesions", "2",
+                 "--t", "50", "200", "--blur", "3", "--ensembles", "--single-stage", "--smooth",
+                 "--choose-by", "dice", "--dice-top", "2", "-o", str(out), "--progress", "none"]) == 0
+    printed = capsys.readouterr().out
+    card = read_card(out)
+    rec = card.tuning
+    assert len(rec["candidates"]) == 2 and rec["chosen_by"].startswith("dice")
+    assert printed.count("  candidate t ") == 2
+    assert {c["row"]["t"] for c in rec["candidates"]} == {"50", "200"}
+    ok = [c for c in rec["candidates"] if c["healthy_ml_max"] <= rec["max_healthy_ml"]]
+    win = max(ok, key=lambda c: c["dice_mean"]) if ok else min(rec["candidates"], key=lambda c: c["healthy_ml_max"])
+    assert rec["chosen"] == win["row"] and rec["chosen_fpr"] == win["fpr"]
+    assert card.detection_3d.t == int(win["row"]["t"]) and f"{card.detection_3d.fpr:g}" == win["fpr"]
+    assert card.calibration_3d["t"] == int(win["row"]["t"]), "the thresholds are the winner's calibration"
+    with pytest.raises(InputError, match="'auprc' or 'dice'"):
+        tune.tune_model(tiny_model_file, [str(vol)], output=out, device="cpu",
+                        options=tune.TuneOptions(choose_by="dice", dice_top=0))

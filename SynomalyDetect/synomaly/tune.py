@@ -8,7 +8,8 @@ units of that level's healthy tail, averaged). The setting with the best pooled 
 (on each scan's own grid, inside its foreground) wins; ties go to the cheaper one. Thresholds are then
 calibrated on the untouched volumes under that setting, and the default false-positive rate is the
 one with the best mean Dice on the implanted lesions that flags at most `max_healthy_ml` in every
-lesion-free volume. Everything, the whole sweep table included, goes into the model card as the
+lesion-free volume. Asked (choose_by "dice"), the few best settings by AUPRC are each calibrated so, and the
+one whose operating point has the best mean Dice within that limit wins. Everything, the whole sweep table included, goes into the model card as the
 setting for volumes (detection_3d, calibration_3d); single 2D slices keep the card's other setting,
 since 3D lesions in volumes say nothing about what suits a 2D slice.
 """
@@ -88,6 +89,11 @@ class TuneOptions:
     # every operating point is also scored with each lesion outlined at these fractions of its own peak
     # (detect.postprocess); the card keeps one only where it scores better than the plain threshold
     peak_fractions: tuple[float, ...] = (0.5,)
+    # how the setting is chosen: "auprc" (the best pooled AUPRC, ties to the cheaper) or "dice" (the `dice_top` best
+    # by AUPRC each calibrated, and the one whose best operating point within `max_healthy_ml` has the best mean
+    # Dice on the implanted lesions: the target the card is used for, at `dice_top` times the calibration's cost)
+    choose_by: str = "auprc"
+    dice_top: int = 4
 
 
 @dataclass
@@ -482,6 +488,29 @@ def choose_fpr(points: Sequence[dict[str, Any]], max_healthy_ml: float) -> dict[
                                   -float(p.get("grow_fpr") or 0), p.get("peak_fraction") is None))
 
 
+def setting_words(row: dict[str, Any]) -> str:
+    """A sweep row in words: 't 10+25+50, blur 5, smoothing 4 mm, tissue classes 0, 1 stage(s)'."""
+    return (f"t {row['t']}{' (a map per level)' if row.get('levels') else ''}, blur {row['blur']}, "
+            f"smoothing {row['smooth']:g} mm{' (signed)' if row.get('signed') else ''}, "
+            f"tissue classes {row.get('bins', 0)}, {mirror_words(row)}{row['stages']} stage(s)")
+
+
+def dice_candidates(rows: Sequence[dict[str, Any]], top: int) -> list[dict[str, Any]]:
+    """The `top` rows with the best pooled AUPRC (NaN last), the cheaper first among equal AUPRC."""
+    ok = [r for r in rows if not math.isnan(r["auprc"])]
+    return sorted(ok, key=lambda r: (-r["auprc"], r["cost"]))[: max(1, top)]
+
+
+def choose_by_dice(trials: Sequence[dict[str, Any]], max_healthy_ml: float) -> dict[str, Any]:
+    """Among calibrated candidates ({"row", "point"}: a sweep row and its chosen operating point), the best mean
+    Dice among those whose point flags at most `max_healthy_ml` in every lesion-free volume, ties to the cheaper row
+    then the better AUPRC; if none does, the one that flags least."""
+    ok = [c for c in trials if c["point"]["healthy_ml_max"] <= max_healthy_ml]
+    if not ok:
+        return min(trials, key=lambda c: (c["point"]["healthy_ml_max"], c["row"]["cost"]))
+    return max(ok, key=lambda c: (c["point"]["dice_mean"], -c["row"]["cost"], c["row"]["auprc"]))
+
+
 def mirror_words(row: dict[str, Any]) -> str:
     """', less its mirror image (grown 4 mm), ' for a sweep row with the mirror map, else ''."""
     return f"less its mirror image (grown {row['mirror']:g} mm), " if row.get("mirror") else ""
@@ -503,6 +532,9 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
         from dataclasses import replace
 
         opts = replace(opts, region=model.card.detection_for(True).region)
+    if opts.choose_by not in ("auprc", "dice") or opts.dice_top < 1:
+        raise InputError(f"the setting is chosen by 'auprc' or 'dice' (of at least 1 candidate), got "
+                         f"{opts.choose_by!r} of {opts.dice_top}")
     if opts.grid.mirror_only and not any(m > 0 for m in opts.grid.mirror):
         raise InputError("choosing among the mirror maps only needs at least one mirror growth (--mirror MM)")
     if any(m > 0 for m in opts.grid.mirror) and opts.region not in ("brain", "brain-stripped"):
@@ -511,15 +543,26 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
     lesion_cases, healthy_cases = build_cases(volumes, model.card, opts, progress)
     t_cases = time.perf_counter()
     rows = sweep(model, lesion_cases, opts, progress)
-    chosen = choose([r for r in rows if r.get("mirror")] if opts.grid.mirror_only else rows)
+    pool = [r for r in rows if r.get("mirror")] if opts.grid.mirror_only else rows
     t_sweep = time.perf_counter()
-    progress("tune", 0, 1, f"chosen: t {chosen['t']}{' (a map per level)' if chosen.get('levels') else ''}, "
-             f"blur {chosen['blur']}, smoothing {chosen['smooth']:g} mm"
-             f"{' (signed)' if chosen.get('signed') else ''}, tissue classes {chosen.get('bins', 0)}, "
-             f"{mirror_words(chosen)}{chosen['stages']} stage(s); "
-             "calibrating on the lesion-free volumes")
-    cal, points = operating_points(model, lesion_cases, healthy_cases, chosen, opts, progress)
-    op = choose_fpr(points, opts.max_healthy_ml)
+    trials: list[dict[str, Any]] = []
+    if opts.choose_by == "dice":
+        for i, row in enumerate(dice_candidates(pool, opts.dice_top)):
+            progress("tune", i, opts.dice_top, f"calibrating candidate {i + 1}: {setting_words(row)}")
+            cal, points = operating_points(model, lesion_cases, healthy_cases, row, opts, progress)
+            trials.append({"row": row, "cal": cal, "points": points, "point": choose_fpr(points, opts.max_healthy_ml)})
+            p = trials[-1]["point"]
+            log.info("candidate %s: mean Dice %.3f, at most %.2f mL in a lesion-free volume",
+                     setting_words(row), p["dice_mean"], p["healthy_ml_max"])
+        best = choose_by_dice(trials, opts.max_healthy_ml)
+        chosen, cal, points, op = best["row"], best["cal"], best["points"], best["point"]
+        progress("tune", 0, 1, f"chosen: {setting_words(chosen)} (the best tuning Dice within "
+                 f"{opts.max_healthy_ml:g} mL of {len(trials)} calibrated)")
+    else:
+        chosen = choose(pool)
+        progress("tune", 0, 1, f"chosen: {setting_words(chosen)}; calibrating on the lesion-free volumes")
+        cal, points = operating_points(model, lesion_cases, healthy_cases, chosen, opts, progress)
+        op = choose_fpr(points, opts.max_healthy_ml)
     ts = [int(v) for v in chosen["t"].split("+")]
     from .card import DetectionDefaults
 
@@ -551,6 +594,10 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
         "lesion_cases": len(lesion_cases),
         "lesions": sum(len(c.meta["lesions"]) for c in lesion_cases),
         "metric": "pooled pixel AUPRC of the anomaly map on implanted lesions, each scan's own grid, foreground",
+        "chosen_by": ("auprc" if opts.choose_by != "dice" else
+                      f"dice: the best mean Dice within {opts.max_healthy_ml:g} mL of the {len(trials)} best by AUPRC"),
+        "candidates": [{"row": c["row"], **{k: c["point"].get(k) for k in (
+            "fpr", "grow_fpr", "peak_fraction", "dice_mean", "healthy_ml_max")}} for c in trials],
         "region": opts.region,
         "grid": asdict(opts.grid),
         "table": rows,

@@ -51,7 +51,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_tune(args) -> int:
     """Choose the detection setting and operating point on synthetic lesions in healthy volumes."""
-    from ..tune import TuneGrid, TuneOptions, mirror_words, tune_model
+    from ..tune import TuneGrid, TuneOptions, setting_words, tune_model
 
     grid = TuneGrid()
     if args.quick:
@@ -88,17 +88,19 @@ def cmd_tune(args) -> int:
         grid.max_stages, grid.multi_top, grid.more_draws = 1, 0, 1
     opts = TuneOptions(forms=tuple(args.forms), lesions_per_volume=args.lesions, seed=args.seed,
                        batch_size=args.batch_size, grid=grid, max_healthy_ml=args.max_healthy_ml, region=args.region,
+                       choose_by=args.choose_by, dice_top=args.dice_top,
                        **({} if args.peak_fractions is None else {"peak_fractions": tuple(args.peak_fractions)}))
     rec = tune_model(args.model, args.data, output=args.output, options=opts, device=args.device,
                      description=args.data_description or "", version=args.model_version,
                      allow_held_out=args.allow_held_out, progress=progress_for(args))
     out = args.output or args.model
     best = rec["chosen"]
+    for c in rec["candidates"]:
+        print(f"  candidate {setting_words(c['row'])}: AUPRC {c['row']['auprc']:.3f}, mean Dice {c['dice_mean']:.3f} "
+              f"at FPR {c['fpr']}{' grown to ' + c['grow_fpr'] if c.get('grow_fpr') else ''}, "
+              f"at most {c['healthy_ml_max']:.2f} mL in a lesion-free volume")
     print(f"tuned {out} on {rec['lesion_cases']} volumes with {rec['lesions']} implanted lesions "
-          f"({rec['seconds']['total']:.0f} s): t {best['t']}{' (a map per level)' if best.get('levels') else ''}, "
-          f"blur {best['blur']}, smoothing {best['smooth']:g} mm"
-          f"{' (signed)' if best.get('signed') else ''}, tissue classes {best.get('bins', 0)}, "
-          f"{mirror_words(best)}{best['stages']} stage(s), "
+          f"({rec['seconds']['total']:.0f} s): {setting_words(best)}, "
           f"pooled pixel AUPRC {best['auprc']:.3f}; default FPR {rec['chosen_fpr']}"
           + (f", grown to FPR {rec['chosen_grow_fpr']}" if rec.get("chosen_grow_fpr") else "")
           + (f", each lesion outlined at {rec['chosen_peak_fraction']:g} of its peak"
@@ -201,6 +203,12 @@ def add_parsers(sub) -> None:
                          "--region brain (default: not; see the README, The mirror map)")
     tu.add_argument("--mirror-only", action="store_true",
                     help="choose among the --mirror rows only (an experiment; see the README, The mirror map)")
+    tu.add_argument("--choose-by", choices=["auprc", "dice"], default="auprc",
+                    help="auprc: the setting with the best pooled pixel AUPRC on the implanted lesions (default); "
+                         "dice: the --dice-top best by AUPRC each calibrated, and the one with the best mean Dice "
+                         "that flags at most --max-healthy-ml in every lesion-free volume (costs one calibration each)")
+    tu.add_argument("--dice-top", type=int, default=4, metavar="N",
+                    help="how many settings --choose-by dice calibrates (default 4)")
     tu.add_argument("--peak-fractions", type=float, nargs="*", metavar="F",
                     help="also score every operating point with each lesion found outlined at this fraction of its "
                          "own peak (detect --peak-fraction; default 0.5; none with no value)")
