@@ -8,10 +8,11 @@ units of that level's healthy tail, averaged). The setting with the best pooled 
 (on each scan's own grid, inside its foreground) wins; ties go to the cheaper one. Thresholds are then
 calibrated on the untouched volumes under that setting, and the default false-positive rate is the
 one with the best mean Dice on the implanted lesions that flags at most `max_healthy_ml` in every
-lesion-free volume. Asked (choose_by "dice"), the few best settings by AUPRC are each calibrated so, and the
-one whose operating point has the best mean Dice within that limit wins. Everything, the whole sweep table included, goes into the model card as the
-setting for volumes (detection_3d, calibration_3d); single 2D slices keep the card's other setting,
-since 3D lesions in volumes say nothing about what suits a 2D slice.
+lesion-free volume. Asked (choose_by "dice"), the few best settings by AUPRC are each calibrated so, and
+the one whose operating point has the best mean Dice within that limit wins. Everything, the whole sweep
+table included, goes into the model card as the setting for volumes (detection_3d, calibration_3d);
+single 2D slices keep the card's other setting, since 3D lesions in volumes say nothing about what suits
+a 2D slice.
 """
 
 from __future__ import annotations
@@ -547,8 +548,9 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
     t_sweep = time.perf_counter()
     trials: list[dict[str, Any]] = []
     if opts.choose_by == "dice":
-        for i, row in enumerate(dice_candidates(pool, opts.dice_top)):
-            progress("tune", i, opts.dice_top, f"calibrating candidate {i + 1}: {setting_words(row)}")
+        candidates = dice_candidates(pool, opts.dice_top)
+        for i, row in enumerate(candidates):
+            progress("tune", i, len(candidates), f"calibrating candidate {i + 1}: {setting_words(row)}")
             cal, points = operating_points(model, lesion_cases, healthy_cases, row, opts, progress)
             trials.append({"row": row, "cal": cal, "points": points, "point": choose_fpr(points, opts.max_healthy_ml)})
             p = trials[-1]["point"]
