@@ -96,9 +96,10 @@ def cmd_tune(args) -> int:
     out = args.output or args.model
     best = rec["chosen"]
     for c in rec["candidates"]:
+        point = f"FPR {c['fpr']}" + (f" grown to {c['grow_fpr']}" if c.get("grow_fpr") else "")
+        point += f", outlined at {c['peak_fraction']:g} of each lesion's peak" if c.get("peak_fraction") else ""
         print(f"  candidate {setting_words(c['row'])}: AUPRC {c['row']['auprc']:.3f}, mean Dice {c['dice_mean']:.3f} "
-              f"at FPR {c['fpr']}{' grown to ' + c['grow_fpr'] if c.get('grow_fpr') else ''}, "
-              f"at most {c['healthy_ml_max']:.2f} mL in a lesion-free volume")
+              f"at {point}, at most {c['healthy_ml_max']:.2f} mL in a lesion-free volume")
     print(f"tuned {out} on {rec['lesion_cases']} volumes with {rec['lesions']} implanted lesions "
           f"({rec['seconds']['total']:.0f} s): {setting_words(best)}, "
           f"pooled pixel AUPRC {best['auprc']:.3f}; default FPR {rec['chosen_fpr']}"
