@@ -626,3 +626,57 @@ def test_tuning_by_dice_calibrates_each_candidate_and_keeps_the_winners_operatin
     with pytest.raises(InputError, match="'auprc' or 'dice'"):
         tune.tune_model(tiny_model_file, [str(vol)], output=out, device="cpu",
                         options=tune.TuneOptions(choose_by="dice", dice_top=0))
+
+
+def test_candidates_sharing_the_networks_work_run_it_once_with_the_same_results(tiny_model_file, tmp_path,
+                                                                             monkeypatch):
+    import synomaly.detect as detect_module
+    from synomaly.calibrate import calibration_maps
+
+    vol = tmp_path / "healthy.nii.gz"
+    sitk.WriteImage(_head(seed=4), str(vol))
+    model = load_model(tiny_model_file, device="cpu")
+    opts = tune.TuneOptions(forms=("native",), lesions_per_volume=2, seed=1)
+    lesion_cases, healthy_cases = tune.build_cases(tune.load_tune_volumes([str(vol)]), model.card, opts)
+    base = {"t": "50+200", "blur": 3, "stages": 1, "draws": 1, "smooth": 0.0}
+    smoothed = dict(base, smooth=2.0)
+    multi = dict(base, stages=3)
+    assert tune.network_key(base) == tune.network_key(smoothed) != tune.network_key(multi)
+    assert tune.network_key(dict(base, levels="healthy")) == tune.network_key(dict(base, levels="scan"))
+    assert tune.network_key(dict(base, t="50", levels="healthy")) == tune.network_key(dict(base, t="50"))
+    fresh = [tune.operating_points(model, lesion_cases, healthy_cases, s, opts) for s in (base, smoothed)]
+
+    calls = []
+    real = detect_module.run_stages
+    monkeypatch.setattr(detect_module, "run_stages", lambda *a, **k: calls.append(k["max_stages"]) or real(*a, **k))
+    runs: dict = {}
+    shared = [tune.operating_points(model, lesion_cases, healthy_cases, s, opts, runs=runs) for s in (base, smoothed)]
+    # one stage: one healthy run (its fusion threshold changes nothing of it) and one lesion run, for both settings
+    assert calls == [1, 1] and list(runs) == [tune.network_key(base)]
+    for (cal_a, pts_a), (cal_b, pts_b) in zip(fresh, shared):
+        assert cal_a == cal_b and pts_a == pts_b
+    assert shared[0][0]["thresholds"] != shared[1][0]["thresholds"], "the smoothed map has its own thresholds"
+
+    # the single-stage shortcut of the calibration gives what the second run with the fusion threshold gave
+    hx = torch.cat([c.prep.slices for c in healthy_cases])
+    hm = torch.cat([c.prep.masks for c in healthy_cases])
+    calls.clear()
+    fusion, res = calibration_maps(model, hx, hm, ts=(50, 200), kernel=3, max_stages=1, keep_levels=True)
+    assert calls == [1] and res.levels is not None and res.levels.shape[0] == 2
+    again = real(model, hx, hm, t=(50, 200), kernel=3, threshold=fusion, max_stages=1, keep_levels=True)
+    for a, b in ((res.healed, again.healed), (res.score, again.score), (res.levels, again.levels),
+                 (res.stages, again.stages), (res.first_score, again.first_score)):
+        assert torch.equal(a, b)
+    assert res.calls == again.calls
+    calls.clear()
+    calibration_maps(model, hx, hm, ts=(50,), kernel=3, max_stages=2)
+    assert calls == [1, 2], "more stages: the fusion threshold steers the later stages, so two runs"
+
+
+def test_an_operating_point_in_words():
+    assert tune.point_words({"fpr": "1e-05"}) == "FPR 1e-05"
+    p = {"fpr": "1e-05", "threshold": 0.123456, "grow_fpr": "0.0001", "grow_threshold": 0.1, "peak_fraction": 0.5}
+    assert tune.point_words(p) == "FPR 1e-05 grown to FPR 0.0001, each lesion outlined at 0.5 of its peak"
+    assert tune.point_words(p, thresholds=True) == ("FPR 1e-05 (0.1235) grown to FPR 0.0001 (0.1000), "
+                                                    "each lesion outlined at 0.5 of its peak")
+    assert tune.point_words({"fpr": "0.001", "grow_fpr": None, "peak_fraction": None}, thresholds=True) == "FPR 0.001"

@@ -36,14 +36,18 @@ def calibration_maps(model, slices: torch.Tensor, masks: torch.Tensor, *, ts: tu
                      seed: int = 0, keep_levels: bool = False, progress: ProgressFn = null_progress):
     """The fusion threshold (the stage-1 level that flags `fusion_fpr` of healthy foreground voxels) and the
     multi-stage result on healthy slices (S, 1, G, G) run with it (`keep_levels`: with each noise level's own
-    healed slices, for maps per level)."""
+    healed slices, for maps per level). With one stage the fusion threshold changes nothing of that result
+    (run_stages thresholds only to choose what the next stage heals), so the single-stage run is returned as
+    it is instead of being run twice."""
     from .detect import run_stages
 
     fg = masks.bool()
     progress("calibrate", 0, 2, "single-stage maps of healthy slices")
     first = run_stages(model, slices, masks, t=ts, kernel=kernel, threshold=float("inf"), max_stages=1,
-                       batch_size=batch_size, draws=draws, seed=seed)
+                       batch_size=batch_size, draws=draws, seed=seed, keep_levels=keep_levels and max_stages == 1)
     fusion = quantile_threshold(first.score[fg.to(first.score.device)], fusion_fpr)
+    if max_stages == 1:
+        return fusion, first
     progress("calibrate", 1, 2, "multi-stage maps of healthy slices")
     res = run_stages(model, slices, masks, t=ts, kernel=kernel, threshold=fusion, max_stages=max_stages,
                      batch_size=batch_size, draws=draws, seed=seed, keep_levels=keep_levels)

@@ -21,6 +21,7 @@ import itertools
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -368,41 +369,56 @@ def choose(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return min(tied, key=lambda r: (r["cost"], -r["auprc"]))
 
 
+def network_key(setting: dict[str, Any]) -> tuple:
+    """What the network's work for a sweep row depends on (noise levels, blur, stages, draws, maps per level):
+    rows that differ only in how the map is made from it (smoothing, signed, tissue classes, mirror, scaling)
+    share it."""
+    ts = tuple(int(v) for v in str(setting["t"]).split("+"))
+    return (ts, int(setting["blur"]), int(setting["stages"]), int(setting["draws"]),
+            bool(setting.get("levels", False)) and len(ts) > 1)
+
+
 def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Sequence[TuneCase],
-                     setting: dict[str, Any], opts: TuneOptions,
-                     progress: ProgressFn = null_progress) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                     setting: dict[str, Any], opts: TuneOptions, progress: ProgressFn = null_progress,
+                     runs: Optional[dict[tuple, Any]] = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Calibrate on the untouched volumes under `setting`, then score every calibrated FPR: mean Dice on
-    the lesion cases and the volume flagged in each lesion-free one (after the minimum lesion size)."""
+    the lesion cases and the volume flagged in each lesion-free one (after the minimum lesion size).
+    `runs`: the network's results kept by network_key, reused by a later setting with the same key (the same
+    seed, so the same results) and filled with this one's."""
     from .calibrate import FUSION_FPR, calibration_maps, calibration_record, needs_whole_scans, scan_map_thresholds
     from .card import DetectionDefaults
     from .detect import SCAN_LEVEL_QUANTILE, postprocess, run_stages, scan_map
     from .metrics import dice
 
-    ts = tuple(int(v) for v in setting["t"].split("+"))
-    k, stages, draws = int(setting["blur"]), int(setting["stages"]), int(setting["draws"])
+    key = network_key(setting)
+    ts, k, stages, draws, per_level = key
     smooth = float(setting.get("smooth", 0.0))
     signed, bins = bool(setting.get("signed", False)), int(setting.get("bins", 0))
     mirror = float(setting.get("mirror", 0.0))
-    per_level = bool(setting.get("levels", False)) and len(ts) > 1
     scaling = _scaling(setting)
     d = DetectionDefaults(t=ts[0], t_ensemble=ts if len(ts) > 1 else (), blur_kernel=k, smooth_mm=smooth,
                           signed_map=signed, tissue_bins=bins, level_maps=per_level, level_scaling=scaling,
                           mirror_mm=mirror)
     hx = torch.cat([c.prep.slices for c in healthy_cases])
     hm = torch.cat([c.prep.masks for c in healthy_cases])
-    fusion, hres = calibration_maps(model, hx, hm, ts=ts, kernel=k, max_stages=stages, draws=draws,
-                                    batch_size=opts.batch_size, seed=opts.seed, keep_levels=per_level,
-                                    progress=progress)
+    if runs is not None and key in runs:
+        fusion, hres, lres = runs[key]
+    else:
+        fusion, hres = calibration_maps(model, hx, hm, ts=ts, kernel=k, max_stages=stages, draws=draws,
+                                        batch_size=opts.batch_size, seed=opts.seed, keep_levels=per_level,
+                                        progress=progress)
+        lx = torch.cat([c.prep.slices for c in lesion_cases])
+        lm = torch.cat([c.prep.masks for c in lesion_cases])
+        lres = run_stages(model, lx, lm, t=ts, kernel=k, threshold=fusion, max_stages=stages,
+                          batch_size=opts.batch_size, draws=draws, seed=opts.seed, keep_levels=per_level)
+        if runs is not None:
+            runs[key] = (fusion, hres, lres)
     cal = calibration_record(hres, hm, opts.fprs, fusion=fusion, fusion_fpr=FUSION_FPR, ts=ts, kernel=k,
                              max_stages=stages, draws=draws, region=opts.region or "foreground")
     if needs_whole_scans(d):
         cal = scan_map_thresholds(cal, hres.healed, [c.prep for c in healthy_cases], d, opts.fprs, levels=hres.levels)
     thresholds = cal["thresholds"]
     scales = cal.get("level_scales") if per_level else None
-    lx = torch.cat([c.prep.slices for c in lesion_cases])
-    lm = torch.cat([c.prep.masks for c in lesion_cases])
-    lres = run_stages(model, lx, lm, t=ts, kernel=k, threshold=fusion, max_stages=stages,
-                      batch_size=opts.batch_size, draws=draws, seed=opts.seed, keep_levels=per_level)
 
     def case_maps(res, cases):
         sizes = [c.prep.slices.shape[0] for c in cases]
@@ -496,6 +512,17 @@ def setting_words(row: dict[str, Any]) -> str:
             f"tissue classes {row.get('bins', 0)}, {mirror_words(row)}{row['stages']} stage(s)")
 
 
+def point_words(p: dict[str, Any], thresholds: bool = False) -> str:
+    """An operating point in words: 'FPR 1e-05 grown to FPR 0.0001, each lesion outlined at 0.5 of its peak'
+    (`thresholds`: each rate's threshold in brackets)."""
+    def rate(fpr_key: str, thr_key: str) -> str:
+        thr = p.get(thr_key)
+        return f"FPR {p[fpr_key]}" + (f" ({thr:.4f})" if thresholds and thr is not None else "")
+
+    words = rate("fpr", "threshold") + (f" grown to {rate('grow_fpr', 'grow_threshold')}" if p.get("grow_fpr") else "")
+    return words + (f", each lesion outlined at {p['peak_fraction']:g} of its peak" if p.get("peak_fraction") else "")
+
+
 def dice_candidates(rows: Sequence[dict[str, Any]], top: int) -> list[dict[str, Any]]:
     """The `top` rows with the best pooled AUPRC (NaN last), the cheaper first among equal AUPRC."""
     ok = [r for r in rows if not math.isnan(r["auprc"])]
@@ -549,9 +576,17 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
     trials: list[dict[str, Any]] = []
     if opts.choose_by == "dice":
         candidates = dice_candidates(pool, opts.dice_top)
+        # candidates that differ only in how the map is made share the network's work; each result is kept
+        # until the last candidate that needs it
+        uses = Counter(network_key(r) for r in candidates)
+        runs: dict[tuple, Any] = {}
         for i, row in enumerate(candidates):
             progress("tune", i, len(candidates), f"calibrating candidate {i + 1}: {setting_words(row)}")
-            cal, points = operating_points(model, lesion_cases, healthy_cases, row, opts, progress)
+            cal, points = operating_points(model, lesion_cases, healthy_cases, row, opts, progress,
+                                           runs=runs if uses[network_key(row)] > 1 else None)
+            uses[network_key(row)] -= 1
+            if uses[network_key(row)] == 0:
+                runs.pop(network_key(row), None)
             trials.append({"row": row, "cal": cal, "points": points, "point": choose_fpr(points, opts.max_healthy_ml)})
             p = trials[-1]["point"]
             log.info("candidate %s: mean Dice %.3f, at most %.2f mL in a lesion-free volume",

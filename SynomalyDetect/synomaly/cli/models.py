@@ -51,7 +51,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_tune(args) -> int:
     """Choose the detection setting and operating point on synthetic lesions in healthy volumes."""
-    from ..tune import TuneGrid, TuneOptions, setting_words, tune_model
+    from ..tune import TuneGrid, TuneOptions, point_words, setting_words, tune_model
 
     grid = TuneGrid()
     if args.quick:
@@ -96,22 +96,17 @@ def cmd_tune(args) -> int:
     out = args.output or args.model
     best = rec["chosen"]
     for c in rec["candidates"]:
-        point = f"FPR {c['fpr']}" + (f" grown to {c['grow_fpr']}" if c.get("grow_fpr") else "")
-        point += f", outlined at {c['peak_fraction']:g} of each lesion's peak" if c.get("peak_fraction") else ""
         print(f"  candidate {setting_words(c['row'])}: AUPRC {c['row']['auprc']:.3f}, mean Dice {c['dice_mean']:.3f} "
-              f"at {point}, at most {c['healthy_ml_max']:.2f} mL in a lesion-free volume")
+              f"at {point_words(c)}, at most {c['healthy_ml_max']:.2f} mL in a lesion-free volume")
+    chosen = {"fpr": rec["chosen_fpr"], "grow_fpr": rec.get("chosen_grow_fpr"),
+              "peak_fraction": rec.get("chosen_peak_fraction")}
     print(f"tuned {out} on {rec['lesion_cases']} volumes with {rec['lesions']} implanted lesions "
           f"({rec['seconds']['total']:.0f} s): {setting_words(best)}, "
-          f"pooled pixel AUPRC {best['auprc']:.3f}; default FPR {rec['chosen_fpr']}"
-          + (f", grown to FPR {rec['chosen_grow_fpr']}" if rec.get("chosen_grow_fpr") else "")
-          + (f", each lesion outlined at {rec['chosen_peak_fraction']:g} of its peak"
-             if rec.get("chosen_peak_fraction") else ""))
+          f"pooled pixel AUPRC {best['auprc']:.3f}; default {point_words(chosen)}")
     for p in rec["points"]:
         lf = p["lesions_found"]
         by = ", ".join(f"{k.replace('_', ' ')} {v['found']}/{v['of']}" for k, v in lf.items() if k != "all")
-        grown = f" grown to FPR {p['grow_fpr']} ({p['grow_threshold']:.4f})" if p.get("grow_fpr") else ""
-        grown += f", outlined at {p['peak_fraction']:g} of each lesion's peak" if p.get("peak_fraction") else ""
-        print(f"  FPR {p['fpr']}: threshold {p['threshold']:.4f}{grown}, mean Dice {p['dice_mean']:.3f}, "
+        print(f"  {point_words(p, thresholds=True)}: mean Dice {p['dice_mean']:.3f}, "
               f"at most {p['healthy_ml_max']:.2f} mL flagged in a lesion-free volume; "
               f"lesions found {lf['all']['found']}/{lf['all']['of']} ({by})")
     return 0
