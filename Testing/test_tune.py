@@ -310,8 +310,14 @@ def test_tune_command_with_a_single_stage_grid_of_our_choosing(tiny_model_file, 
     out = tmp_path / "tuned.safetensors"
     assert main(["tune", str(tiny_model_file), "--data", str(vol), "--forms", "native", "--lesions", "2",
                  "--t", "50", "--blur", "3", "5", "--ensembles", "50+200", "--single-stage", "--smooth", "3",
-                 "-o", str(out), "--progress", "none"]) == 0
-    table = read_card(out).tuning["table"]
+                 "--fprs", "1e-4", "1e-3", "3e-4", "-o", str(out), "--progress", "none"]) == 0
+    card = read_card(out)
+    table = card.tuning["table"]
+    # rates of our choosing, between the decades: calibrated, scored, and the default is one of them
+    assert set(card.calibration_3d["thresholds"]) == {"0.001", "0.0003", "0.0001"}
+    assert {p["fpr"] for p in card.tuning["operating_points"]} == {"0.001", "0.0003", "0.0001"}
+    assert card.tuning["chosen_fpr"] in card.calibration_3d["thresholds"]
+    assert f"{card.detection_3d.fpr:g}" == card.tuning["chosen_fpr"]
     assert not any(r["signed"] or r["bins"] for r in table)  # by default the original map only
     settings = [("50", 3), ("50", 5), ("50+200", 3), ("50+200", 5)]
     assert sorted((r["t"], r["blur"], r["smooth"]) for r in table) == sorted(
@@ -321,6 +327,9 @@ def test_tune_command_with_a_single_stage_grid_of_our_choosing(tiny_model_file, 
     assert main(["tune", str(tiny_model_file), "--data", str(vol), "--tissue-bins", "-2", "-o", str(out),
                  "--progress", "none"]) != 0
     assert "tissue classes must lie between 0 and 64" in capsys.readouterr().err
+    assert main(["tune", str(tiny_model_file), "--data", str(vol), "--fprs", "0.001", "0", "-o", str(out),
+                 "--progress", "none"]) != 0
+    assert "false-positive rates must lie between 0 and 1" in capsys.readouterr().err
     assert main(["tune", str(tiny_model_file), "--data", str(vol), "--forms", "native", "--lesions", "2",
                  "--t", "50", "--blur", "3", "--ensembles", "--single-stage", "--smooth", "3", "--signed",
                  "--tissue-bins", "4", "-o", str(out), "--progress", "none"]) == 0

@@ -82,6 +82,8 @@ def cmd_tune(args) -> int:
             raise InputError(f"the mirror image's growth must lie in (0, {MAX_MIRROR_MM:g}] mm, got {args.mirror}")
         grid.mirror = tuple(float(m) for m in args.mirror)
     grid.mirror_only = bool(args.mirror_only)
+    if args.fprs and any(not 0 < f < 1 for f in args.fprs):
+        raise InputError(f"false-positive rates must lie between 0 and 1 (exclusive), got {args.fprs}")
     if args.peak_fractions and any(not 0 < f < 1 for f in args.peak_fractions):
         raise InputError(f"peak fractions must lie between 0 and 1 (exclusive), got {args.peak_fractions}")
     if args.single_stage:  # no multi-stage rows, no extra noise draws: the cheapest sweep of the grid
@@ -89,6 +91,7 @@ def cmd_tune(args) -> int:
     opts = TuneOptions(forms=tuple(args.forms), lesions_per_volume=args.lesions, seed=args.seed,
                        batch_size=args.batch_size, grid=grid, max_healthy_ml=args.max_healthy_ml, region=args.region,
                        choose_by=args.choose_by, dice_top=args.dice_top,
+                       **({"fprs": tuple(sorted(set(args.fprs), reverse=True))} if args.fprs else {}),
                        **({} if args.peak_fractions is None else {"peak_fractions": tuple(args.peak_fractions)}))
     rec = tune_model(args.model, args.data, output=args.output, options=opts, device=args.device,
                      description=args.data_description or "", version=args.model_version,
@@ -212,6 +215,9 @@ def add_parsers(sub) -> None:
                     help="score single-stage settings only (no multi-stage rows, no extra noise draws)")
     tu.add_argument("--max-healthy-ml", type=float, default=1.0,
                     help="the default FPR may flag at most this many mL in a lesion-free volume (default 1)")
+    tu.add_argument("--fprs", type=float, nargs="+", metavar="RATE",
+                    help="the per-voxel false-positive rates calibrated and scored as operating points (default "
+                         "1e-2 1e-3 1e-4 1e-5); rates between those let the default come closer to --max-healthy-ml")
     tu.add_argument("--region", choices=REGIONS,
                     help="where maps are scored: foreground, or brain (a T1 brain atlas registered to each volume), or "
                          "brain-stripped (that brain also cut out before healing); default: the model's current "
