@@ -1,3 +1,4 @@
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -281,6 +282,12 @@ class SynomalyDetectWidget(JobPanel):
             default = engine.default_fpr(entry)
             if default in FPR_CHOICES:
                 self._parameterNode.falsePositiveRate = default
+            elif default is not None:  # a card tuned at a rate between the offered ones (synomaly tune --fprs)
+                warning = _("{name} was tuned at FPR {tuned:g}, which this panel does not offer: it will run at FPR "
+                            "{used:g}. For the tuned rate, use synomaly detect from the command line.").format(
+                    name=entry["name"], tuned=default, used=self._parameterNode.falsePositiveRate)
+                logging.warning(warning)
+                self.ui.statusLabel.text = warning
             fallback = engine.uncalibrated_threshold(entry)
             if fallback is not None:  # e.g. an imported model: use its card's threshold rather than refuse to run
                 self._parameterNode.sensitivityMode = THRESHOLD_MODE
