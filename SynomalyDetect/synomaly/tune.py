@@ -399,11 +399,11 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
     d = DetectionDefaults(t=ts[0], t_ensemble=ts if len(ts) > 1 else (), blur_kernel=k, smooth_mm=smooth,
                           signed_map=signed, tissue_bins=bins, level_maps=per_level, level_scaling=scaling,
                           mirror_mm=mirror)
-    hx = torch.cat([c.prep.slices for c in healthy_cases])
     hm = torch.cat([c.prep.masks for c in healthy_cases])
     if runs is not None and key in runs:
         fusion, hres, lres = runs[key]
     else:
+        hx = torch.cat([c.prep.slices for c in healthy_cases])
         fusion, hres = calibration_maps(model, hx, hm, ts=ts, kernel=k, max_stages=stages, draws=draws,
                                         batch_size=opts.batch_size, seed=opts.seed, keep_levels=per_level,
                                         progress=progress)
@@ -582,11 +582,12 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
         runs: dict[tuple, Any] = {}
         for i, row in enumerate(candidates):
             progress("tune", i, len(candidates), f"calibrating candidate {i + 1}: {setting_words(row)}")
+            key = network_key(row)
             cal, points = operating_points(model, lesion_cases, healthy_cases, row, opts, progress,
-                                           runs=runs if uses[network_key(row)] > 1 else None)
-            uses[network_key(row)] -= 1
-            if uses[network_key(row)] == 0:
-                runs.pop(network_key(row), None)
+                                           runs=runs if uses[key] > 1 else None)
+            uses[key] -= 1
+            if uses[key] == 0:
+                runs.pop(key, None)
             trials.append({"row": row, "cal": cal, "points": points, "point": choose_fpr(points, opts.max_healthy_ml)})
             p = trials[-1]["point"]
             log.info("candidate %s: mean Dice %.3f, at most %.2f mL in a lesion-free volume",
