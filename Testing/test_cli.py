@@ -105,3 +105,31 @@ def test_impossible_detection_options_are_refused_in_one_line_before_any_work(op
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("synomaly: error: ") and "Traceback" not in err[0]
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["scan.nii.gz"]
+
+
+@pytest.mark.parametrize("rates", [["0.001", "1"], ["0"], ["-0.01"]])
+def test_calibration_at_an_impossible_rate_is_refused_before_the_model_is_touched(rates, tiny_model_file, tmp_path,
+                                                                                  capsys):
+    from synomaly.cli import main
+
+    before = tiny_model_file.read_bytes()
+    code = main(["calibrate", str(tiny_model_file), "--data", str(tmp_path / "nothing-here"), "--fprs", *rates,
+                 "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and "false-positive rates must lie between 0 and 1 (exclusive)" in err, err
+    assert tiny_model_file.read_bytes() == before
+
+
+def test_the_model_list_names_every_rate_detect_accepts(capsys):
+    """`synomaly detect --fpr` points to `synomaly models` for the rates: it lists the volume calibration too."""
+    from synomaly.cli import main
+    from synomaly.contract import DEFAULT_MODEL
+    from synomaly.modelio import read_card, resolve_model_path
+
+    card = read_card(resolve_model_path(DEFAULT_MODEL))
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for cal, label in ((card.calibration, "calibrated thresholds: "),
+                       (card.calibration_3d, "calibrated thresholds for volumes: ")):
+        line = next(s for s in out.splitlines() if s.strip().startswith(label))
+        assert all(f"FPR {k}: {v:.3f}" in line for k, v in cal["thresholds"].items()), line

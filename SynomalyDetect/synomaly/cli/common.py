@@ -35,6 +35,14 @@ def detection_settings(args) -> DetectionSettings:
     return DetectionSettings(**{spec.name: getattr(args, spec.name) for spec in DETECTION_SETTINGS})
 
 
+def check_open_unit(values, what: str) -> None:
+    """Refuse, in one sentence, a list of rates or fractions where one is not strictly between 0 and 1."""
+    from ..errors import InputError
+
+    if values and any(not 0 < v < 1 for v in values):
+        raise InputError(f"{what} must lie between 0 and 1 (exclusive), got {' '.join(f'{v:g}' for v in values)}")
+
+
 def check_writable(out: Path) -> None:
     """Fail before a long detection if the results could not be written where asked."""
     import tempfile

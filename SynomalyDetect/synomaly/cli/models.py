@@ -8,7 +8,7 @@ from pathlib import Path
 from ..contract import REGIONS
 from ..errors import InputError
 from ..sampledata import resolve_data
-from .common import DATA_SPEC_HELP, progress_for
+from .common import DATA_SPEC_HELP, check_open_unit, progress_for
 
 
 def cmd_models(args) -> int:
@@ -37,6 +37,7 @@ def cmd_calibrate(args) -> int:
     from ..calibrate import calibrate_model
     from ..modelio import resolve_model_path
 
+    check_open_unit(args.fprs, "false-positive rates")
     paths = resolve_data(args.data)
     if not paths:
         raise InputError("no healthy scans found")
@@ -82,10 +83,8 @@ def cmd_tune(args) -> int:
             raise InputError(f"the mirror image's growth must lie in (0, {MAX_MIRROR_MM:g}] mm, got {args.mirror}")
         grid.mirror = tuple(float(m) for m in args.mirror)
     grid.mirror_only = bool(args.mirror_only)
-    if args.fprs and any(not 0 < f < 1 for f in args.fprs):
-        raise InputError(f"false-positive rates must lie between 0 and 1 (exclusive), got {args.fprs}")
-    if args.peak_fractions and any(not 0 < f < 1 for f in args.peak_fractions):
-        raise InputError(f"peak fractions must lie between 0 and 1 (exclusive), got {args.peak_fractions}")
+    check_open_unit(args.fprs, "false-positive rates")
+    check_open_unit(args.peak_fractions, "peak fractions")
     if args.single_stage:  # no multi-stage rows, no extra noise draws: the cheapest sweep of the grid
         grid.max_stages, grid.multi_top, grid.more_draws = 1, 0, 1
     opts = TuneOptions(forms=tuple(args.forms), lesions_per_volume=args.lesions, seed=args.seed,
@@ -159,7 +158,8 @@ def add_parsers(sub) -> None:
     c = sub.add_parser("calibrate", help="set thresholds from healthy scans (per-voxel false-positive rates)")
     c.add_argument("model", help="model name or file")
     c.add_argument("--data", nargs="+", required=True, help=DATA_SPEC_HELP)
-    c.add_argument("--fprs", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
+    c.add_argument("--fprs", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4], metavar="RATE",
+                   help="the per-voxel false-positive rates to set thresholds at (default 1e-2 1e-3 1e-4)")
     c.add_argument("-o", "--output", help="write the calibrated model here (default: update the model file)")
     c.add_argument("--data-description", help="what the healthy data is")
     c.add_argument("--device", default="auto")
