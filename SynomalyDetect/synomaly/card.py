@@ -315,14 +315,19 @@ class ModelCard:
 
     def summary(self) -> str:
         """A few human lines: what the model is for and what it expects."""
-        cal = self.calibration.get("thresholds", {})
-        cal_text = ", ".join(f"FPR {k}: {v:.3f}" for k, v in sorted(cal.items(), key=lambda kv: -float(kv[0])))
+        def rates(cal: dict) -> str:
+            pairs = sorted(cal.get("thresholds", {}).items(), key=lambda kv: -float(kv[0]))
+            return ", ".join(f"FPR {k}: {v:.3f}" for k, v in pairs)
+
+        cal_text = rates(self.calibration)
+        cal_3d = rates(self.calibration_3d or {})
         lines = [
             f"{self.name} (version {self.version}): {self.description}".rstrip(": "),
             f"  modality {self.modality}, contrast {self.contrast}, {self.orientation} slices, "
             f"grid {self.grid_size} x {self.grid_size}, noise {self.noise.kind}",
             f"  network {self.network.architecture}; intensities {self.normalisation.method}, framing {self.framing}",
             f"  calibrated thresholds: {cal_text or 'none'}",
+            *([f"  calibrated thresholds for volumes: {cal_3d}"] if cal_3d else []),
             f"  detection: {self.detection_text()}"
             + (f"; volumes: {self.detection_text(True)} (tuned)" if self.detection_3d is not None else ""),
             f"  {self.intended_use}",

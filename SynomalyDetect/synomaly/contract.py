@@ -131,7 +131,8 @@ DETECTION_SETTINGS = (
             low=1, high=50),
     Setting("threshold", "--threshold", float, "explicit anomaly-score threshold", "the threshold", low=0),
     Setting("fpr", "--fpr", float,
-            "calibrated per-voxel false-positive rate: 0.01, 0.001, 0.0001 (or 0.00001 for a tuned volume setting)",
+            "calibrated per-voxel false-positive rate, one the model card lists (`synomaly models`; the shipped "
+            "card: 0.01, 0.001, 0.0001, and 0.00001 for volumes; default: the card's)",
             "the false-positive rate", low=0, high=1, low_open=True, high_open=True, example=" (e.g. 0.001)"),
     Setting("grow_fpr", "--grow-fpr", float,
             "lesions found at the threshold grow into their connected voxels above this calibrated false-positive "
