@@ -120,9 +120,11 @@ def test_calibration_at_an_impossible_rate_is_refused_before_the_model_is_touche
     assert tiny_model_file.read_bytes() == before
 
 
-def test_the_model_list_names_every_rate_detect_accepts(capsys):
+def test_the_model_list_names_every_rate_detect_accepts(capsys, monkeypatch, tmp_path):
     """`synomaly detect --fpr` points to `synomaly models` for the rates: it lists the volume calibration too."""
     from synomaly.cli import main
+
+    monkeypatch.setenv("SYNOMALY_MODELS_DIR", str(tmp_path))  # only the shipped model is listed
     from synomaly.contract import DEFAULT_MODEL
     from synomaly.modelio import read_card, resolve_model_path
 
