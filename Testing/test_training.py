@@ -108,6 +108,30 @@ def test_contrast_remap_keeps_the_background_and_the_normalised_range():
     assert min(corr) < 0.9
 
 
+def test_varied_scans_move_image_and_foreground_together_and_keep_the_background():
+    """vary_scan turns, warps, shades and adds noise: the foreground moves with the image (no brain voxel lands
+    in the background, the background stays -1), values stay on the model scale, the same seed gives the same
+    images, and the images really change (a draw that did nothing would pass the other checks)."""
+    from synomaly.train import vary_scan
+
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+    m = (((yy / 0.8) ** 2 + (xx / 0.5) ** 2) < 1).expand(8, 1, 64, 64)  # an upright ellipse: turning shows
+    x = torch.where(m, (0.3 * yy).expand(8, 1, 64, 64), torch.full((8, 1, 64, 64), -1.0))
+    out, mo = vary_scan(x, m, torch.Generator().manual_seed(3))
+    again, _ = vary_scan(x, m, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again) and mo.dtype == m.dtype and mo.shape == m.shape
+    assert torch.all(out[~mo] == -1.0), "outside the moved foreground the image is background"
+    assert out.min() >= -1.0 and out.max() <= 1.0
+    assert 0.8 < mo.sum() / m.sum() < 1.25, "a rotation, 8 % scalings and a small warp keep the area roughly"
+    moved = (mo != m).flatten(1).sum(1)
+    assert (moved > 20).all(), moved  # every image's outline moved (rotation up to 12 degrees, scaling)
+    noise = (out - x)[mo & m].std()
+    assert noise > 0.01, "shading and noise change the foreground's values"
+    # with pose, shading and noise turned off it is the identity inside the foreground
+    same, ms = vary_scan(x, m, torch.Generator().manual_seed(3), rotate_deg=0, scale=0, warp_px=0, bias=0, noise=0)
+    assert torch.equal(ms, m) and torch.allclose(same, x, atol=1e-5)
+
+
 def test_training_noise_levels_stay_below_t_max():
     from synomaly.schedule import cosine_alphas_cumprod
     from synomaly.train import training_targets
@@ -190,7 +214,7 @@ def test_every_random_draw_of_a_training_step_names_the_data_device():
     card = _card()
     x = torch.rand(6, 1, 32, 32) * 2 - 1
     m = torch.ones_like(x, dtype=torch.bool)
-    s = _settings(contrast_remap=1.0, intensity_augment=0.2, t_max=300)
+    s = _settings(contrast_remap=1.0, vary_scans=1.0, intensity_augment=0.2, t_max=300)
     gen = torch.Generator(device=x.device).manual_seed(0)
     abar = cosine_alphas_cumprod(1000).to(x.device)  # made once per run, then moved: not part of the step
     with _FactoryCalls() as rec:

@@ -79,9 +79,42 @@ def remap_contrast(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator, point
     return torch.where(m.bool(), y.view_as(x), x)
 
 
+def vary_scan(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator, rotate_deg: float = 12.0,
+              scale: float = 0.08, warp_px: float = 2.0, bias: float = 0.2, noise: float = 0.03
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What differs between one person's scan and the averaged templates most training volumes are, per image
+    (N, 1, G, G): pose and shape (an in-plane rotation up to `rotate_deg`, a scaling up to `scale` along each
+    axis and a smooth warp up to about `warp_px` pixels, image and foreground alike), coil shading (a smooth
+    multiplicative field within exp(+-`bias`)) and noise (Gaussian, standard deviation up to `noise` on the
+    [-1, 1] scale). The background stays at -1. Draws use `gen`, which lives on x's device."""
+    import torch.nn.functional as F
+
+    n, _, h, w = x.shape
+    dev = x.device
+
+    def uniform(*shape: int) -> torch.Tensor:  # U(-1, 1)
+        return torch.rand(*shape, generator=gen, device=dev) * 2 - 1
+
+    angle = uniform(n) * math.radians(rotate_deg)
+    sx, sy = 1 + uniform(n) * scale, 1 + uniform(n) * scale
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos * sx, -sin * sy, torch.zeros_like(sx)], 1),
+                         torch.stack([sin * sx, cos * sy, torch.zeros_like(sx)], 1)], 1)
+    grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
+    coarse = uniform(n, 2, 5, 5) * (2.0 * warp_px / max(h, w))  # grid units: 2 / G per pixel
+    grid = grid + F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    moved = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    inside = F.grid_sample(m.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5
+    field = torch.exp(F.interpolate(uniform(n, 1, 4, 4) * bias, size=(h, w), mode="bicubic", align_corners=True))
+    sd = torch.rand(n, 1, 1, 1, generator=gen, device=dev) * noise
+    shaded = (moved * field - 1 + sd * torch.randn(x.shape, generator=gen, device=dev)).clamp(-1, 1)
+    return torch.where(inside, shaded, torch.full_like(x, -1.0)), inside.to(m.dtype)
+
+
 def _batch_augment(x: torch.Tensor, m: torch.Tensor, settings: TrainingSettings,
                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random left-right flips, a random contrast curve for a share of the images, and a small
+    """Random left-right flips, a random contrast curve for a share of the images, pose, shading and noise
+    for a share (`vary_scan`), and a small
     gamma/contrast change that keeps the background at -1. Every draw is on x's device (`gen` too)."""
     n = x.shape[0]
     dev = x.device
@@ -92,6 +125,10 @@ def _batch_augment(x: torch.Tensor, m: torch.Tensor, settings: TrainingSettings,
     if settings.contrast_remap > 0:
         chosen = (torch.rand(n, generator=gen, device=dev) < settings.contrast_remap).view(n, 1, 1, 1)
         x = torch.where(chosen, remap_contrast(x, m, gen), x)
+    if settings.vary_scans > 0:
+        chosen = (torch.rand(n, generator=gen, device=dev) < settings.vary_scans).view(n, 1, 1, 1)
+        xv, mv = vary_scan(x, m, gen)
+        x, m = torch.where(chosen, xv, x), torch.where(chosen, mv, m)
     a = settings.intensity_augment
     if a > 0:
         gamma = torch.exp((torch.rand(n, generator=gen, device=dev) * 2 - 1) * a).view(n, 1, 1, 1)

@@ -42,7 +42,8 @@ def cmd_train(args) -> int:
     settings = TrainingSettings(
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, precision=args.precision, checkpoint_every=args.checkpoint_every,
-        validate_every=args.checkpoint_every, contrast_remap=args.contrast_remap, t_max=args.t_max,
+        validate_every=args.checkpoint_every, contrast_remap=args.contrast_remap,
+        vary_scans=args.vary_scans, t_max=args.t_max,
         lesion_blobs=args.lesion_blobs, lesion_amplitude=tuple(args.lesion_amplitude),
         min_snr_gamma=args.min_snr_gamma,
     )
@@ -174,6 +175,10 @@ def add_parsers(sub) -> None:
     t.add_argument("--contrast-remap", type=float, default=0.0, metavar="P",
                    help="share of training images given a random contrast curve, so that T2/FLAIR-like "
                         "intensities are seen (0-1; default 0)")
+    t.add_argument("--vary-scans", type=float, default=0.0, metavar="P",
+                   help="share of training images given a random pose and shape (rotation, scaling, a smooth "
+                        "warp), coil shading and noise, so that single scans look like the averaged templates "
+                        "most shipped training volumes are (0-1; default 0)")
     t.add_argument("--t-max", type=int, default=0,
                    help="train on noise levels below this only, around those detection uses (default: all)")
     t.add_argument("--lesion-blobs", type=float, default=TrainingSettings.lesion_blobs, metavar="P",
