@@ -287,3 +287,40 @@ def test_fine_tuning_at_a_finer_grid_scales_the_noise_and_drops_the_old_grids_th
     assert fine.network == card.network and card.grid_size == 32, "the base card itself is unchanged"
     with pytest.raises(ModelCardError, match="grid_size 36"):
         card.at_grid(36)
+
+
+def test_a_fine_tune_or_a_resumed_run_keeps_the_recipe_it_does_not_name(healthy, tmp_path, capsys):
+    """`synomaly train --base M` and `--resume CKPT` continue the objective the weights were trained for (noise
+    levels, lesion-strength blobs, min-SNR weighting, augmentation) unless an option names another: the Training
+    panel's fine-tune passes none of them, and the plain objective would undo what low-noise detection needs."""
+    from synomaly.cli import main
+
+    tr, va = healthy
+    recipe = dict(contrast_remap=0.1, vary_scans=0.2, t_max=300, lesion_blobs=0.5, lesion_amplitude=(0.3, 0.6),
+                  min_snr_gamma=5.0)
+    base = tmp_path / "base.safetensors"
+    train(_card(), tr, va, base, _settings(iterations=2, **recipe))
+    common = ["--data", *tr, "--val-data", *va, "--batch-size", "2", "--device", "cpu", "--no-calibrate",
+              "--progress", "none", "--iterations", "2"]
+    fine = tmp_path / "fine.safetensors"
+    assert main(["train", *common, "--base", str(base), "-o", str(fine), "--lesion-blobs", "0"]) == 0
+    said = capsys.readouterr().err
+    assert "training with tiny's recipe: --contrast-remap 0.1 --vary-scans 0.2 --t-max 300 " \
+           "--lesion-amplitude 0.3 0.6 --min-snr-gamma 5" in said, said
+    kept = read_card(fine).training["settings"]
+    assert {k: kept[k] for k in recipe} == {**recipe, "lesion_amplitude": [0.3, 0.6], "lesion_blobs": 0.0}
+    # resumed without recipe options: the checkpoint's recipe, the explicit 0 included
+    again = tmp_path / "again.safetensors"
+    assert main(["train", *common[:-1], "3", "--resume", str(fine.with_suffix(".ckpt")), "-o", str(again)]) == 0
+    assert "the checkpoint's recipe" in capsys.readouterr().err
+    resumed = read_card(again).training
+    assert resumed["iterations"] == 3 and resumed["settings"]["lesion_blobs"] == 0.0
+    assert resumed["settings"]["t_max"] == 300 and resumed["settings"]["vary_scans"] == 0.2
+    # a new model: the defaults, and nothing said about a recipe
+    new = tmp_path / "new.safetensors"
+    assert main(["train", *common, "-o", str(new), "--grid", "32", "--channels", "32", "32"]) == 0
+    assert "recipe" not in capsys.readouterr().err
+    fresh = read_card(new).training["settings"]
+    defaults = TrainingSettings()
+    assert {k: fresh[k] for k in recipe} == {k: (list(v) if isinstance(v, tuple) else v)
+                                             for k, v in ((k, getattr(defaults, k)) for k in recipe)}

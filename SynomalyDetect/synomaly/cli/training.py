@@ -25,6 +25,32 @@ def _leave_torchrun_process(code: int) -> NoReturn:
     os._exit(code)
 
 
+#: The options that make a run's objective (which noise levels, what blobs, the loss weighting, the augmentation),
+#: with their flags: a fine-tune (--base) or a resumed run (--resume) that does not name one keeps the base model's
+#: or the checkpoint's value, since weights trained for low-noise detection with lesion-strength blobs lose that
+#: under the plain objective; a new model gets TrainingSettings' defaults.
+RECIPE = {"contrast_remap": "--contrast-remap", "vary_scans": "--vary-scans", "t_max": "--t-max",
+          "lesion_blobs": "--lesion-blobs", "lesion_amplitude": "--lesion-amplitude",
+          "min_snr_gamma": "--min-snr-gamma"}
+
+
+def training_recipe(args, inherited: dict) -> tuple[dict, list[str]]:
+    """The recipe options for TrainingSettings: each as given on the command line, else `inherited`'s (a base
+    card's or a checkpoint's recorded settings), else the default; with the words for those inherited."""
+    from ..settings import TrainingSettings
+
+    recipe, taken = {}, []
+    for field, flag in RECIPE.items():
+        value = getattr(args, field)
+        if value is None and field in inherited:
+            value = inherited[field]
+            taken.append(f"{flag} {' '.join(f'{v:g}' for v in value) if field == 'lesion_amplitude' else f'{value:g}'}")
+        elif value is None:
+            value = getattr(TrainingSettings, field)
+        recipe[field] = tuple(value) if field == "lesion_amplitude" else value
+    return recipe, taken
+
+
 def cmd_train(args) -> int:
     """Train from scratch or fine-tune a base model on healthy scans."""
     import torch
@@ -39,17 +65,24 @@ def cmd_train(args) -> int:
     val_paths = resolve_data(args.val_data) if args.val_data else []
     if not val_paths:
         paths, val_paths = split_scans(paths, args.val_fraction, args.seed)
+    base_state, base, inherited, source = None, None, {}, ""
+    if args.resume:  # the run itself: its checkpoint's recipe
+        from ..train import load_checkpoint
+
+        inherited, source = dict(load_checkpoint(args.resume).get("settings") or {}), "the checkpoint's"
+    elif args.base:
+        base = load_model(args.base, device="cpu")
+        inherited, source = dict((base.card.training or {}).get("settings") or {}), f"{base.card.name}'s"
+    recipe, taken = training_recipe(args, inherited)
+    if taken:
+        print(f"training with {source} recipe: {' '.join(taken)} (name an option to change it)", file=sys.stderr)
     settings = TrainingSettings(
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, precision=args.precision, checkpoint_every=args.checkpoint_every,
-        validate_every=args.checkpoint_every, contrast_remap=args.contrast_remap,
-        vary_scans=args.vary_scans, t_max=args.t_max,
-        lesion_blobs=args.lesion_blobs, lesion_amplitude=tuple(args.lesion_amplitude),
-        min_snr_gamma=args.min_snr_gamma,
+        validate_every=args.checkpoint_every, **recipe,
     )
-    base_state = None
     if args.base:
-        base = load_model(args.base, device="cpu")
+        base = base or load_model(args.base, device="cpu")
         card = base.card.copy() if args.grid in (None, base.card.grid_size) else base.card.at_grid(args.grid)
         card.training = {"name_of_base": base.card.name}
         if args.name:
@@ -153,6 +186,10 @@ def cmd_bench_train(args) -> int:
     return 0
 
 
+#: How the recipe options' help says that a fine-tune or a resumed run keeps its source's value (RECIPE).
+_KEPT = "or with --base or --resume the base model's or the checkpoint's"
+
+
 def add_parsers(sub) -> None:
     """Add train, slim-checkpoint, snapshot and bench-train to the sub-parsers."""
     from ..settings import TrainingSettings  # plain data, no torch: the defaults are written once, there
@@ -172,24 +209,25 @@ def add_parsers(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    t.add_argument("--contrast-remap", type=float, default=0.0, metavar="P",
+    t.add_argument("--contrast-remap", type=float, metavar="P",
                    help="share of training images given a random contrast curve, so that T2/FLAIR-like "
-                        "intensities are seen (0-1; default 0)")
-    t.add_argument("--vary-scans", type=float, default=0.0, metavar="P",
+                        "intensities are seen (0-1; default 0, " + _KEPT + ")")
+    t.add_argument("--vary-scans", type=float, metavar="P",
                    help="share of training images given a random pose and shape (rotation, scaling, a smooth "
-                        "warp), coil shading and noise, so that single scans look like the averaged templates "
-                        "most shipped training volumes are (0-1; default 0)")
-    t.add_argument("--t-max", type=int, default=0,
-                   help="train on noise levels below this only, around those detection uses (default: all)")
-    t.add_argument("--lesion-blobs", type=float, default=TrainingSettings.lesion_blobs, metavar="P",
+                        "warp), coil shading and noise, so that averaged templates (most of the shipped model's "
+                        "training volumes) look more like one person's scan (0-1; default 0, " + _KEPT + ")")
+    t.add_argument("--t-max", type=int, metavar="T",
+                   help="train on noise levels below this only, around those detection uses (default: all, "
+                        + _KEPT + ")")
+    t.add_argument("--lesion-blobs", type=float, metavar="P",
                    help="share of training images whose Synomaly blobs have the strength of a real lesion in image "
                         "units at every noise level, not Synomaly's (u + offset) in noise units, which fades to about "
-                        "0.05 at the low noise levels detection on volumes uses (0-1; default 0)")
-    t.add_argument("--lesion-amplitude", type=float, nargs=2, default=list(TrainingSettings.lesion_amplitude),
-                   metavar=("LO", "HI"), help="range of that strength in model units, [-1, 1] scale (default 0.2 1.2)")
-    t.add_argument("--min-snr-gamma", type=float, default=TrainingSettings.min_snr_gamma, metavar="G",
+                        "0.05 at the low noise levels detection on volumes uses (0-1; default 0, " + _KEPT + ")")
+    t.add_argument("--lesion-amplitude", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="range of that strength in model units, [-1, 1] scale (default 0.2 1.2, " + _KEPT + ")")
+    t.add_argument("--min-snr-gamma", type=float, metavar="G",
                    help="weight each image's loss by min(SNR, G) / SNR (min-SNR weighting; an x0 loss at low noise, "
-                        "needed with --lesion-blobs; 0 = plain noise MSE, the default; 5 is usual)")
+                        "needed with --lesion-blobs; 0 = plain noise MSE, the default; 5 is usual; " + _KEPT + ")")
     t.add_argument("--name", help="model name (default: output file name)")
     t.add_argument("--description", default="")
     t.add_argument("--model-version", help="version written into the card (default: the base model's, or 0.1.0)")
