@@ -65,13 +65,14 @@ def cmd_train(args) -> int:
     val_paths = resolve_data(args.val_data) if args.val_data else []
     if not val_paths:
         paths, val_paths = split_scans(paths, args.val_fraction, args.seed)
-    base_state, base, inherited, source = None, None, {}, ""
-    if args.resume:  # the run itself: its checkpoint's recipe
+    base_state, resumed, inherited, source = None, None, {}, ""
+    base = load_model(args.base, device="cpu") if args.base else None
+    if args.resume:  # the run itself: its checkpoint's recipe (and, without --base, its card)
         from ..train import load_checkpoint
 
-        inherited, source = dict(load_checkpoint(args.resume).get("settings") or {}), "the checkpoint's"
-    elif args.base:
-        base = load_model(args.base, device="cpu")
+        resumed = load_checkpoint(args.resume)
+        inherited, source = dict(resumed.get("settings") or {}), "the checkpoint's"
+    elif base is not None:
         inherited, source = dict((base.card.training or {}).get("settings") or {}), f"{base.card.name}'s"
     recipe, taken = training_recipe(args, inherited)
     if taken:
@@ -81,8 +82,7 @@ def cmd_train(args) -> int:
         device=args.device, precision=args.precision, checkpoint_every=args.checkpoint_every,
         validate_every=args.checkpoint_every, **recipe,
     )
-    if args.base:
-        base = base or load_model(args.base, device="cpu")
+    if base is not None:
         card = base.card.copy() if args.grid in (None, base.card.grid_size) else base.card.at_grid(args.grid)
         card.training = {"name_of_base": base.card.name}
         if args.name:
@@ -90,10 +90,8 @@ def cmd_train(args) -> int:
         if args.description:
             card.description = args.description
         base_state = {k: v.detach().cpu() for k, v in base.network.state_dict().items()}
-    elif args.resume:
-        from ..train import load_checkpoint
-
-        card = ModelCard.from_json(load_checkpoint(args.resume)["card"])
+    elif resumed is not None:
+        card = ModelCard.from_json(resumed["card"])
     else:
         card = new_card(
             args.name or Path(args.output).name.split(".")[0], grid=args.grid or 64,
