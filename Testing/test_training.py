@@ -204,6 +204,36 @@ class _FactoryCalls(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def test_vary_volumes_only_leaves_the_2d_images_as_they_are(tmp_path):
+    """With `vary_volumes_only`, pose, shading and noise go to slices of volumes (the averaged templates) and never
+    to 2D images (each already one person's scan); without it, to both. `prepare_training_slices` says which
+    slice came from which kind of scan."""
+    from synomaly.prepare import prepare_training_slices
+    from synomaly.train import _batch_augment
+
+    x = torch.linspace(-1, 1, 32).view(1, 1, 1, 32).expand(8, 1, 32, 32).clone()
+    m = torch.zeros_like(x, dtype=torch.bool)
+    m[..., 4:28, 4:28] = True
+    x = torch.where(m, x, torch.full_like(x, -1.0))
+    vol = torch.tensor([True, False] * 4)
+    plain = dict(flip=False, intensity_augment=0.0)
+    only, _ = _batch_augment(x, m, _settings(vary_scans=1.0, vary_volumes_only=True, **plain),
+                             torch.Generator().manual_seed(1), vol)
+    both, _ = _batch_augment(x, m, _settings(vary_scans=1.0, **plain), torch.Generator().manual_seed(1), vol)
+    assert torch.equal(only[~vol], x[~vol]), "a 2D image was varied"
+    assert all(not torch.equal(only[i], x[i]) for i in range(8) if vol[i]), "a volume's slice was not varied"
+    assert all(not torch.equal(both[i], x[i]) for i in range(8)), "without the option every image is varied"
+
+    card = _card()
+    flat = sitk.GetImageFromArray(np.random.default_rng(0).uniform(50, 200, (40, 40)).astype(np.float32))
+    deep = sitk.GetImageFromArray(np.random.default_rng(1).uniform(50, 200, (6, 40, 40)).astype(np.float32))
+    paths = [str(tmp_path / "flat.nrrd"), str(tmp_path / "deep.nrrd")]
+    sitk.WriteImage(flat, paths[0])
+    sitk.WriteImage(deep, paths[1])
+    xs, ms, n, from_volume = prepare_training_slices(paths, card)
+    assert n == 2 and from_volume.shape[0] == xs.shape[0] and not bool(from_volume[0]) and bool(from_volume[1:].all())
+
+
 def test_every_random_draw_of_a_training_step_names_the_data_device():
     """A CPU machine cannot see a CUDA/MPS device mix-up directly, so check what would break there: every
     tensor made while augmenting a batch and drawing its noise is made on the batch's device, and every
@@ -296,8 +326,8 @@ def test_a_fine_tune_or_a_resumed_run_keeps_the_recipe_it_does_not_name(healthy,
     from synomaly.cli import main
 
     tr, va = healthy
-    recipe = dict(contrast_remap=0.1, vary_scans=0.2, t_max=300, lesion_blobs=0.5, lesion_amplitude=(0.3, 0.6),
-                  min_snr_gamma=5.0)
+    recipe = dict(contrast_remap=0.1, vary_scans=0.2, vary_volumes_only=True, t_max=300, lesion_blobs=0.5,
+                  lesion_amplitude=(0.3, 0.6), min_snr_gamma=5.0)
     base = tmp_path / "base.safetensors"
     train(_card(), tr, va, base, _settings(iterations=2, **recipe))
     common = ["--data", *tr, "--val-data", *va, "--batch-size", "2", "--device", "cpu", "--no-calibrate",
@@ -305,7 +335,7 @@ def test_a_fine_tune_or_a_resumed_run_keeps_the_recipe_it_does_not_name(healthy,
     fine = tmp_path / "fine.safetensors"
     assert main(["train", *common, "--base", str(base), "-o", str(fine), "--lesion-blobs", "0"]) == 0
     said = capsys.readouterr().err
-    assert "training with tiny's recipe: --contrast-remap 0.1 --vary-scans 0.2 --t-max 300 " \
+    assert "training with tiny's recipe: --contrast-remap 0.1 --vary-scans 0.2 --vary-volumes-only --t-max 300 " \
            "--lesion-amplitude 0.3 0.6 --min-snr-gamma 5" in said, said
     kept = read_card(fine).training["settings"]
     assert {k: kept[k] for k in recipe} == {**recipe, "lesion_amplitude": [0.3, 0.6], "lesion_blobs": 0.0}

@@ -554,19 +554,30 @@ def oriented_to_image(volume: np.ndarray, prep: PreparedScan, pixel_type=sitk.si
 
 def prepare_images_for_training(paths: list[str], card, color: str = "luminance") -> tuple[torch.Tensor, torch.Tensor, int]:
     """All foreground slices of many scans on the model grid: (S, 1, G, G) images, masks, scan count."""
-    xs, ms, n = [], [], 0
+    x, m, n, _ = prepare_training_slices(paths, card, color)
+    return x, m, n
+
+
+def prepare_training_slices(paths: list[str], card, color: str = "luminance"
+                            ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """As `prepare_images_for_training`, with a fourth item: per slice, whether it came from a volume (a scan
+    more than one slice deep) rather than a 2D image."""
+    xs, ms, vs, n = [], [], [], 0
     for path in paths:
         try:
-            prep = prepare_scan(read_image(path, color=color), card)
+            image = read_image(path, color=color)
+            prep = prepare_scan(image, card)
         except InputError as exc:
             log.warning("skipping %s: %s", path, exc)
             continue
         xs.append(prep.slices)
         ms.append(prep.masks)
+        deep = image.GetDimension() == 3 and image.GetSize()[2] > 1
+        vs.append(torch.full((prep.slices.shape[0],), deep, dtype=torch.bool))
         n += 1
     if not xs:
         raise InputError("none of the training inputs could be used")
-    return torch.cat(xs), torch.cat(ms), n
+    return torch.cat(xs), torch.cat(ms), n, torch.cat(vs)
 
 
 def read_list(path: Path) -> list[str]:

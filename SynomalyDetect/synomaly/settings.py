@@ -24,6 +24,7 @@ class TrainingSettings:
     intensity_augment: float = 0.1
     contrast_remap: float = 0.0  # share of training images given a random contrast curve (remap_contrast)
     vary_scans: float = 0.0  # share of training images given another pose, shape, shading and noise (vary_scan)
+    vary_volumes_only: bool = False  # vary only slices of volumes, not 2D images (real single scans already vary)
     t_max: int = 0  # sample training noise levels uniformly below t_max (0: the whole schedule)
     lesion_blobs: float = 0.0  # share of images whose Synomaly blobs get a lesion-strength amplitude in image units
     lesion_amplitude: tuple[float, float] = (0.2, 1.2)  # that amplitude's range, model units ([-1, 1] scale)

@@ -112,10 +112,10 @@ def vary_scan(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator, rotate_deg
 
 
 def _batch_augment(x: torch.Tensor, m: torch.Tensor, settings: TrainingSettings,
-                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                   gen: torch.Generator, from_volume: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Random left-right flips, a random contrast curve for a share of the images, pose, shading and noise
-    for a share (`vary_scan`), and a small
-    gamma/contrast change that keeps the background at -1. Every draw is on x's device (`gen` too)."""
+    for a share (`vary_scan`; with `settings.vary_volumes_only`, only images whose `from_volume` is true), and a
+    small gamma/contrast change that keeps the background at -1. Every draw is on x's device (`gen` too)."""
     n = x.shape[0]
     dev = x.device
     if settings.flip:
@@ -126,7 +126,10 @@ def _batch_augment(x: torch.Tensor, m: torch.Tensor, settings: TrainingSettings,
         chosen = (torch.rand(n, generator=gen, device=dev) < settings.contrast_remap).view(n, 1, 1, 1)
         x = torch.where(chosen, remap_contrast(x, m, gen), x)
     if settings.vary_scans > 0:
-        chosen = (torch.rand(n, generator=gen, device=dev) < settings.vary_scans).view(n, 1, 1, 1)
+        chosen = torch.rand(n, generator=gen, device=dev) < settings.vary_scans
+        if settings.vary_volumes_only and from_volume is not None:
+            chosen = chosen & from_volume
+        chosen = chosen.view(n, 1, 1, 1)
         xv, mv = vary_scan(x, m, gen)
         x, m = torch.where(chosen, xv, x), torch.where(chosen, mv, m)
     a = settings.intensity_augment
@@ -238,7 +241,8 @@ class Trainer:
 
     def __init__(self, card: ModelCard, train_x: torch.Tensor, train_m: torch.Tensor,
                  val_x: torch.Tensor, val_m: torch.Tensor, settings: TrainingSettings,
-                 base_state: Optional[dict[str, torch.Tensor]] = None, world: Optional[Distributed] = None) -> None:
+                 base_state: Optional[dict[str, torch.Tensor]] = None, world: Optional[Distributed] = None,
+                 train_from_volume: Optional[torch.Tensor] = None) -> None:
         from .modelio import build_network
 
         self.card = card
@@ -272,6 +276,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=(self.device.type == "cuda" and self.dtype == torch.float16))
         self.abar = cosine_alphas_cumprod(card.timesteps).to(self.device)
         self.train_x, self.train_m = train_x.to(self.device), train_m.to(self.device)
+        if train_from_volume is None:  # unknown: every slice counts as a volume's
+            train_from_volume = torch.ones(train_x.shape[0], dtype=torch.bool)
+        self.train_from_volume = train_from_volume.to(self.device)
         self.val_x, self.val_m = val_x.to(self.device), val_m.to(self.device)
         self.cpu_gen = torch.Generator().manual_seed(settings.seed)
         self.dev_gen = torch.Generator(device=self.device).manual_seed(settings.seed + 1)
@@ -291,7 +298,7 @@ class Trainer:
         s = self.settings
         start = time.perf_counter()
         idx = torch.randint(0, self.train_x.shape[0], (s.batch_size,), generator=self.cpu_gen).to(self.device)
-        x0, m = _batch_augment(self.train_x[idx], self.train_m[idx], s, self.aug_gen)
+        x0, m = _batch_augment(self.train_x[idx], self.train_m[idx], s, self.aug_gen, self.train_from_volume[idx])
         t0 = time.perf_counter()
         x_in, t, target = training_targets(x0, m, self.card, self.abar, self.dev_gen, s)
         self.noise_seconds += time.perf_counter() - t0
@@ -434,7 +441,7 @@ def train(
 ) -> dict[str, Any]:
     """Train (or fine-tune) and write the model file `out`; returns a summary with throughput."""
     from .modelio import save_model
-    from .prepare import prepare_images_for_training
+    from .prepare import prepare_images_for_training, prepare_training_slices
 
     out = Path(out)
     checkpoint = Path(checkpoint) if checkpoint else out.with_suffix(".ckpt")
@@ -445,14 +452,14 @@ def train(
     for target in (checkpoint, out) if lead else ():
         _remove_stale_temporaries(target)
     progress("prepare", 0, 2, "reading training scans")
-    tx, tm, n_train = prepare_images_for_training(train_paths, card)
-    progress("prepare", 1, 2, f"{tx.shape[0]} training slices from {n_train} scans")
+    tx, tm, n_train, t_vol = prepare_training_slices(train_paths, card)
+    progress("prepare", 1, 2, f"{tx.shape[0]} training slices from {n_train} scans ({int(t_vol.sum())} of volumes)")
     if val_paths:
         vx, vm, n_val = prepare_images_for_training(val_paths, card)
     else:
         vx, vm, n_val = tx[:0], tm[:0], 0
     progress("prepare", 2, 2, f"{vx.shape[0]} validation slices from {n_val} scans")
-    trainer = Trainer(card, tx, tm, vx, vm, settings, base_state, world=world)
+    trainer = Trainer(card, tx, tm, vx, vm, settings, base_state, world=world, train_from_volume=t_vol)
     if world.world_size > 1:
         lo, hi = trainer.share
         message = (f"world size {world.world_size} ({'nccl' if trainer.device.type == 'cuda' else 'gloo'}); "

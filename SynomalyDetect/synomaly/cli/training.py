@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -29,7 +30,8 @@ def _leave_torchrun_process(code: int) -> NoReturn:
 #: with their flags: a fine-tune (--base) or a resumed run (--resume) that does not name one keeps the base model's
 #: or the checkpoint's value, since weights trained for low-noise detection with lesion-strength blobs lose that
 #: under the plain objective; a new model gets TrainingSettings' defaults.
-RECIPE = {"contrast_remap": "--contrast-remap", "vary_scans": "--vary-scans", "t_max": "--t-max",
+RECIPE = {"contrast_remap": "--contrast-remap", "vary_scans": "--vary-scans",
+          "vary_volumes_only": "--vary-volumes-only", "t_max": "--t-max",
           "lesion_blobs": "--lesion-blobs", "lesion_amplitude": "--lesion-amplitude",
           "min_snr_gamma": "--min-snr-gamma"}
 
@@ -44,7 +46,10 @@ def training_recipe(args, inherited: dict) -> tuple[dict, list[str]]:
         value = getattr(args, field)
         if value is None and field in inherited:
             value = inherited[field]
-            taken.append(f"{flag} {' '.join(f'{v:g}' for v in value) if field == 'lesion_amplitude' else f'{value:g}'}")
+            if isinstance(value, bool):
+                taken.append(flag if value else "--no-" + flag[2:])
+            else:
+                taken.append(f"{flag} {' '.join(f'{v:g}' for v in value) if field == 'lesion_amplitude' else f'{value:g}'}")
         elif value is None:
             value = getattr(TrainingSettings, field)
         recipe[field] = tuple(value) if field == "lesion_amplitude" else value
@@ -214,6 +219,9 @@ def add_parsers(sub) -> None:
                    help="share of training images given a random pose and shape (rotation, scaling, a smooth "
                         "warp), coil shading and noise, so that averaged templates (most of the shipped model's "
                         "training volumes) look more like one person's scan (0-1; default 0, " + _KEPT + ")")
+    t.add_argument("--vary-volumes-only", action=argparse.BooleanOptionalAction,
+                   help="apply --vary-scans to slices of volumes only, not to 2D images (each of which is already one "
+                        "person's scan; default: to all, " + _KEPT + ")")
     t.add_argument("--t-max", type=int, metavar="T",
                    help="train on noise levels below this only, around those detection uses (default: all, "
                         + _KEPT + ")")
