@@ -2,7 +2,7 @@
 
 The moved heads below are the atlas itself under a known affine transform on another grid, so the true brain
 is known exactly; how well the registration does on other people's heads is measured on the held-out
-volumes (README, *Scoring the brain only*), not here.
+volumes (Docs/experiments.md, *Scoring the brain only*), not here.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ detect.contralateral), in the card, in calibration and tuning, and in detection.
 
 The scans here are the atlas itself under a known affine transform (test_atlas._moved_atlas), so the true mirror
 image of every point is known; what the option does on other people's heads is measured on the held-out volumes
-(README, *The mirror map*), not here.
+(Docs/experiments.md, *The mirror map*), not here.
 """
 
 from __future__ import annotations

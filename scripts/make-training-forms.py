@@ -2,7 +2,7 @@
 """Write the training volumes as a site might send them: an oblique 1 x 1 x 3 mm resampling and thick axial
 slices (5-6.5 mm) of every healthy volume whose role is "train" (synomaly.sampledata), with fixed seeds.
 
-The forms fine-tune (README, *Training on the forms scans arrive in*) reads these beside the volumes
+The forms fine-tune (Docs/experiments.md, *Training on the forms scans arrive in*) reads these beside the volumes
 themselves. The "scaled" form is left out (percentile normalisation undoes it) and so is the
 skull-stripped one (brainles-brain and mni2020-brain already are). Usage:
     python scripts/make-training-forms.py runs/train-forms

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""How much of a card's healthy tail on the held-out volumes is what both hemispheres show alike (README, *The mirror
+"""How much of a card's healthy tail on the held-out volumes is what both hemispheres show alike (Docs/experiments.md, *The mirror
 map*). For the 28 held-out volumes of `synomaly evaluate --data implanted --cases 2 --healthy-every 2 --val-cases 0`
 (14 with lesions, 14 without), the card's map is taken as detection makes it, and again less its mirror image across
 the registered atlas's midline (atlas.contralateral_excess, grown by --grow mm). For each map it prints the mean

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The picture of README *The mirror map*: one held-out volume without lesions and one with, the card's map as it
+"""The picture of Docs/experiments.md *The mirror map*: one held-out volume without lesions and one with, the card's map as it
 is and less its mirror image across the registered brain's midline, on the axial slice where the plain map flags
 most (lesion-free) or the lesion is largest; contours: what each flags at the card's threshold (before the 50 mm^3
 minimum) and, dashed, the implanted lesion.

@@ -1,7 +1,7 @@
 """Probe: one anomaly map per noise level, each in units of its own healthy tail, combined by their maximum.
 
 The shipped setting averages the healed images of t = 50, 100 and 200 and takes one map. Small lesions
-stand out at low t and large or darker ones only at high t (README, *Why darker lesions are missed*), and
+stand out at low t and large or darker ones only at high t (Docs/experiments.md, *Why darker lesions are missed*), and
 averaging the healed images mixes a level that heals a lesion with levels that do not. Here each level's
 map is divided by a high quantile of that level's map on lesion-free tuning volumes (so every level is in
 the same units: "how far past its healthy tail"), and the levels are combined voxel by voxel by their

@@ -216,7 +216,7 @@ def smooth_across_slices(score: np.ndarray, prep, sigma_mm: float) -> np.ndarray
     """An oriented map (Z, Y, X) smoothed along the slice axis by a Gaussian of `sigma_mm`, zero outside the
     foreground. Each slice is healed alone with its own noise, so the healing's errors change from slice to
     slice while a lesion persists through its neighbours: averaging across slices lowers the first more than
-    the second (pooled AUPRC on the tuning lesions: README, *Smoothing across slices*)."""
+    the second (pooled AUPRC on the tuning lesions: Docs/experiments.md, *Smoothing across slices*)."""
     from scipy import ndimage
 
     if sigma_mm <= 0 or score.shape[0] < 2:

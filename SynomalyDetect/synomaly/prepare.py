@@ -417,7 +417,7 @@ def prepare_scan(
     region "brain" (volumes): the map is scored only inside the brain of a T1 atlas registered to the scan
     (synomaly.atlas) and slices without brain are not healed; normalisation and framing stay those of the
     whole foreground. Region "brain-stripped" cuts that brain out as a skull-stripped scan is: voxels outside
-    it are set to the background, intensities are normalised inside it and slices are framed around it (README,
+    it are set to the background, intensities are normalised inside it and slices are framed around it (Docs/experiments.md,
     *Skull-stripping before healing*). When the registration is implausible the whole foreground is kept and
     `region_note` says why."""
     if not isinstance(image, sitk.Image):

@@ -56,19 +56,19 @@ class TuneGrid:
     # map variants to try on those same best settings (detect.scan_map): the signed difference smoothed before
     # its magnitude is taken, and the map normalised per tissue class of the healed image. Off by default: on
     # the tuning volume they raised the pooled AUPRC (0.33 -> 0.39), on the held-out volumes they did not
-    # (README, *The signed map and per-tissue normalisation*)
+    # (Docs/experiments.md, *The signed map and per-tissue normalisation*)
     signed: tuple[bool, ...] = (False,)
     tissue_bins: tuple[int, ...] = (0,)
     # ensembles also scored as one map per noise level, each in units of its healthy tail, averaged
     # (detect.scan_map levels), the tail measured on healthy tissue ("healthy") or in each scan ("scan");
-    # off by default until the held-out volumes say (README, *Maps per noise level*)
+    # off by default until the held-out volumes say (Docs/experiments.md, *Maps per noise level*)
     level_maps: tuple[str, ...] = ()
     # the `smooth_top` best settings (one map each, not maps per level) also tried with the map less its mirror
     # image across the registered brain's midline, that image grown by each of these (mm; detect.contralateral);
     # needs the brain region. Off by default
     mirror: tuple[float, ...] = ()
     # choose among the mirror rows only (an experiment: on a symmetric tuning template with a lesion near the
-    # midline, the pooled AUPRC does not favour them; README, *The mirror map*)
+    # midline, the pooled AUPRC does not favour them; Docs/experiments.md, *The mirror map*)
     mirror_only: bool = False
 
 
@@ -78,7 +78,7 @@ class TuneOptions:
 
     forms: tuple[str, ...] = ("native", "brain", "oblique", "thick", "scaled")
     lesions_per_volume: int = 6  # 30 lesions in one volume's five forms; with 15 the choice flipped between
-    # settings a few hundredths of AUPRC apart (README, *How fragile the tuning's choice is*); no extra time
+    # settings a few hundredths of AUPRC apart (Docs/experiments.md, *How fragile the tuning's choice is*); no extra time
     fprs: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 1e-5)  # 1e-5: a smoothed map may need a stricter rate for 1 mL
     max_healthy_ml: float = 1.0  # the default FPR flags at most this much in every lesion-free volume
     min_lesion_mm3: float = 50.0
