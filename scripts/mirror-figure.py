@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""The picture of Docs/experiments.md *The mirror map*: one held-out volume without lesions and one with, the card's map as it
-is and less its mirror image across the registered brain's midline, on the axial slice where the plain map flags
-most (lesion-free) or the lesion is largest; contours: what each flags at the card's threshold (before the 50 mm^3
+"""The picture of Docs/experiments.md *The mirror map*: one held-out volume without lesions and one with, the card's
+map as it is and less its mirror image across the registered brain's midline, on the axial slice where the plain map
+flags most (lesion-free) or the lesion is largest; contours: what each flags at the card's threshold (before the 50 mm^3
 minimum) and, dashed, the implanted lesion.
 
     python scripts/mirror-figure.py runs/s32/lb-tuned.safetensors --grow 4 -o Docs/evaluation/mirror-7995/mirror-map.png

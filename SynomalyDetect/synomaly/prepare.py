@@ -312,7 +312,6 @@ def unorient_array(arr: np.ndarray, transpose: tuple[int, int, int], flips: tupl
 
 def foreground_mask(volume: np.ndarray) -> np.ndarray:
     """Foreground of an oriented volume (Z, Y, X): above half-way from background to Otsu, holes filled per slice."""
-    from scipy import ndimage
     from skimage.filters import threshold_otsu
 
     flat = volume.reshape(-1)
@@ -417,9 +416,9 @@ def prepare_scan(
     region "brain" (volumes): the map is scored only inside the brain of a T1 atlas registered to the scan
     (synomaly.atlas) and slices without brain are not healed; normalisation and framing stay those of the
     whole foreground. Region "brain-stripped" cuts that brain out as a skull-stripped scan is: voxels outside
-    it are set to the background, intensities are normalised inside it and slices are framed around it (Docs/experiments.md,
-    *Skull-stripping before healing*). When the registration is implausible the whole foreground is kept and
-    `region_note` says why."""
+    it are set to the background, intensities are normalised inside it and slices are framed around it
+    (Docs/experiments.md, *Skull-stripping before healing*). When the registration is implausible the whole
+    foreground is kept and `region_note` says why."""
     if not isinstance(image, sitk.Image):
         raise TypeError("image must be a SimpleITK image")
     image = to_scalar(image)

@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -105,14 +105,14 @@ def vary_scan(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator, rotate_deg
     grid = grid + F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
     moved = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     inside = F.grid_sample(m.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5
-    field = torch.exp(F.interpolate(uniform(n, 1, 4, 4) * bias, size=(h, w), mode="bicubic", align_corners=True))
+    shade = torch.exp(F.interpolate(uniform(n, 1, 4, 4) * bias, size=(h, w), mode="bicubic", align_corners=True))
     sd = torch.rand(n, 1, 1, 1, generator=gen, device=dev) * noise
-    shaded = (moved * field - 1 + sd * torch.randn(x.shape, generator=gen, device=dev)).clamp(-1, 1)
+    shaded = (moved * shade - 1 + sd * torch.randn(x.shape, generator=gen, device=dev)).clamp(-1, 1)
     return torch.where(inside, shaded, torch.full_like(x, -1.0)), inside.to(m.dtype)
 
 
-def _batch_augment(x: torch.Tensor, m: torch.Tensor, settings: TrainingSettings,
-                   gen: torch.Generator, from_volume: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_augment(x: torch.Tensor, m: torch.Tensor, settings: TrainingSettings, gen: torch.Generator,
+                   from_volume: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Random left-right flips, a random contrast curve for a share of the images, pose, shading and noise
     for a share (`vary_scan`; with `settings.vary_volumes_only`, only images whose `from_volume` is true), and a
     small gamma/contrast change that keeps the background at -1. Every draw is on x's device (`gen` too)."""

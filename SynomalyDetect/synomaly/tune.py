@@ -78,7 +78,8 @@ class TuneOptions:
 
     forms: tuple[str, ...] = ("native", "brain", "oblique", "thick", "scaled")
     lesions_per_volume: int = 6  # 30 lesions in one volume's five forms; with 15 the choice flipped between
-    # settings a few hundredths of AUPRC apart (Docs/experiments.md, *How fragile the tuning's choice is*); no extra time
+    # settings a few hundredths of AUPRC apart (Docs/experiments.md, *How fragile the tuning's choice is*); no
+    # extra time
     fprs: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 1e-5)  # 1e-5: a smoothed map may need a stricter rate for 1 mL
     max_healthy_ml: float = 1.0  # the default FPR flags at most this much in every lesion-free volume
     min_lesion_mm3: float = 50.0

@@ -49,7 +49,8 @@ def training_recipe(args, inherited: dict) -> tuple[dict, list[str]]:
             if isinstance(value, bool):
                 taken.append(flag if value else "--no-" + flag[2:])
             else:
-                taken.append(f"{flag} {' '.join(f'{v:g}' for v in value) if field == 'lesion_amplitude' else f'{value:g}'}")
+                words = " ".join(f"{v:g}" for v in value) if field == "lesion_amplitude" else f"{value:g}"
+                taken.append(f"{flag} {words}")
         elif value is None:
             value = getattr(TrainingSettings, field)
         recipe[field] = tuple(value) if field == "lesion_amplitude" else value
@@ -58,10 +59,8 @@ def training_recipe(args, inherited: dict) -> tuple[dict, list[str]]:
 
 def cmd_train(args) -> int:
     """Train from scratch or fine-tune a base model on healthy scans."""
-    import torch
-
     from ..card import ModelCard
-    from ..modelio import load_model, read_card
+    from ..modelio import load_model
     from ..train import TrainingSettings, new_card, split_scans, train
 
     paths = resolve_data(args.data)
