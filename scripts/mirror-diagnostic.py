@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""How much of a card's healthy tail on the held-out volumes is what both hemispheres show alike
-(Docs/experiments.md, *The mirror map*). For the 28 held-out volumes of `synomaly evaluate --data implanted --cases 2
---healthy-every 2 --val-cases 0` (14 with lesions, 14 without), the card's map is taken as detection makes it, and
-again less its mirror image across the registered atlas's midline (atlas.contralateral_excess, grown by --grow mm). For each map it prints the mean
-AUPRC per lesion volume and, as a bound (the threshold is chosen on these test volumes, so it is not a result),
-the Dice per lesion volume at the lowest threshold that keeps every lesion-free volume at or under 1 mL; and, for
-the plain map, the Dice and largest lesion-free volume at the card's own threshold (evaluate's numbers).
+"""How much of a card's healthy tail on the held-out volumes is what both hemispheres show alike (Docs/experiments.md,
+*The mirror map*). For the 28 held-out volumes of `synomaly evaluate --data implanted --cases 2 --healthy-every 2
+--val-cases 0` (14 with lesions, 14 without), the card's map is taken as detection makes it, and again less its mirror
+image across the registered atlas's midline (atlas.contralateral_excess, grown by --grow mm). For each map it prints
+the mean AUPRC per lesion volume and, as a bound (the threshold is chosen on these test volumes, so it is not a
+result), the Dice per lesion volume at the lowest threshold that keeps every lesion-free volume at or under 1 mL; and,
+for the plain map, the Dice and largest lesion-free volume at the card's own threshold (evaluate's numbers).
 
     python scripts/mirror-diagnostic.py runs/s32/lb-tuned.safetensors --grow 4
 """
