@@ -210,9 +210,8 @@ def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[
 
     When the card has a tuned setting for volumes and every scan is a volume, that setting is calibrated
     (calibration_3d); otherwise the slice setting (calibration)."""
-    from .detect import is_volume
     from .modelio import load_model, save_model
-    from .prepare import prepare_images_for_training, prepare_scan, read_image
+    from .prepare import is_volume, prepare_images_for_training, prepare_scan, read_image
 
     model = load_model(model_path, device=device)
     progress("calibrate", 0, len(fprs), "preparing healthy scans")

@@ -560,11 +560,6 @@ def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int | Sequence
     return StageResult(healed, score, stages, calls, first, levels)
 
 
-def is_volume(image: sitk.Image) -> bool:
-    """A 3D image with more than one slice along every axis (a single slice stored in 3D counts as 2D)."""
-    return image.GetDimension() == 3 and min(image.GetSize()) > 1
-
-
 def check_compatibility(image: sitk.Image, card, allow: bool = False) -> list[str]:
     """Compare what the image's metadata says (DICOM modality, series description) with the card."""
     warnings: list[str] = []
@@ -703,7 +698,8 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     99.9th percentiles or of their own 90th percentile in the scan, averaged: scan_map), the binary segmentation
     and the lesion rows, all on the input grid.
     """
-    from .prepare import grid_to_oriented, model_units_per_intensity, oriented_to_image, pixel_units, prepare_scan
+    from .prepare import (grid_to_oriented, is_volume, model_units_per_intensity, oriented_to_image, pixel_units,
+                          prepare_scan)
 
     settings = (settings or DetectionSettings()).validate()
     progress = progress or null_progress

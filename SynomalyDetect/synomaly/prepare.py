@@ -551,6 +551,11 @@ def oriented_to_image(volume: np.ndarray, prep: PreparedScan, pixel_type=sitk.si
     return out
 
 
+def is_volume(image: sitk.Image) -> bool:
+    """A 3D image with more than one slice along every axis (a single slice stored in 3D counts as 2D)."""
+    return image.GetDimension() == 3 and min(image.GetSize()) > 1
+
+
 def prepare_images_for_training(paths: list[str], card, color: str = "luminance") -> tuple[torch.Tensor, torch.Tensor, int]:
     """All foreground slices of many scans on the model grid: (S, 1, G, G) images, masks, scan count."""
     x, m, n, _ = prepare_training_slices(paths, card, color)
@@ -559,8 +564,8 @@ def prepare_images_for_training(paths: list[str], card, color: str = "luminance"
 
 def prepare_training_slices(paths: list[str], card, color: str = "luminance"
                             ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """As `prepare_images_for_training`, with a fourth item: per slice, whether it came from a volume (a scan
-    more than one slice deep) rather than a 2D image."""
+    """As `prepare_images_for_training`, with a fourth item: per slice, whether it came from a volume
+    (`is_volume`) rather than a 2D image."""
     xs, ms, vs, n = [], [], [], 0
     for path in paths:
         try:
@@ -571,8 +576,7 @@ def prepare_training_slices(paths: list[str], card, color: str = "luminance"
             continue
         xs.append(prep.slices)
         ms.append(prep.masks)
-        deep = image.GetDimension() == 3 and image.GetSize()[2] > 1
-        vs.append(torch.full((prep.slices.shape[0],), deep, dtype=torch.bool))
+        vs.append(torch.full((prep.slices.shape[0],), is_volume(image), dtype=torch.bool))
         n += 1
     if not xs:
         raise InputError("none of the training inputs could be used")
