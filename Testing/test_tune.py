@@ -400,6 +400,41 @@ def test_a_smoothed_volume_setting_is_calibrated_on_each_scans_smoothed_map(tiny
     assert "smooth_mm" not in unsmoothed
 
 
+def test_a_model_file_is_calibrated_on_whole_volumes_each_read_once_and_on_2d_images_per_slice(tiny_model_file,
+                                                                                                 tmp_path, monkeypatch):
+    """calibrate_model: healthy volumes calibrate the card's volume setting on whole scans (each file read once);
+    a 2D image among the scans sends the calibration to the slice setting instead."""
+    from synomaly import prepare
+    from synomaly.calibrate import calibrate_model
+    from synomaly.card import DetectionDefaults
+    from synomaly.modelio import save_model
+
+    model = load_model(tiny_model_file, device="cpu")
+    card = model.card.copy()
+    card.detection_3d = DetectionDefaults(t=50, blur_kernel=3, max_stages=1, smooth_mm=3.0)
+    path = tmp_path / "smoothed.safetensors"
+    save_model(path, card, model.network.state_dict())
+    volumes = []
+    for seed in (5, 6):
+        volumes.append(str(tmp_path / f"head-{seed}.nii.gz"))
+        sitk.WriteImage(_head(size=(36, 40, 24), seed=seed), volumes[-1])
+    reads, real = [], prepare.read_image
+    monkeypatch.setattr(prepare, "read_image", lambda p, **kw: reads.append(str(p)) or real(p, **kw))
+    cal = calibrate_model(path, volumes, fprs=(1e-2,), device="cpu")
+    assert reads == volumes, "each volume is read once"
+    written = read_card(path)
+    assert written.calibration_3d["scans"] == 2 and written.calibration_3d["smooth_mm"] == 3.0
+    assert "whole scan" in written.calibration_3d["unit"] and cal["thresholds"] == written.calibration_3d["thresholds"]
+    assert written.calibration == card.calibration, "the slice setting's calibration is left as it was"
+
+    flat = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.Extract(_head(size=(36, 40, 24), seed=7), [36, 40, 0], [0, 0, 12]), str(flat))
+    cal2d = calibrate_model(path, [str(flat), *volumes], fprs=(1e-2,), device="cpu")
+    again = read_card(path)
+    assert again.calibration["scans"] == 3 and again.calibration["thresholds"] == cal2d["thresholds"]
+    assert again.calibration_3d == written.calibration_3d, "the volume calibration is kept"
+
+
 def test_tissue_normalisation_lets_a_lesion_in_quiet_tissue_outrank_noisy_tissue():
     """A map whose healing errs five times more in one tissue class than in another: raw, that class's errors
     outrank a lesion in the quiet class; normalised per class, the lesion ranks first. Zero outside the region,

@@ -215,10 +215,17 @@ def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[
 
     model = load_model(model_path, device=device)
     progress("calibrate", 0, len(fprs), "preparing healthy scans")
-    volume = model.card.detection_3d is not None and all(is_volume(read_image(p, color="luminance")) for p in paths)
     d3 = model.card.detection_3d
-    if volume and (needs_whole_scans(d3) or d3.region != "foreground"):  # whole scans, as detection maps them
-        preps = [prepare_scan(read_image(p, color="luminance"), model.card, region=d3.region) for p in paths]
+    whole = d3 is not None and (needs_whole_scans(d3) or d3.region != "foreground")
+    volume, preps = d3 is not None, []
+    for p in paths if d3 is not None else []:  # a volume is read once: prepared as it is read
+        image = read_image(p, color="luminance")
+        volume = volume and is_volume(image)
+        if not volume:
+            break
+        if whole:
+            preps.append(prepare_scan(image, model.card, region=d3.region))
+    if volume and whole:  # whole scans, as detection maps them
         refused = [str(p) for p, prep in zip(paths, preps) if prep.region != d3.region]
         if refused:
             from .errors import InputError
