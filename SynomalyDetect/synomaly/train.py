@@ -433,13 +433,14 @@ def train(
     settings: TrainingSettings,
     *,
     base_state: Optional[dict[str, torch.Tensor]] = None,
-    resume: Optional[str | Path] = None,
+    resume: Optional[str | Path | dict[str, Any]] = None,
     checkpoint: Optional[str | Path] = None,
     progress: ProgressFn = null_progress,
     data_description: str = "",
     cancel: Optional[Any] = None,
 ) -> dict[str, Any]:
-    """Train (or fine-tune) and write the model file `out`; returns a summary with throughput."""
+    """Train (or fine-tune) and write the model file `out`; returns a summary with throughput. `resume`: a
+    checkpoint file to continue from, or its contents as `load_checkpoint` read them."""
     from .modelio import save_model
     from .prepare import prepare_images_for_training, prepare_training_slices
 
@@ -467,7 +468,7 @@ def train(
         log.info(message)
         progress("prepare", 2, 2, message)
     if resume:
-        state = load_checkpoint(resume)
+        state = resume if isinstance(resume, dict) else load_checkpoint(resume)
         try:  # compare as parsed cards: a card written before a field was added reads with its default
             same = ModelCard.from_json(state.get("card") or "").to_json() == card.to_json()
         except (ValueError, TypeError):  # an unreadable card (ModelCardError is a ValueError) simply differs
