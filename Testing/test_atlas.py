@@ -238,3 +238,11 @@ def test_growing_a_mask_adds_the_voxels_within_the_margin_in_mm():
     for margin in (1.0, 2.5, 3.0):
         expected = ndimage.distance_transform_edt(~mask, sampling=(2.5, 1.1, 0.8)) <= margin
         assert np.array_equal(atlas.grow(mask, like, margin), expected), margin
+    # a compact mask (grown within its box) and one touching the grid's edge; an empty mask stays empty
+    k, j, i = np.mgrid[:20, :30, :25]
+    for centre in ((10, 14, 12), (2, 3, 22)):
+        blob = (k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2 < 10
+        for margin in (1.0, 3.0, 6.0):
+            expected = ndimage.distance_transform_edt(~blob, sampling=(2.5, 1.1, 0.8)) <= margin
+            assert np.array_equal(atlas.grow(blob, like, margin), expected), (centre, margin)
+    assert not atlas.grow(np.zeros_like(mask), like, 3.0).any()
