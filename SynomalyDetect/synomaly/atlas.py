@@ -68,11 +68,15 @@ def _load_atlas() -> tuple[sitk.Image, sitk.Image, sitk.Image]:
     return _ATLAS["head"], _ATLAS["brain_t1"], _ATLAS["brain"]
 
 
+def occupied(mask: np.ndarray) -> list[np.ndarray]:
+    """The indices along each numpy axis at which `mask` holds anything (from its projections)."""
+    return [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))) for axis in range(mask.ndim)]
+
+
 def _head_box(image: sitk.Image, foreground: np.ndarray) -> sitk.Image:
     """The part of the scan around its foreground (CROP_MARGIN_MM beyond it on every side): an oblique or padded
     scan's empty corners add voxels, and registration time, but no information."""
-    # the occupied index range along each numpy axis (z, y, x), from the mask's projections
-    found = [np.flatnonzero(foreground.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    found = occupied(foreground)
     if not found[0].size:
         return image
     size = image.GetSize()
@@ -123,9 +127,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1) -> sitk.Affin
 def grow(mask: np.ndarray, like: sitk.Image, margin_mm: float) -> np.ndarray:
     """`mask` (numpy order, on the grid of `like`) and every voxel within `margin_mm` of it (Euclidean, in mm):
     ITK's exact distance map, multi-threaded (a tenth of the time of scipy's distance_transform_edt, which
-    gives the same voxels), computed only over the mask's bounding box widened by the margin (a brain fills a
-    third of a head scan's grid; no voxel outside that box is within the margin, so the result is the same)."""
-    found = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))) for axis in range(mask.ndim)]
+    gives the same voxels), computed only over the mask's bounding box widened by the margin (the bench volume's
+    brain fills a fifth of its grid; no voxel outside that box is within the margin, so the result is the same)."""
+    found = occupied(mask)
     if not all(f.size for f in found):
         return mask.copy()
     spacing = like.GetSpacing()[::-1]  # numpy order
