@@ -218,10 +218,10 @@ def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[
     d3 = model.card.detection_3d
     whole = d3 is not None and (needs_whole_scans(d3) or d3.region != "foreground")
     volume, preps = d3 is not None, []
-    for p in paths if d3 is not None else []:  # a volume is read once: prepared as it is read
+    for p in paths if volume else []:  # a volume is read once: prepared as it is read
         image = read_image(p, color="luminance")
-        volume = volume and is_volume(image)
-        if not volume:
+        if not is_volume(image):
+            volume = False
             break
         if whole:
             preps.append(prepare_scan(image, model.card, region=d3.region))

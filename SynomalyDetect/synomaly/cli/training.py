@@ -118,8 +118,7 @@ def cmd_train(args) -> int:
     if world.world_size > 1 and world.rank == 0:
         print(f"torchrun: world size {world.world_size}; each process computes its share of every global batch "
               f"of {settings.batch_size}; rank 0 writes checkpoints and the model file", file=sys.stderr)
-    summary = train(card, paths, val_paths, args.output, settings, base_state=base_state,
-                    resume=resumed if resumed is not None else args.resume,
+    summary = train(card, paths, val_paths, args.output, settings, base_state=base_state, resume=resumed,
                     checkpoint=args.checkpoint, progress=progress_for(args), data_description=description)
     if summary["rank"] != 0:
         _leave_torchrun_process(0)  # rank 0 calibrates, tunes and reports
