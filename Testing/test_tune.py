@@ -434,6 +434,15 @@ def test_a_model_file_is_calibrated_on_whole_volumes_each_read_once_and_on_2d_im
     assert again.calibration["scans"] == 3 and again.calibration["thresholds"] == cal2d["thresholds"]
     assert again.calibration_3d == written.calibration_3d, "the volume calibration is kept"
 
+    card.detection_3d = DetectionDefaults(t=50, blur_kernel=3, max_stages=1)  # each slice's own map, foreground
+    plain = tmp_path / "plain.safetensors"
+    save_model(plain, card, model.network.state_dict())
+    reads.clear()
+    cal_plain = calibrate_model(plain, volumes, fprs=(1e-2,), device="cpu")
+    assert reads == volumes, "a volume setting scored per slice also reads each volume once"
+    slices = read_card(plain).calibration_3d
+    assert slices["scans"] == 2 and slices["thresholds"] == cal_plain["thresholds"] and "whole scan" not in slices["unit"]
+
 
 def test_tissue_normalisation_lets_a_lesion_in_quiet_tissue_outrank_noisy_tissue():
     """A map whose healing errs five times more in one tissue class than in another: raw, that class's errors

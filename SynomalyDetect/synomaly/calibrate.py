@@ -210,6 +210,7 @@ def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[
 
     When the card has a tuned setting for volumes and every scan is a volume, that setting is calibrated
     (calibration_3d); otherwise the slice setting (calibration)."""
+    from .errors import InputError
     from .modelio import load_model, save_model
     from .prepare import is_volume, prepare_images_for_training, prepare_scan, read_image
 
@@ -217,22 +218,30 @@ def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[
     progress("calibrate", 0, len(fprs), "preparing healthy scans")
     d3 = model.card.detection_3d
     whole = d3 is not None and (needs_whole_scans(d3) or d3.region != "foreground")
-    volume, preps = d3 is not None, []
+    volume, preps, read = d3 is not None, [], []
     for p in paths if volume else []:  # a volume is read once: prepared as it is read
         image = read_image(p, color="luminance")
         if not is_volume(image):
             volume = False
             break
-        if whole:
-            preps.append(prepare_scan(image, model.card, region=d3.region))
+        try:
+            preps.append(prepare_scan(image, model.card, region=d3.region if whole else "foreground"))
+        except InputError as exc:
+            if whole:
+                raise
+            log.warning("skipping %s: %s", p, exc)  # as prepare_images_for_training does on the slice route
+            continue
+        read.append(str(p))
     if volume and whole:  # whole scans, as detection maps them
-        refused = [str(p) for p, prep in zip(paths, preps) if prep.region != d3.region]
+        refused = [p for p, prep in zip(read, preps) if prep.region != d3.region]
         if refused:
-            from .errors import InputError
-
             raise InputError(f"the {d3.region} region could not be found in {', '.join(refused)}; calibrate on other "
                              "scans (the thresholds must be measured where detection scores)")
+    if volume and preps:  # volumes, prepared above (whole scans, or the slices of their foreground)
         x, m, n = torch.cat([p.slices for p in preps]), torch.cat([p.masks for p in preps]), len(preps)
+        preps = preps if whole else None
+    elif volume:
+        raise InputError("none of the calibration scans could be used")
     else:
         preps = None
         x, m, n = prepare_images_for_training(paths, model.card)
