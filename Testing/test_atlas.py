@@ -66,6 +66,24 @@ def test_the_atlas_finds_the_brain_of_a_moved_head_with_and_without_skull(skull)
     assert (truth & ~grown.mask).sum() < 0.01 * truth.sum()
 
 
+def test_registration_reports_its_iterations_and_a_coarser_stop_takes_no_more():
+    """atlas.register's `iterations`: the optimiser's counts for the similarity and the affine transform (what
+    scripts/registration-profile.py prints); a larger minimum step stops the optimiser sooner, and the result
+    stays close to the truth."""
+    image, _ = _moved_atlas(skull=False)
+    brain_t1 = atlas._load_atlas()[1]
+    work = atlas._work_copy(image)
+    fine, coarse = [], []
+    t_fine = atlas.register(work, brain_t1, iterations=fine)
+    t_coarse = atlas.register(work, brain_t1, min_step=0.05, iterations=coarse)
+    assert len(fine) == 2 and all(n > 0 for n in fine)
+    assert len(coarse) == 2 and sum(coarse) < sum(fine)
+    truth = _moved_transform()
+    point = truth.GetCenter()
+    for found in (t_fine, t_coarse):
+        assert np.linalg.norm(np.subtract(found.TransformPoint(point), truth.TransformPoint(point))) < 3.0  # mm
+
+
 def test_registration_sees_the_head_and_not_the_empty_canvas_around_it():
     """A head in a corner of a large empty grid (as an oblique resampling leaves it): the registration works on
     the foreground's box plus a margin, in the same physical space, and finds the brain as well as without."""

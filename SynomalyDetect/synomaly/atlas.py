@@ -30,6 +30,8 @@ MIN_INSIDE = 0.8
 MARGIN_MM = 3.0
 #: The grid the registration works on (mm).
 WORK_MM = 3.0
+#: The registration's optimiser stops when its step falls below this (physical-shift scaled units, about mm).
+MIN_STEP = 1e-4
 #: The registration sees the scan's foreground and this much around it (mm).
 CROP_MARGIN_MM = 10.0
 
@@ -95,9 +97,11 @@ def _work_copy(image: sitk.Image) -> sitk.Image:
                          f.GetOrigin(), [WORK_MM] * 3, f.GetDirection(), 0.0, sitk.sitkFloat32)
 
 
-def register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1) -> sitk.AffineTransform:
+def register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1, min_step: Optional[float] = None,
+             iterations: Optional[list[int]] = None) -> sitk.AffineTransform:
     """Affine transform mapping `fixed` points into `moving`: centre of mass, then similarity, then affine,
-    Mattes mutual information on a random fifth of the voxels, two resolutions."""
+    Mattes mutual information on a random fifth of the voxels, two resolutions. `iterations`, when given,
+    receives the optimiser's iteration count for the similarity and for the affine transform (both levels)."""
     init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
     reg = sitk.ImageRegistrationMethod()
@@ -105,7 +109,11 @@ def register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1) -> sitk.Affin
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(0.2, seed=seed)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 200, relaxationFactor=0.6)
+    reg.SetOptimizerAsRegularStepGradientDescent(1.0, MIN_STEP if min_step is None else min_step, 200,
+                                                 relaxationFactor=0.6)
+    count = [0]
+    if iterations is not None:
+        reg.AddCommand(sitk.sitkIterationEvent, lambda: count.__setitem__(0, count[0] + 1))
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel([2, 1])
     reg.SetSmoothingSigmasPerLevel([2.0, 0.0])
@@ -115,12 +123,15 @@ def register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1) -> sitk.Affin
     sim.SetTranslation(init.GetTranslation())
     reg.SetInitialTransform(sim, inPlace=True)
     reg.Execute(fixed, moving)
+    similarity = count[0]
     aff = sitk.AffineTransform(3)
     aff.SetCenter(sim.GetCenter())
     aff.SetMatrix(sim.GetMatrix())
     aff.SetTranslation(sim.GetTranslation())
     reg.SetInitialTransform(aff, inPlace=True)
     reg.Execute(fixed, moving)
+    if iterations is not None:
+        iterations[:] = [similarity, count[0] - similarity]
     return aff
 
 
