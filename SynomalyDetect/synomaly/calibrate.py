@@ -218,7 +218,7 @@ def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[
     progress("calibrate", 0, len(fprs), "preparing healthy scans")
     d3 = model.card.detection_3d
     whole = d3 is not None and (needs_whole_scans(d3) or d3.region != "foreground")
-    volume, preps, read = d3 is not None, [], []
+    volume, preps, prepared = d3 is not None, [], []
     for p in paths if volume else []:  # a volume is read once: prepared as it is read
         image = read_image(p, color="luminance")
         if not is_volume(image):
@@ -231,9 +231,9 @@ def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[
                 raise
             log.warning("skipping %s: %s", p, exc)  # as prepare_images_for_training does on the slice route
             continue
-        read.append(str(p))
+        prepared.append(str(p))
     if volume and whole:  # whole scans, as detection maps them
-        refused = [p for p, prep in zip(read, preps) if prep.region != d3.region]
+        refused = [p for p, prep in zip(prepared, preps) if prep.region != d3.region]
         if refused:
             raise InputError(f"the {d3.region} region could not be found in {', '.join(refused)}; calibrate on other "
                              "scans (the thresholds must be measured where detection scores)")
