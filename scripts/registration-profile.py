@@ -21,28 +21,24 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "SynomalyDetect"))
 
 from synomaly import atlas  # noqa: E402
+from synomaly.metrics import dice  # noqa: E402
 from synomaly.prepare import foreground_mask, read_image  # noqa: E402
 from synomaly.sampledata import demo_volume  # noqa: E402
 
 
-def steps(image: sitk.Image, fg: np.ndarray) -> tuple[dict[str, float], list[int]]:
-    """atlas_brain_mask's steps, timed one by one (the same calls in the same order)."""
+def steps(image: sitk.Image, fg: np.ndarray, template: str) -> tuple[dict[str, float], list[int]]:
+    """atlas_brain_mask's steps, timed one by one (the same calls in the same order; `template`: the one it chose)."""
     head, brain_t1, brain = atlas._load_atlas()
     t, times, its = time.perf_counter(), {}, []
     work = atlas._work_copy(atlas._head_box(image, fg))
     times["work copy"], t = time.perf_counter() - t, time.perf_counter()
-    brain_only = float(fg.sum()) * float(np.prod(image.GetSpacing())) / 1000.0 < atlas.BRAIN_ONLY_ML
-    transform = atlas.register(work, brain_t1 if brain_only else head, iterations=its)
+    transform = atlas.register(work, brain_t1 if template == "brain" else head, iterations=its)
     times["register"], t = time.perf_counter() - t, time.perf_counter()
     mask = sitk.GetArrayFromImage(sitk.Resample(brain, image, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)) > 0.5
     times["resample"], t = time.perf_counter() - t, time.perf_counter()
     atlas.grow(mask, image, atlas.MARGIN_MM)
     times["grow"] = time.perf_counter() - t
     return times, its
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / max(1, int(a.sum() + b.sum()))
 
 
 def main() -> None:
@@ -54,11 +50,11 @@ def main() -> None:
     args = parser.parse_args()
     images = {Path(v).name: read_image(v) for v in args.volumes} or {
         "bench volume": demo_volume(tempfile.mkdtemp(), (240, 240, 155))}
-    shipped_step, shipped_register = atlas.MIN_STEP, atlas.register
+    shipped_register = atlas.register
     for name, image in images.items():
         fg = foreground_mask(sitk.GetArrayFromImage(image).astype(np.float32))
-        atlas.atlas_brain_mask(image, fg)  # warm-up: reads the atlas
-        rounds = [steps(image, fg) for _ in range(args.rounds)]
+        template = atlas.atlas_brain_mask(image, fg).template  # also the warm-up: reads the atlas
+        rounds = [steps(image, fg, template) for _ in range(args.rounds)]
         whole = [atlas.atlas_brain_mask(image, fg) for _ in range(args.rounds)]
         ref = whole[0]
         print(f"{name}: template {ref.template}, atlas_brain_mask {statistics.median(w.seconds for w in whole):.2f} s; "
@@ -68,11 +64,10 @@ def main() -> None:
             print(f"  refused: {ref.problem}")
             continue
         for step in args.min_steps:
-            atlas.MIN_STEP = step
             its: list[int] = []
-            atlas.register = lambda f, m, seed=1, _its=its: shipped_register(f, m, seed, iterations=_its)
+            atlas.register = lambda f, m, seed=1, _step=step, _its=its: shipped_register(f, m, seed, _step, _its)
             found = atlas.atlas_brain_mask(image, fg)
-            atlas.MIN_STEP, atlas.register = shipped_step, shipped_register
+            atlas.register = shipped_register
             print(f"  stop at step {step:g}: iterations {its[0]} + {its[1]}, {found.seconds:.2f} s, "
                   f"Dice against the shipped stop {dice(found.mask, ref.mask):.4f}")
         for seed in args.seeds:

@@ -97,7 +97,7 @@ def _work_copy(image: sitk.Image) -> sitk.Image:
                          f.GetOrigin(), [WORK_MM] * 3, f.GetDirection(), 0.0, sitk.sitkFloat32)
 
 
-def register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1, min_step: Optional[float] = None,
+def register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1, min_step: float = MIN_STEP,
              iterations: Optional[list[int]] = None) -> sitk.AffineTransform:
     """Affine transform mapping `fixed` points into `moving`: centre of mass, then similarity, then affine,
     Mattes mutual information on a random fifth of the voxels, two resolutions. `iterations`, when given,
@@ -109,8 +109,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1, min_step: Opt
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(0.2, seed=seed)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(1.0, MIN_STEP if min_step is None else min_step, 200,
-                                                 relaxationFactor=0.6)
+    reg.SetOptimizerAsRegularStepGradientDescent(1.0, min_step, 200, relaxationFactor=0.6)
     count = [0]
     if iterations is not None:
         reg.AddCommand(sitk.sitkIterationEvent, lambda: count.__setitem__(0, count[0] + 1))
