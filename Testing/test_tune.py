@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from synomaly import tune
-from synomaly.errors import ModelError
+from synomaly.errors import InputError, ModelError
 from synomaly.lesions import FORMS, LesionSpec, brain_mask, implant_random_lesions, scan_form, tissue_range
 from synomaly.modelio import load_model, read_card
 
@@ -442,6 +442,20 @@ def test_a_model_file_is_calibrated_on_whole_volumes_each_read_once_and_on_2d_im
     assert reads == volumes, "a volume setting scored per slice also reads each volume once"
     slices = read_card(plain).calibration_3d
     assert slices["scans"] == 2 and slices["thresholds"] == cal_plain["thresholds"] and "whole scan" not in slices["unit"]
+    reads.clear()
+    mixed = calibrate_model(plain, [*volumes, str(flat)], fprs=(1e-2,), device="cpu")
+    assert reads == [*volumes, str(flat)], "a 2D image after the volumes: none of them is read again"
+    assert read_card(plain).calibration["scans"] == 3 and read_card(plain).calibration["thresholds"] == mixed["thresholds"]
+    assert read_card(plain).calibration_3d == slices, "the volume calibration is kept"
+
+    blank = tmp_path / "blank.nii.gz"  # a scan that cannot be prepared: skipped with its reason, order kept
+    sitk.WriteImage(sitk.Image([36, 40, 24], sitk.sitkFloat32), str(blank))
+    skipped = []
+    kept = list(prepare.prepared_scans([volumes[0], str(blank), str(flat)], card, skipped=skipped))
+    assert [(p, is_vol) for p, is_vol, _ in kept] == [(volumes[0], True), (str(flat), False)]
+    assert len(skipped) == 1 and str(blank) in skipped[0] and "constant" in skipped[0]
+    with pytest.raises(InputError, match="calibrated on whole scans.*blank"):  # thresholds for every scan given
+        calibrate_model(path, [*volumes, str(blank)], fprs=(1e-2,), device="cpu")
 
 
 def test_tissue_normalisation_lets_a_lesion_in_quiet_tissue_outrank_noisy_tissue():

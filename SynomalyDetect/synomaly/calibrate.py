@@ -209,43 +209,38 @@ def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[
     """Calibrate a model file on healthy scans and write the thresholds into its card (atomically).
 
     When the card has a tuned setting for volumes and every scan is a volume, that setting is calibrated
-    (calibration_3d); otherwise the slice setting (calibration)."""
+    (calibration_3d); otherwise the slice setting (calibration). Each scan is read once, except the volumes of a
+    list that also holds 2D images when the volume setting is calibrated on whole scans in a region: those are
+    prepared again, over the whole foreground, for the slice setting. Unusable scans are skipped with a warning,
+    but not for a volume setting on whole scans: its thresholds must cover every scan it was given."""
     from .errors import InputError
     from .modelio import load_model, save_model
-    from .prepare import is_volume, prepare_images_for_training, prepare_scan, read_image
+    from .prepare import prepare_scan, prepared_scans, read_image
 
     model = load_model(model_path, device=device)
     progress("calibrate", 0, len(fprs), "preparing healthy scans")
     d3 = model.card.detection_3d
     whole = d3 is not None and (needs_whole_scans(d3) or d3.region != "foreground")
-    volume, preps, prepared = d3 is not None, [], []
-    for p in paths if volume else []:  # a volume is read once: prepared as it is read
-        image = read_image(p, color="luminance")
-        if not is_volume(image):
-            volume = False
-            break
-        try:
-            preps.append(prepare_scan(image, model.card, region=d3.region if whole else "foreground"))
-        except InputError as exc:
-            if whole:
-                raise
-            log.warning("skipping %s: %s", p, exc)  # as prepare_images_for_training does on the slice route
-            continue
-        prepared.append(str(p))
-    if volume and whole:  # whole scans, as detection maps them
-        refused = [p for p, prep in zip(prepared, preps) if prep.region != d3.region]
+    skipped: list[str] = []  # each scan read once and prepared as the setting it will calibrate needs
+    scans = list(prepared_scans(paths, model.card, region=d3.region if whole else "foreground", skipped=skipped))
+    if not scans:
+        raise InputError("none of the calibration scans could be used: " + "; ".join(skipped))
+    volume = d3 is not None and all(is_vol for _, is_vol, _ in scans)
+    if volume and whole:  # whole scans, as detection maps them: every one of them, in its region
+        if skipped:
+            raise InputError("the card's volume setting is calibrated on whole scans, and these could not be used: "
+                             + "; ".join(skipped))
+        refused = [p for p, _, prep in scans if prep.region != d3.region]
         if refused:
             raise InputError(f"the {d3.region} region could not be found in {', '.join(refused)}; calibrate on other "
                              "scans (the thresholds must be measured where detection scores)")
-    if volume and preps:  # volumes, prepared above (whole scans, or the slices of their foreground)
-        x, m, n = torch.cat([p.slices for p in preps]), torch.cat([p.masks for p in preps]), len(preps)
-        preps = preps if whole else None
-    elif volume:
-        raise InputError("none of the calibration scans could be used")
-    else:
-        preps = None
-        x, m, n = prepare_images_for_training(paths, model.card)
-    cal = calibrate(model, x, m, fprs=fprs, volume=volume, preps=preps, progress=progress)
+    elif whole:  # a 2D image among them: the slice setting, whose volumes are prepared over the whole foreground
+        scans = [(p, is_vol, prepare_scan(read_image(p, color="luminance"), model.card) if is_vol else prep)
+                 for p, is_vol, prep in scans]
+    preps = [prep for _, _, prep in scans]
+    x, m, n = torch.cat([p.slices for p in preps]), torch.cat([p.masks for p in preps]), len(preps)
+    cal = calibrate(model, x, m, fprs=fprs, volume=volume, preps=preps if volume and whole else None,
+                    progress=progress)
     cal["scans"] = n
     cal["data"] = description or f"{n} healthy scans"
     card = model.card.copy()

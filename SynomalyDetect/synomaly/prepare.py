@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -566,21 +566,29 @@ def prepare_training_slices(paths: list[str], card, color: str = "luminance"
                             ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """As `prepare_images_for_training`, with a fourth item: per slice, whether it came from a volume
     (`is_volume`) rather than a 2D image."""
-    xs, ms, vs, n = [], [], [], 0
+    scans = list(prepared_scans(paths, card, color=color))
+    if not scans:
+        raise InputError("none of the training inputs could be used")
+    vs = [torch.full((prep.slices.shape[0],), volume, dtype=torch.bool) for _, volume, prep in scans]
+    return (torch.cat([prep.slices for _, _, prep in scans]), torch.cat([prep.masks for _, _, prep in scans]),
+            len(scans), torch.cat(vs))
+
+
+def prepared_scans(paths: list[str], card, *, color: str = "luminance", region: str = "foreground",
+                   skipped: Optional[list[str]] = None) -> Iterator[tuple[str, bool, PreparedScan]]:
+    """Each scan of `paths` read once and prepared (`prepare_scan` in `region`), in order, as (path, whether it
+    is a volume, preparation). A scan that cannot be read or prepared is skipped with a warning, and its path
+    and reason are appended to `skipped` when given. A 2D image is prepared as a whole slice whatever `region`."""
     for path in paths:
         try:
             image = read_image(path, color=color)
-            prep = prepare_scan(image, card)
+            prep = prepare_scan(image, card, region=region)
         except InputError as exc:
             log.warning("skipping %s: %s", path, exc)
+            if skipped is not None:
+                skipped.append(f"{path} ({exc})")
             continue
-        xs.append(prep.slices)
-        ms.append(prep.masks)
-        vs.append(torch.full((prep.slices.shape[0],), is_volume(image), dtype=torch.bool))
-        n += 1
-    if not xs:
-        raise InputError("none of the training inputs could be used")
-    return torch.cat(xs), torch.cat(ms), n, torch.cat(vs)
+        yield str(path), is_volume(image), prep
 
 
 def read_list(path: Path) -> list[str]:
