@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -10,8 +9,6 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .progress import ProgressFn, null_progress
-
-log = logging.getLogger(__name__)
 
 DEFAULT_FPRS = (1e-2, 1e-3, 1e-4)
 FUSION_FPR = 1e-2  # stages keep healing where a stage-1 map flags 1 % of healthy voxels

@@ -566,12 +566,14 @@ def prepare_training_slices(paths: list[str], card, color: str = "luminance"
                             ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """As `prepare_images_for_training`, with a fourth item: per slice, whether it came from a volume
     (`is_volume`) rather than a 2D image."""
-    scans = list(prepared_scans(paths, card, color=color))
-    if not scans:
+    xs, ms, vs = [], [], []
+    for _, volume, prep in prepared_scans(paths, card, color=color):  # only the slices kept, not each scan's volume
+        xs.append(prep.slices)
+        ms.append(prep.masks)
+        vs.append(torch.full((prep.slices.shape[0],), volume, dtype=torch.bool))
+    if not xs:
         raise InputError("none of the training inputs could be used")
-    vs = [torch.full((prep.slices.shape[0],), volume, dtype=torch.bool) for _, volume, prep in scans]
-    return (torch.cat([prep.slices for _, _, prep in scans]), torch.cat([prep.masks for _, _, prep in scans]),
-            len(scans), torch.cat(vs))
+    return torch.cat(xs), torch.cat(ms), len(xs), torch.cat(vs)
 
 
 def prepared_scans(paths: list[str], card, *, color: str = "luminance", region: str = "foreground",
