@@ -29,8 +29,11 @@ def main() -> None:
     if "chosen" not in record:
         sys.exit(f"{args.model}: its card has no tuned setting (run synomaly tune first)")
     row = record["chosen"]
+    # the tuning's own cases, rates and bound, so that the default size reproduces the card's choice
+    rates = tuple(sorted((float(r) for r in model.card.calibration_3d["thresholds"]), reverse=True))
     opts = tune.TuneOptions(region=record.get("region") or "brain", lesions_per_volume=record["lesions_per_volume"],
-                            forms=tuple(record["forms"]), seed=record["seed"])
+                            forms=tuple(record["forms"]), seed=record["seed"], fprs=rates,
+                            max_healthy_ml=float(record["max_healthy_ml"]))
     lesion_cases, healthy_cases = tune.build_cases(tune.load_tune_volumes(args.data), model.card, opts)
     print(f"{args.model}: {tune.setting_words(row)}; lesion-free forms: {', '.join(c.name for c in healthy_cases)}")
     runs: dict = {}  # the network's results, reused for every size
