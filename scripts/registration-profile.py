@@ -9,6 +9,7 @@ Timings mean something only with nothing else running. Usage:
 """
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -41,6 +42,18 @@ def steps(image: sitk.Image, fg: np.ndarray, template: str) -> tuple[dict[str, f
     return times, its
 
 
+@contextlib.contextmanager
+def registering(register):
+    """atlas_brain_mask with `register` in place of the shipped registration (to pass a stop, a seed or an
+    iteration counter through it); the shipped function is back afterwards, also when a call raises."""
+    shipped = atlas.register
+    atlas.register = register
+    try:
+        yield
+    finally:
+        atlas.register = shipped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("volumes", nargs="*", help="volume files (default: the bench volume)")
@@ -65,15 +78,13 @@ def main() -> None:
             continue
         for step in args.min_steps:
             its: list[int] = []
-            atlas.register = lambda f, m, seed=1, _step=step, _its=its: shipped_register(f, m, seed, _step, _its)
-            found = atlas.atlas_brain_mask(image, fg)
-            atlas.register = shipped_register
+            with registering(lambda f, m, seed=1, _step=step, _its=its: shipped_register(f, m, seed, _step, _its)):
+                found = atlas.atlas_brain_mask(image, fg)
             print(f"  stop at step {step:g}: iterations {its[0]} + {its[1]}, {found.seconds:.2f} s, "
                   f"Dice against the shipped stop {dice(found.mask, ref.mask):.4f}")
         for seed in args.seeds:
-            atlas.register = lambda f, m, seed_=1, _s=seed: shipped_register(f, m, _s)
-            found = atlas.atlas_brain_mask(image, fg)
-            atlas.register = shipped_register
+            with registering(lambda f, m, seed_=1, _s=seed: shipped_register(f, m, _s)):
+                found = atlas.atlas_brain_mask(image, fg)
             print(f"  sampling seed {seed} (shipped stop): Dice against seed 1 {dice(found.mask, ref.mask):.4f}")
 
 
