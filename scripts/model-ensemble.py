@@ -78,10 +78,15 @@ def main() -> None:
     models = [load_model(f) for f in files]
     opts = TuneOptions(region="brain")
     volumes = load_tune_volumes(["oasis"])
-    maps = {}
+    maps, first = {}, None
     for name, model in zip(names, models):
         start = time.perf_counter()
         lesion, healthy, maps[name] = tuning_maps(model, volumes, opts)
+        if first is None:
+            first = lesion + healthy
+        elif not all(np.array_equal(a.prep.foreground, b.prep.foreground) for a, b in zip(first, lesion + healthy)) or \
+                not all(np.array_equal(a.truth, b.truth) for a, b in zip(first, lesion)):
+            raise SystemExit("the two models' tuning cases differ (lesions or scored region): their maps cannot be averaged")
         d = model.card.detection_3d
         print(f"{name}: t {d.noise_levels()}, blur {d.blur_kernel}, {d.smooth_mm:g} mm ({time.perf_counter() - start:.0f} s)",
               flush=True)
