@@ -24,7 +24,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from synomaly.detect import SCAN_LEVEL_QUANTILE, DetectionSettings, detect, postprocess, run_stages, scan_map
+from synomaly.detect import (SCAN_LEVEL_QUANTILE, DetectionSettings, detect, mean_of_scaled, postprocess, run_stages,
+                             scan_map)
 from synomaly.metrics import dice
 from synomaly.modelio import load_model
 from synomaly.prepare import prepare_scan, unorient_array
@@ -37,7 +38,7 @@ MIN_MM3 = 50.0
 def tuning_maps(model, volumes, opts):
     """Lesion and lesion-free cases of the tuning volumes and the model's map of each at its tuned volume setting."""
     d = model.card.detection_3d
-    ts = tuple(d.t_ensemble) or (d.t,)
+    ts = d.noise_levels()
     lesion, healthy = build_cases(volumes, model.card, opts)
     maps = []
     for cases in (lesion, healthy):
@@ -49,8 +50,9 @@ def tuning_maps(model, volumes, opts):
     return lesion, healthy, maps
 
 
-def scan_scaled(m: np.ndarray, region: np.ndarray) -> np.ndarray:
-    return m / max(float(np.quantile(m[region], SCAN_LEVEL_QUANTILE)), 1e-6)
+def scan_scale(m: np.ndarray, region: np.ndarray) -> float:
+    """A map's scale in its own scan: its SCAN_LEVEL_QUANTILE inside the scored region (as scan_map's per level)."""
+    return float(np.quantile(m[region], SCAN_LEVEL_QUANTILE))
 
 
 def points(maps, lesion, healthy):
@@ -99,11 +101,12 @@ def main() -> None:
     if args.scale == "healthy":
         scales = {k: float(np.quantile(np.concatenate([m[c.prep.foreground] for m, c in zip(v[n:], healthy)]), 0.999))
                   for k, v in maps.items()}
-        scaled = {k: [m / scales[k] for m in v] for k, v in maps.items()}
+        per_case = [[scales[k] for k in names] for _ in cases]
     else:
         scales = None
-        scaled = {k: [scan_scaled(m, c.prep.foreground) for m, c in zip(v, cases)] for k, v in maps.items()}
-    rows = {**{k: maps[k] for k in names}, "mean": [(a + b) / 2 for a, b in zip(*(scaled[k] for k in names))]}
+        per_case = [[scan_scale(maps[k][i], c.prep.foreground) for k in names] for i, c in enumerate(cases)]
+    mean = [mean_of_scaled([maps[k][i] for k in names], sc) for i, sc in enumerate(per_case)]
+    rows = {**{k: maps[k] for k in names}, "mean": mean}
     picks = {}
     for label, ms in rows.items():
         pts, pick = picks[label] = points(ms, lesion, healthy)
@@ -128,14 +131,14 @@ def main() -> None:
         if scales is None:
             prep = prepare_scan(image, models[-1].card, region="brain")
             region = unorient_array(prep.foreground, prep.geometry.transpose, prep.geometry.flips)
-            ens = sum(scan_scaled(m, region) for m in own) / 2
+            ens = mean_of_scaled(own, [scan_scale(m, region) for m in own])
         else:
-            ens = sum(m / scales[k] for m, k in zip(own, names)) / 2
+            ens = mean_of_scaled(own, [scales[k] for k in names])
         segs.append(postprocess(ens, picks["mean"][1]["threshold"], sp, MIN_MM3)[0])
         row = {"case": case.name}
         for label, b in zip((*names, "mean"), segs):
             if truth is not None and truth.any():
-                row[f"dice {label}"] = round(2 * float((b & truth).sum()) / float(b.sum() + truth.sum()), 4)
+                row[f"dice {label}"] = round(dice(b, truth), 4)
             else:
                 row[f"mL {label}"] = round(float(b.sum()) * float(np.prod(sp)) / 1000, 3)
         results.append(row)
