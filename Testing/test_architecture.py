@@ -47,6 +47,7 @@ MODULE_LAYERS = {
     "synomaly.sampledata": "pipeline",
     "synomaly.calibrate": "pipeline",
     "synomaly.tune": "pipeline",
+    "synomaly.pairing": "pipeline",
     "synomaly.train": "pipeline",
     "synomaly.cohort": "pipeline",
     "synomaly.datasplit": "research",

@@ -1,18 +1,18 @@
-"""Two models' volume maps averaged (Docs/experiments.md, *Two grids averaged*): an experiment, not a product path.
+"""Two models' volume maps averaged (Docs/experiments.md, *Two grids averaged*): the experiment behind `synomaly pair`.
 
 Tuning data only (`oasis`, the five forms and 30 implanted lesions of `synomaly tune`): each model's map at its own
 tuned volume setting, alone and averaged, each map first divided by a scale: `healthy`, its 99.9th percentile on
 the lesion-free forms, or `scan`, the 0.9 quantile of its own map inside each scan's scored region (detect's
 SCAN_LEVEL_QUANTILE). Prints the pooled pixel AUPRC and, at per-voxel FPRs calibrated on the lesion-free forms,
 the mean Dice and the most mL flagged in a lesion-free form, and the rate `synomaly tune`'s rule picks (the best
-Dice within 1 mL).
+Dice within 1 mL; --max-healthy-ml sets a stricter bound, a margin for scans less like the tuning data).
 
 With --held-out: then the held-out implanted volumes of `synomaly evaluate --data implanted --cases 2
 --healthy-every 2 --val-cases 0 --seed 0` (ch2, robex, itk-t1), each model through `detect` at its card (so its own
 numbers are evaluate's), the averaged map thresholded at the picked rate: Dice per volume and mL per lesion-free
 volume. Reads the held-out volumes: use once per recipe fixed on the tuning data.
 
-    python scripts/model-ensemble.py --models v030=MODEL_64 g128=MODEL_128 --scale scan [--held-out]
+    python scripts/model-ensemble.py --models v030=MODEL_64 g128=MODEL_128 --scale scan [--max-healthy-ml 0.2] [--held-out]
 """
 from __future__ import annotations
 
@@ -22,97 +22,53 @@ import time
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
-from synomaly.detect import (SCAN_LEVEL_QUANTILE, DetectionSettings, detect, mean_of_scaled, postprocess, run_stages,
-                             scan_map)
+from synomaly.detect import DetectionSettings, detect, mean_of_scaled, postprocess
 from synomaly.metrics import dice
 from synomaly.modelio import load_model
+from synomaly.pairing import MIN_MM3, operating_points, paired_tuning, pick, scan_scale
 from synomaly.prepare import prepare_scan, unorient_array
-from synomaly.tune import TuneOptions, _pooled_auprc, _split, build_cases, load_tune_volumes
+from synomaly.tune import TuneOptions, load_tune_volumes, pooled_auprc
 
 FPRS = (1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
-MIN_MM3 = 50.0
-
-
-def tuning_maps(model, volumes, opts):
-    """Lesion and lesion-free cases of the tuning volumes and the model's map of each at its tuned volume setting."""
-    d = model.card.detection_3d
-    ts = d.noise_levels()
-    lesion, healthy = build_cases(volumes, model.card, opts)
-    maps = []
-    for cases in (lesion, healthy):
-        x0 = torch.cat([c.prep.slices for c in cases])
-        masks = torch.cat([c.prep.masks for c in cases])
-        healed = torch.stack([run_stages(model, x0, masks, t=t, kernel=1, threshold=float("inf"), max_stages=1,
-                                         draws=1, seed=opts.seed + 7919 * t + 1).healed for t in ts]).mean(0)
-        maps += [scan_map(h, c.prep, d.blur_kernel, d.smooth_mm) for h, c in zip(_split(healed, cases), cases)]
-    return lesion, healthy, maps
-
-
-def scan_scale(m: np.ndarray, region: np.ndarray) -> float:
-    """A map's scale in its own scan: its SCAN_LEVEL_QUANTILE inside the scored region (as scan_map's per level)."""
-    return float(np.quantile(m[region], SCAN_LEVEL_QUANTILE))
-
-
-def points(maps, lesion, healthy):
-    """Per FPR: threshold, mean Dice, lesion-free mL per form; and the tune rule's pick."""
-    n = len(lesion)
-    values = np.concatenate([m[c.prep.foreground] for m, c in zip(maps[n:], healthy)])
-    out = []
-    for fpr in FPRS:
-        thr = float(np.quantile(values, 1 - fpr))
-        d = float(np.mean([dice(postprocess(m, thr, c.spacing, MIN_MM3)[0], c.truth) for m, c in zip(maps[:n], lesion)]))
-        ml = [float(postprocess(m, thr, c.spacing, MIN_MM3)[0].sum() * np.prod(c.spacing) / 1000)
-              for m, c in zip(maps[n:], healthy)]
-        out.append({"fpr": fpr, "threshold": thr, "dice": d, "ml": ml})
-    within = [p for p in out if max(p["ml"]) <= 1.0]
-    return out, (max(within, key=lambda p: p["dice"]) if within else out[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs=2, required=True, metavar="NAME=TUNED_FILE")
     ap.add_argument("--scale", choices=("healthy", "scan"), default="scan")
+    ap.add_argument("--max-healthy-ml", type=float, default=1.0,
+                    help="the rate picked: best Dice with every lesion-free form at most this (default 1, tune's rule)")
     ap.add_argument("--held-out", action="store_true")
     args = ap.parse_args()
     names, files = zip(*(m.split("=", 1) for m in args.models))
     models = [load_model(f) for f in files]
     opts = TuneOptions(region="brain")
     volumes = load_tune_volumes(["oasis"])
-    maps, first = {}, None
+    start = time.perf_counter()
+    lesion, healthy, own, scan_mean = paired_tuning(models, volumes)
     for name, model in zip(names, models):
-        start = time.perf_counter()
-        lesion, healthy, maps[name] = tuning_maps(model, volumes, opts)
         d = model.card.detection_3d
-        print(f"{name}: t {d.noise_levels()}, blur {d.blur_kernel}, {d.smooth_mm:g} mm ({time.perf_counter() - start:.0f} s)",
-              flush=True)
-        if first is None:
-            first = (lesion, healthy)
-            continue
-        # the same lesions; the scored brain regions may differ by a few voxels, as two registrations of the same
-        # scan do (the atlas registration is not bit-reproducible): the first model's cases are used
-        differ = max((a.prep.foreground != b.prep.foreground).mean() for a, b in zip(sum(first, []), lesion + healthy))
-        if not all(np.array_equal(a.truth, b.truth) for a, b in zip(first[0], lesion)) or differ > 1e-3:
-            raise SystemExit("the two models' tuning cases differ (lesions or scored region): their maps cannot be averaged")
-    lesion, healthy = first
+        print(f"{name}: t {d.noise_levels()}, blur {d.blur_kernel}, {d.smooth_mm:g} mm", flush=True)
+    print(f"maps of both models: {time.perf_counter() - start:.0f} s", flush=True)
+    maps = dict(zip(names, own))
     cases = lesion + healthy
     n = len(lesion)
     if args.scale == "healthy":
         scales = {k: float(np.quantile(np.concatenate([m[c.prep.foreground] for m, c in zip(v[n:], healthy)]), 0.999))
                   for k, v in maps.items()}
-        per_case = [[scales[k] for k in names] for _ in cases]
+        mean = [mean_of_scaled([maps[k][i] for k in names], [scales[k] for k in names]) for i in range(len(cases))]
     else:
-        scales = None
-        per_case = [[scan_scale(maps[k][i], c.prep.foreground) for k in names] for i, c in enumerate(cases)]
-    mean = [mean_of_scaled([maps[k][i] for k in names], sc) for i, sc in enumerate(per_case)]
+        scales, mean = None, scan_mean
     rows = {**{k: maps[k] for k in names}, "mean": mean}
     picks = {}
     for label, ms in rows.items():
-        pts, pick = picks[label] = points(ms, lesion, healthy)
-        print(f"{label:6s} pooled AUPRC {_pooled_auprc(ms[:n], lesion, opts):.4f} | "
-              + " | ".join(f"FPR {p['fpr']:g}: Dice {p['dice']:.3f}, max {max(p['ml']):.2f} mL" for p in pts)
-              + f" || picked FPR {pick['fpr']:g}", flush=True)
+        pts = operating_points(ms, lesion, healthy, FPRS)
+        pk = pick(pts, args.max_healthy_ml)
+        picks[label] = (pts, {"fpr": pk.fpr, "threshold": pk.threshold})
+        print(f"{label:6s} pooled AUPRC {pooled_auprc(ms[:n], lesion, opts):.4f} | "
+              + " | ".join(f"FPR {p.fpr:g}: Dice {p.dice:.3f}, max {max(p.healthy_ml):.2f} mL" for p in pts)
+              + f" || picked FPR {pk.fpr:g}", flush=True)
     if not args.held_out:
         return
     from synomaly.evaldata import load_eval_data
@@ -125,7 +81,7 @@ def main() -> None:
         sp = tuple(image.GetSpacing())
         own, segs = [], []
         for model in models:
-            r = detect(image, model, DetectionSettings(seed=0, min_lesion_mm3=MIN_MM3))
+            r = detect(image, model, DetectionSettings(seed=0, min_lesion_mm3=MIN_MM3, single_model=True))
             own.append(sitk.GetArrayFromImage(r.anomaly_map).astype(np.float32))
             segs.append(sitk.GetArrayFromImage(r.segmentation) > 0)
         if scales is None:

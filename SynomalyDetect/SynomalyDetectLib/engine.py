@@ -114,6 +114,8 @@ def model_summary(entry: Mapping[str, Any]) -> str:
         f"Modality: {card.get('modality', '?')}, contrast: {card.get('contrast', '?')}, "
         f"{card.get('orientation', '?')} slices, grid {card.get('grid_size', '?')}",
         f"Calibrated thresholds: {calibration or 'none (use an explicit threshold)'}",
+        *([f"Volumes: its map averaged with {card['partner_3d'].get('file')}'s (a second model, in the same folder)"]
+          if card.get("partner_3d") else []),
         f"<i>{card.get('intended_use', '')}</i>",
     ]
     return "<br>".join(line for line in lines if line)
@@ -169,11 +171,14 @@ def uncalibrated_threshold(entry: Optional[Mapping[str, Any]]) -> Optional[float
 
 
 def calibrated_fprs(entry: Optional[Mapping[str, Any]]) -> list[float]:
-    """False-positive rates the model is calibrated for (for volumes, when tuned), largest first."""
+    """False-positive rates the model is calibrated for (for volumes, when tuned; when paired with a second
+    model, the averaged map's), largest first."""
     if not entry or "card" not in entry:
         return []
     card = entry["card"]
     cal = card.get("calibration_3d") if card.get("detection_3d") else card.get("calibration")
+    if card.get("partner_3d"):  # volumes are detected with the pair: its averaged map's thresholds
+        cal = card["partner_3d"]
     thresholds = (cal or {}).get("thresholds") or {}
     return sorted((float(k) for k in thresholds), reverse=True)
 
@@ -184,7 +189,7 @@ def default_fpr(entry: Optional[Mapping[str, Any]]) -> Optional[float]:
     if not entry or "card" not in entry:
         return None
     card = entry["card"]
-    value = (card.get("detection_3d") or card.get("detection") or {}).get("fpr", 1e-3)
+    value = (card.get("partner_3d") or card.get("detection_3d") or card.get("detection") or {}).get("fpr", 1e-3)
     return float(value)
 
 

@@ -54,6 +54,7 @@ class DetectionOptions:
     seed: int = 0
     batch_size: int = 0
     device: str = "auto"
+    single_model: bool = False  # volumes: the model alone, without the partner its card pairs it with
 
     def cli_args(self) -> list[str]:
         """The `synomaly detect` options for these settings (flags from contract.DETECTION_SETTINGS)."""
@@ -74,6 +75,8 @@ class DetectionOptions:
         if self.min_size_mm3 and self.min_size_mm3 > 0:
             args += [flag["min_lesion_mm3"], repr(float(self.min_size_mm3))]
         args += [flag["seed"], str(int(self.seed)), flag["device"], self.device or "auto"]
+        if self.single_model:
+            args.append(flag["single_model"])
         return args
 
     def problems(self) -> list[str]:

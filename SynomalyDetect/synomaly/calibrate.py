@@ -223,6 +223,11 @@ def calibrate_model(model_path: str | Path, paths: list[str], *, fprs: Sequence[
     if not scans:
         raise InputError("none of the calibration scans could be used: " + "; ".join(skipped))
     volume = d3 is not None and all(is_vol for _, is_vol, _ in scans)
+    if volume and model.card.partner_3d is not None:
+        pair = model.card.partner_3d.file
+        raise InputError(f"{model.card.name!r} averages its volume map with {pair}'s, and this would calibrate its own "
+                         f"map alone, which detection does not use: calibrate the pair on these volumes with "
+                         f"`synomaly pair MODEL {pair} --data VOLUMES` (it also implants lesions to choose the rate)")
     if volume and whole:  # whole scans, as detection maps them: every one of them, in its region
         if skipped:
             raise InputError("the card's volume setting is calibrated on whole scans, and these could not be used: "

@@ -115,6 +115,23 @@ class DetectionDefaults:
 
 
 @dataclass
+class PartnerModel:
+    """Volumes only: a second model whose map is averaged with this model's (`synomaly pair`, detect.pair_map).
+
+    Each model heals the scan at its own tuned volume setting; each map is divided by its own `scan_quantile`
+    inside the scan's scored region; the two are averaged and thresholded at `thresholds` (per FPR, calibrated on
+    the averaged map of lesion-free volumes), at `fpr` unless another is asked for. The counterfactual stays this
+    model's. `file` lies beside this model's file; `sha256` is that file's, checked before it is loaded."""
+
+    file: str
+    sha256: str
+    fpr: float = 1e-5
+    scan_quantile: float = 0.9
+    thresholds: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)  # data, scans, the sweep and the rule that picked fpr
+
+
+@dataclass
 class ModelCard:
     """Everything needed to use a model correctly, stored as JSON in the model file."""
 
@@ -139,6 +156,8 @@ class ModelCard:
     # writes these; without them volumes use `detection` and `calibration` like slices
     detection_3d: DetectionDefaults | None = None
     calibration_3d: dict[str, Any] = field(default_factory=dict)
+    # volumes: a partner model averaged with this one (PartnerModel); None: this model alone
+    partner_3d: PartnerModel | None = None
     training: dict[str, Any] = field(default_factory=dict)
     tuning: dict[str, Any] = field(default_factory=dict)  # `synomaly tune`: data, sweep table, choice
     intended_use: str = "Research use only. Not for diagnosis or treatment decisions."
@@ -168,6 +187,7 @@ class ModelCard:
         out.noise.coarse_scale = max(1, round(self.noise.coarse_scale * scale))
         out.detection.blur_kernel = max(1, int(round(self.detection.blur_kernel * scale)) | 1)
         out.calibration, out.detection_3d, out.calibration_3d, out.tuning = {}, None, {}, {}
+        out.partner_3d = None
         out.validate()
         return out
 
@@ -196,10 +216,11 @@ class ModelCard:
             "detection": DetectionDefaults,
         }
         kwargs = dict(data)
-        if kwargs.get("detection_3d") is None:
-            kwargs.pop("detection_3d", None)
-        else:
-            nested["detection_3d"] = DetectionDefaults
+        for key, klass in (("detection_3d", DetectionDefaults), ("partner_3d", PartnerModel)):
+            if kwargs.get(key) is None:
+                kwargs.pop(key, None)
+            else:
+                nested[key] = klass
         for key, klass in nested.items():
             value = kwargs.get(key, {})
             if not isinstance(value, dict):
@@ -272,6 +293,18 @@ class ModelCard:
                 raise ModelCardError(f"{name}.level_scaling {d.level_scaling!r} is not one of {LEVEL_SCALINGS}")
             if d.region not in REGIONS:
                 raise ModelCardError(f"{name}.region {d.region!r} is not one of {REGIONS}")
+        p = self.partner_3d
+        if p is not None:
+            if self.detection_3d is None:
+                raise ModelCardError("partner_3d needs a tuned volume setting (detection_3d) to pair with")
+            if not p.file or "/" in p.file or "\\" in p.file or p.file.startswith("."):
+                raise ModelCardError(f"partner_3d.file {p.file!r} must be a plain file name beside the model")
+            if len(p.sha256) != 64 or any(c not in "0123456789abcdef" for c in p.sha256):
+                raise ModelCardError("partner_3d.sha256 must be 64 lower-case hexadecimal digits")
+            if not 0 < float(p.fpr) < 1 or not 0 < float(p.scan_quantile) < 1:
+                raise ModelCardError("partner_3d: fpr and scan_quantile must lie in (0, 1)")
+            if not p.thresholds:
+                raise ModelCardError("partner_3d has no calibrated thresholds (run `synomaly pair`)")
         n = self.normalisation
         if n.method not in NORMALISATIONS:
             raise ModelCardError(f"normalisation.method {n.method!r} is not one of {NORMALISATIONS}")
@@ -327,9 +360,12 @@ class ModelCard:
             f"grid {self.grid_size} x {self.grid_size}, noise {self.noise.kind}",
             f"  network {self.network.architecture}; intensities {self.normalisation.method}, framing {self.framing}",
             f"  calibrated thresholds: {cal_text or 'none'}",
-            *([f"  calibrated thresholds for volumes: {cal_3d}"] if cal_3d else []),
+            *([f"  calibrated thresholds for volumes{' (the model alone, --single-model)' if self.partner_3d else ''}: "
+               f"{cal_3d}"] if cal_3d else []),
             f"  detection: {self.detection_text()}"
             + (f"; volumes: {self.detection_text(True)} (tuned)" if self.detection_3d is not None else ""),
+            *([f"  volumes paired with {self.partner_3d.file}: the two maps averaged, FPR {self.partner_3d.fpr:g} "
+               f"({rates(self.partner_3d.__dict__)})"] if self.partner_3d is not None else []),
             f"  {self.intended_use}",
         ]
         return "\n".join(lines)

@@ -162,6 +162,9 @@ DETECTION_SETTINGS = (
     Setting("device", "--device", str, "auto, cpu, cuda or mps", "the device", default="auto"),
     Setting("precision", "--precision", str, "numeric precision of the network (auto: bf16 where it is fast)",
             "precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto"),
+    Setting("single_model", "--single-model", bool,
+            "volumes: the model alone, without the partner model its card averages its map with (faster, "
+            "less accurate: README, Models)", "", default=False),
     Setting("allow_modality_mismatch", "--allow-modality-mismatch", bool,
             "run even if the DICOM modality differs from the model's", "", default=False),
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -52,6 +52,8 @@ class DetectionSettings:
     device: str = DETECTION_SETTING["device"].default
     precision: str = DETECTION_SETTING["precision"].default
     allow_modality_mismatch: bool = DETECTION_SETTING["allow_modality_mismatch"].default
+    # volumes: the model alone, without the partner its card pairs it with (card.partner_3d)
+    single_model: bool = DETECTION_SETTING["single_model"].default
 
     def validate(self) -> "DetectionSettings":
         """Refuse impossible values with one clear sentence (SettingsError), before any work is done; the
@@ -560,6 +562,95 @@ def run_stages(model, x0: torch.Tensor, mask: torch.Tensor, *, t: int | Sequence
     return StageResult(healed, score, stages, calls, first, levels)
 
 
+#: settings that change a model's own volume map: with any of them the pair's calibration does not hold
+MAP_SETTINGS = ("t", "blur_kernel", "max_stages", "noise_draws", "smooth_mm", "region", "signed_map", "tissue_bins",
+                "mirror_mm")
+
+
+@dataclass
+class Pairing:
+    """How a volume's map is paired (card.partner_3d): the partner model, the threshold and what it came from."""
+
+    partner: Any
+    threshold: float
+    source: str
+    grow: Optional[float]
+    peak_fraction: Optional[float]
+
+
+def resolve_pairing(settings: DetectionSettings, model, volume: bool, warnings: list[str]) -> Optional[Pairing]:
+    """The partner model and the averaged map's threshold, when the card pairs volumes with one and nothing asked
+    for the model alone (--single-model) or for another map of it than its card's (a warning then says the pair
+    was not used; a setting asked at the card's own value changes nothing)."""
+    from .modelio import load_partner
+
+    pair = model.card.partner_3d
+    if not volume or pair is None or settings.single_model:
+        return None
+    d = model.card.detection_3d
+    own = {"t": d.noise_levels(), "blur_kernel": d.blur_kernel, "max_stages": d.max_stages, "noise_draws": d.noise_draws,
+           "smooth_mm": d.smooth_mm, "region": d.region, "signed_map": d.signed_map, "tissue_bins": d.tissue_bins,
+           "mirror_mm": d.mirror_mm}
+    asked = {n: getattr(settings, n) for n in MAP_SETTINGS if getattr(settings, n) is not None}
+    if "t" in asked:
+        asked["t"] = (int(asked["t"]),)
+    changed = [DETECTION_SETTING[n].flag if n in DETECTION_SETTING else n for n, v in asked.items() if v != own[n]]
+    if changed:
+        message = (f"the partner model {pair.file} is not used: {', '.join(changed)} change this model's map, "
+                   "with which the pair was calibrated")
+        log.warning(message)
+        warnings.append(message)
+        return None
+    def paired_threshold(fpr: float, purpose: str) -> float:
+        if fpr_key(fpr) not in pair.thresholds:
+            have = ", ".join(sorted(pair.thresholds, key=float, reverse=True))
+            raise ModelError(f"the paired map of {model.card.name!r} has no threshold calibrated for FPR {fpr:g}"
+                             f"{purpose} (has: {have}); `synomaly pair --fprs` calibrates others, or detect with "
+                             "the model alone (--single-model)")
+        return float(pair.thresholds[fpr_key(fpr)])
+
+    partner = load_partner(model)
+    if settings.threshold is not None:
+        threshold, source = float(settings.threshold), "explicit"
+    else:
+        fpr = settings.fpr if settings.fpr is not None else pair.fpr
+        threshold, source = paired_threshold(fpr, ""), f"calibrated FPR {fpr_key(fpr)} (paired map)"
+    grow = None
+    if settings.grow_fpr:
+        grow = paired_threshold(settings.grow_fpr, " to grow lesions into")
+        grow = grow if grow < threshold else None
+    return Pairing(partner, threshold, source, grow, float(settings.peak_fraction) if settings.peak_fraction else None)
+
+
+def partner_map(partner, image: sitk.Image, prep, settings: DetectionSettings, progress: ProgressFn) -> tuple[np.ndarray, Any]:
+    """The partner's oriented map of the scan prepared in `prep`, at the partner card's own volume setting (as
+    `detect` with the partner alone would make it), its brain region reused from `prep`; and its stage result."""
+    from .prepare import prepare_scan
+
+    own = DetectionSettings(seed=settings.seed, tolerance=settings.tolerance, batch_size=settings.batch_size)
+    card = partner.card
+    ts, k, stages, threshold, _ = resolve_settings(own, card, True)
+    fusion = resolve_fusion_threshold(own, card, ts, k, threshold, True)
+    signed, bins = resolve_map(own, card, True)
+    level_maps = resolve_level_maps(own, card, ts, True)
+    p = prepare_scan(image, card, device=partner.device, region=prep.region, brain_from=prep)
+    torch.manual_seed(settings.seed)
+    res = run_stages(partner, p.slices, p.masks, t=ts, kernel=k, threshold=fusion, max_stages=stages,
+                     tolerance=settings.tolerance, batch_size=settings.batch_size, draws=card.detection_3d.noise_draws,
+                     seed=settings.seed, keep_levels=level_maps is not None, progress=progress)
+    mirror = resolve_mirror(own, card, True) if p.atlas_transform is not None else 0.0
+    score = scan_map(res.healed, p, k, resolve_smoothing(own, card, True), signed, bins, score=res.score,
+                     levels=res.levels, mirror_mm=mirror, **(level_maps.kwargs() if level_maps is not None else {}))
+    return score, res
+
+
+def paired_map(first: np.ndarray, second: np.ndarray, region: np.ndarray, quantile: float) -> tuple[np.ndarray, list[float]]:
+    """Two oriented maps of one scan, each divided by its own `quantile` inside the scored region, averaged
+    (mean_of_scaled); and the two scales."""
+    scales = [float(np.quantile(m[region], quantile)) if region.any() else 1.0 for m in (first, second)]
+    return mean_of_scaled([first, second], scales), scales
+
+
 def check_compatibility(image: sitk.Image, card, allow: bool = False) -> list[str]:
     """Compare what the image's metadata says (DICOM modality, series description) with the card."""
     warnings: list[str] = []
@@ -708,10 +799,13 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     calls0, secs0 = model.calls, model.call_seconds
     warnings = check_compatibility(image, card, settings.allow_modality_mismatch)
     volume = is_volume(image)
-    ts, k, stages, threshold, source = resolve_settings(settings, card, volume)
-    fusion = resolve_fusion_threshold(settings, card, ts, k, threshold, volume)
-    grow = resolve_grow_threshold(settings, card, threshold, volume)
-    peak_fraction = resolve_peak_fraction(settings, card, volume)
+    pairing = resolve_pairing(settings, model, volume, warnings)
+    # paired: this model's own map as it is alone at its card's setting; the thresholds are the pair's
+    own = replace(settings, threshold=None, fpr=None, grow_fpr=None, peak_fraction=None) if pairing else settings
+    ts, k, stages, threshold, source = resolve_settings(own, card, volume)
+    fusion = resolve_fusion_threshold(own, card, ts, k, threshold, volume)
+    grow = resolve_grow_threshold(own, card, threshold, volume)
+    peak_fraction = resolve_peak_fraction(own, card, volume)
     smooth = resolve_smoothing(settings, card, volume)
     region = resolve_region(settings, card, volume)
     signed, bins = resolve_map(settings, card, volume)
@@ -720,6 +814,9 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     draws = int(settings.noise_draws if settings.noise_draws is not None else card.detection_for(volume).noise_draws)
     if draws < 1:
         raise SettingsError(f"noise draws must be at least 1, got {draws}")
+    own_threshold = threshold
+    if pairing is not None:
+        threshold, source, grow, peak_fraction = pairing.threshold, pairing.source, pairing.grow, pairing.peak_fraction
     progress("prepare", 0, 1, "reorienting, normalising and resampling slices"
              + ("; registering the brain atlas" if region != "foreground" else ""))
     prep = prepare_scan(image, card, device=model.device, region=region)
@@ -748,11 +845,23 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
         torch.cuda.empty_cache()
         model = model.to("cpu")
         res = run_stages(model, prep.slices.cpu(), prep.masks.cpu(), **stage_args)
-    t_net = time.perf_counter()
-    progress("postprocess", 0, 1, "mapping back to the input grid, 3D components")
     g = prep.geometry
     score_o = scan_map(res.healed, prep, k, smooth, signed, bins, score=res.score, levels=res.levels, mirror_mm=mirror,
                        **(level_maps.kwargs() if level_maps is not None else {}))
+    paired = None
+    if pairing is not None:
+        partner = pairing.partner
+        p_calls, p_secs = partner.calls, partner.call_seconds
+        progress("detect", 0, 1, f"healing again with the partner model {card.partner_3d.file}")
+        p_score, p_res = partner_map(partner, image, prep, settings, progress)
+        score_o, scales = paired_map(score_o, p_score, prep.foreground, card.partner_3d.scan_quantile)
+        paired = {"file": card.partner_3d.file, "model": partner.card.name, "model_version": partner.card.version,
+                  "setting": partner.card.detection_text(True), "scan_quantile": card.partner_3d.scan_quantile,
+                  "scales": [round(v, 6) for v in scales], "own_threshold": own_threshold,
+                  "network_calls": partner.calls - p_calls, "network_seconds": round(partner.call_seconds - p_secs, 3),
+                  "stages_per_slice_mean": round(float(p_res.stages.float().mean()), 3) if p_res.stages.numel() else 0.0}
+    t_net = time.perf_counter()
+    progress("postprocess", 0, 1, "mapping back to the input grid, 3D components")
     delta_o = grid_to_oriented(res.healed - prep.slices.to(res.healed.device), prep)
     cf_o = prep.oriented + delta_o * np.asarray(1.0 / model_units_per_intensity(g), dtype=np.float32)
     score_img = oriented_to_image(score_o, prep)
@@ -781,15 +890,17 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
         "level_scales": list(level_maps.scales) if level_maps is not None and level_maps.scales else None,
         "level_scan_quantile": level_maps.scan_quantile if level_maps is not None else None,
         "region": prep.region, "region_note": prep.region_note,
-        "setting": "volume (tuned)" if volume and card.detection_3d is not None else "card default", "max_stages": stages, "threshold": threshold, "threshold_source": source,
+        "setting": ("volume (tuned)" if volume and card.detection_3d is not None else "card default")
+        + (f", paired with {paired['file']}" if paired else ""), "max_stages": stages, "threshold": threshold,
+        "threshold_source": source, "partner": paired,
         "fusion_threshold": fusion,
         "grow_threshold": grow,
         "peak_fraction": peak_fraction,
         "slices_total": int(g.oriented_shape[0]),
         "slices_analysed": int(prep.slices.shape[0]),
         "stages_per_slice_mean": round(float(res.stages.float().mean()), 3) if res.stages.numel() else 0.0,
-        "network_calls": model.calls - calls0,
-        "network_seconds": round(model.call_seconds - secs0, 3),
+        "network_calls": model.calls - calls0 + (paired["network_calls"] if paired else 0),
+        "network_seconds": round(model.call_seconds - secs0 + (paired["network_seconds"] if paired else 0.0), 3),
         "seconds": {"prepare": round(t_prep - t0, 3), "diffusion": round(t_net - t_prep, 3),
                     "postprocess": round(t_end - t_net, 3), "total": round(t_end - t0, 3)},
         "device": str(model.device),

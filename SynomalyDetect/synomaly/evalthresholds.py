@@ -87,13 +87,18 @@ def choose_threshold(model, method: Method, stages: int, val_cases: Sequence[Eva
     proposal whose own pass met the FPR (else the largest one tried): the chosen threshold was measured
     while driving the fusion.
     """
-    from .detect import DetectionSettings, resolve_settings
+    from .detect import DetectionSettings, resolve_pairing, resolve_settings
 
     card = model.card
     info: dict[str, Any] = {"val_images": len(val_cases)}
     if s.threshold_from == "card":
-        _, _, _, thr, source = resolve_settings(DetectionSettings(t=s.t, blur_kernel=s.blur, max_stages=stages,
-                                                                  fpr=s.card_fpr), card, volume)
+        asked = DetectionSettings(t=s.t, blur_kernel=s.blur, max_stages=stages, fpr=s.card_fpr, smooth_mm=s.smooth,
+                                  region=s.region)
+        pairing = resolve_pairing(asked, model, volume, [])  # as detection itself resolves it (detect.detect)
+        if pairing is not None:
+            thr, source = pairing.threshold, pairing.source
+        else:
+            _, _, _, thr, source = resolve_settings(asked, card, volume)
         info.update(threshold=thr, source=f"model card: {source}", rule="card")
         cal = card.calibration_for(volume) or {}
         if cal.get("max_stages") is not None and int(cal["max_stages"]) != stages and "calibrated" in source:

@@ -202,6 +202,48 @@ def load_model(path_or_name: str | Path = DEFAULT_MODEL, device: str | torch.dev
     return SynomalyModel(card, network, path, device, precision)
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, in lower-case hexadecimal."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_partner(model: SynomalyModel) -> SynomalyModel:
+    """The partner model a card pairs this model with for volumes (card.partner_3d), loaded once on the same
+    device and precision: the file beside this model's, refused unless its SHA-256 is the card's."""
+    pair = model.card.partner_3d
+    if pair is None:
+        raise ModelFileError(f"model {model.card.name!r} is not paired with another model")
+    cached = getattr(model, "_partner", None)
+    if cached is not None:
+        return cached
+    if model.path is None:
+        raise ModelFileError(f"model {model.card.name!r} was not loaded from a file, so its partner "
+                             f"{pair.file!r} cannot be found")
+    path = Path(model.path).parent / pair.file
+    if not path.is_file():
+        raise ModelFileError(f"model {model.card.name!r} pairs itself with {pair.file}, which is not in "
+                             f"{path.parent}: copy it there, or detect with the model alone (--single-model)")
+    digest = file_sha256(path)
+    if digest != pair.sha256:
+        raise ModelFileError(f"{path} is not the partner model {model.card.name!r} was calibrated with (SHA-256 "
+                             f"{digest[:12]}..., the card names {pair.sha256[:12]}...); restore that file, or "
+                             "detect with the model alone (--single-model)")
+    partner = load_model(path, device=model.device, precision=model.precision)
+    if partner.card.orientation != model.card.orientation:
+        raise ModelFileError(f"the partner {pair.file} slices scans {partner.card.orientation}ly, "
+                             f"{model.card.name!r} {model.card.orientation}ly: they cannot be paired")
+    if partner.card.detection_3d is None:
+        raise ModelFileError(f"the partner {pair.file} has no tuned volume setting (run `synomaly tune` on it)")
+    model._partner = partner
+    return partner
+
+
 def check_weights(tensors: dict[str, Any], network: torch.nn.Module, path: Path) -> None:
     """Raise ModelFileError unless `tensors` has exactly the network's names and shapes, all finite."""
     import torch
@@ -267,21 +309,24 @@ def model_dirs() -> list[Path]:
 
 
 def list_models() -> list[dict[str, Any]]:
-    """Every model found in the registry folders: name, path, source, card (or the error)."""
+    """Every model found in the registry folders: name, path, source, card (or the error). A file that another
+    model of its folder names as its partner (card.partner_3d) is part of that model and not listed itself."""
     seen: dict[str, dict[str, Any]] = {}
     for folder, source in zip(model_dirs(), ("user", "shipped")):
         if not folder.is_dir():
             continue
+        entries = []
         for path in sorted(folder.glob(f"*{MODEL_SUFFIX}")):
-            name = path.name[: -len(MODEL_SUFFIX)]
-            if name in seen:
-                continue
-            entry: dict[str, Any] = {"name": name, "path": str(path), "source": source}
+            entry: dict[str, Any] = {"name": path.name[: -len(MODEL_SUFFIX)], "path": str(path), "source": source}
             try:
                 entry["card"] = read_card(path).to_dict()
             except ModelFileError as exc:
                 entry["error"] = str(exc)
-            seen[name] = entry
+            entries.append(entry)
+        partners = {(e["card"].get("partner_3d") or {}).get("file") for e in entries if "card" in e}
+        for entry in entries:
+            if entry["name"] not in seen and Path(entry["path"]).name not in partners:
+                seen[entry["name"]] = entry
     return list(seen.values())
 
 
@@ -309,9 +354,17 @@ def install_model(path: str | Path, name: str | None = None) -> Path:
     dest_dir = user_models_dir()
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / f"{name or card.name}{MODEL_SUFFIX}"
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    copies = [(src, dest)]
+    if card.partner_3d is not None:  # the partner travels with it, checked first
+        partner = src.parent / card.partner_3d.file
+        if not partner.is_file() or file_sha256(partner) != card.partner_3d.sha256:
+            raise ModelFileError(f"{src} pairs itself with {card.partner_3d.file}, which is missing or changed "
+                                 f"in {src.parent}")
+        copies.insert(0, (partner, dest_dir / card.partner_3d.file))
+    for a, b in copies:
+        tmp = b.with_name(f".{b.name}.tmp-{os.getpid()}")
+        shutil.copyfile(a, tmp)
+        os.replace(tmp, b)
     return dest
 
 

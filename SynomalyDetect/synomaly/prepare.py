@@ -410,6 +410,7 @@ def prepare_scan(
     min_foreground_fraction: float = 0.02,
     device: torch.device | str = "cpu",
     region: str = "foreground",
+    brain_from: Optional[PreparedScan] = None,
 ) -> PreparedScan:
     """Slices of `image` on the model grid of `card` (orientation, normalisation, grid size).
 
@@ -418,7 +419,8 @@ def prepare_scan(
     whole foreground. Region "brain-stripped" cuts that brain out as a skull-stripped scan is: voxels outside
     it are set to the background, intensities are normalised inside it and slices are framed around it
     (Docs/experiments.md, *Skull-stripping before healing*). When the registration is implausible the whole
-    foreground is kept and `region_note` says why."""
+    foreground is kept and `region_note` says why. `brain_from`: an earlier preparation of the same image (for a
+    model of the same orientation) whose registered brain is reused instead of registering the atlas again."""
     if not isinstance(image, sitk.Image):
         raise TypeError("image must be a SimpleITK image")
     image = to_scalar(image)
@@ -448,7 +450,15 @@ def prepare_scan(
         raise InputError("no slice has enough foreground to analyse")
     scored, used, note, to_atlas = fg, "foreground", "", None
     if region in ("brain", "brain-stripped") and not is_2d:
-        scored, used, note, to_atlas = _brain_region(image, fg, transpose, flips)
+        if brain_from is not None:
+            if brain_from.foreground.shape != fg.shape or brain_from.geometry.transpose != transpose \
+                    or brain_from.geometry.flips != flips:
+                raise ValueError("brain_from was prepared from another image or orientation")
+            found = brain_from.region in ("brain", "brain-stripped")
+            scored = fg & brain_from.foreground if found else fg
+            used, note, to_atlas = ("brain" if found else "foreground"), brain_from.region_note, brain_from.atlas_transform
+        else:
+            scored, used, note, to_atlas = _brain_region(image, fg, transpose, flips)
         if used == "brain":
             area_b = scored.reshape(z, -1).sum(axis=1)
             keep_b = keep[area_b[keep] >= 16]

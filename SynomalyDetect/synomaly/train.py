@@ -524,6 +524,7 @@ def train(
     final.calibration = {}  # thresholds and tuned settings of the base (if any) do not hold for new weights
     final.calibration_3d = {}
     final.detection_3d = None
+    final.partner_3d = None  # the pair was calibrated with the old weights' map
     final.tuning = {}
     if world.world_size > 1:
         final.training["processes"] = world.world_size
@@ -582,5 +583,6 @@ def model_from_checkpoint(checkpoint: str | Path, out: str | Path, weights: str 
     card.calibration = {}
     card.calibration_3d = {}
     card.detection_3d = None
+    card.partner_3d = None
     card.tuning = {}
     return save_model(out, card, state[weights])

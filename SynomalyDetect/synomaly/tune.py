@@ -189,7 +189,7 @@ def build_cases(volumes: Sequence[TuneVolume], card, opts: TuneOptions,
     return lesion_cases, healthy_cases
 
 
-def _pooled_auprc(maps: list[np.ndarray], cases: Sequence[TuneCase], opts: TuneOptions) -> float:
+def pooled_auprc(maps: list[np.ndarray], cases: Sequence[TuneCase], opts: TuneOptions) -> float:
     """Pixel AUPRC pooled over the voxels each case scores and its lesions (a lesion voxel left out of a
     brain region counts, with score 0), so that regions compare."""
     from .metrics import pixel_auprc
@@ -254,7 +254,7 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
                     for h, sc, c in zip(_split(xh, cases), scores, cases)]
         row = {"t": _label(ts), "blur": k, "smooth": smooth, "signed": bool(signed and smooth > 0), "bins": bins,
                "levels": scaling if levels is not None else "", "stages": stages, "draws": draws,
-               "auprc": round(_pooled_auprc(maps, cases, opts), 4),
+               "auprc": round(pooled_auprc(maps, cases, opts), 4),
                "cost": round(len(ts) * draws * mean_stages, 2), "stages_mean": round(mean_stages, 2)}
         if mirror > 0 and levels is None:
             row["mirror"] = mirror
@@ -608,6 +608,10 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
     card = model.card.copy()
     if version:
         card.version = version
+    if card.partner_3d is not None:  # its thresholds belong to the old setting's map: pair again (`synomaly pair`)
+        log.warning("the new volume setting unpairs the model from %s; `synomaly pair` pairs it again",
+                    card.partner_3d.file)
+        card.partner_3d = None
     card.detection_3d = DetectionDefaults(t=ts[0], blur_kernel=int(chosen["blur"]), threshold=card.detection.threshold,
                                           max_stages=int(chosen["stages"]), t_ensemble=tuple(ts) if len(ts) > 1 else (),
                                           noise_draws=int(chosen["draws"]), fpr=float(op["fpr"]),

@@ -1,0 +1,194 @@
+"""Two models' volume maps averaged: `synomaly pair` calibrates the pair and writes it into the first model's card.
+
+Each model heals a volume at its own tuned volume setting (card.detection_3d); each map is divided by its own
+0.9 quantile inside the scan's scored region, so that neither model's units dominate; the two are averaged
+(detect.paired_map). The pair's thresholds are calibrated here on the lesion-free forms of the tuning volumes
+(the data of `synomaly tune`), and the rate used by default is picked on the same volumes with implanted lesions:
+the best mean Dice with every lesion-free form at most `max_healthy_ml` flagged. Docs/experiments.md, *Two grids
+averaged*, has why (the shipped pair: 0.3.0 at 64 x 64 with the 128 x 128 fine-tune) and what it measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .detect import SCAN_LEVEL_QUANTILE, fpr_key, mean_of_scaled, postprocess, run_stages, scan_map
+from .errors import InputError
+from .metrics import dice
+from .progress import ProgressFn, null_progress
+
+log = logging.getLogger(__name__)
+
+#: the per-voxel false-positive rates the pair is calibrated at
+PAIR_FPRS = (1e-2, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
+#: lesions smaller than this are dropped, as detection's default minimum size does
+MIN_MM3 = 50.0
+#: the default bound on what a lesion-free tuning form may show at the picked rate: a margin, since held-out
+#: scans flagged 3.6 to 6.4 times what the tuning forms did (Docs/experiments.md, *Two grids averaged*)
+PAIR_MAX_HEALTHY_ML = 0.2
+
+
+def check_pairable(model) -> None:
+    """Refuse a model whose volume setting the pair's calibration would not reproduce."""
+    d = model.card.detection_3d
+    if d is None:
+        raise InputError(f"{model.card.name!r} has no tuned volume setting: run `synomaly tune` on it first")
+    unsupported = [name for name, on in (("more than one stage", d.max_stages > 1), ("noise draws", d.noise_draws > 1),
+                                         ("a signed map", d.signed_map), ("tissue classes", d.tissue_bins > 0),
+                                         ("a mirror map", d.mirror_mm > 0), ("maps per noise level", d.level_maps))
+                   if on]
+    if unsupported:
+        raise InputError(f"{model.card.name!r}'s volume setting uses {', '.join(unsupported)}, which pairing does "
+                         "not calibrate; tune it with one stage and a plain map")
+
+
+def tuning_maps(model, lesion, healthy, seed: int, progress: ProgressFn = null_progress) -> list[np.ndarray]:
+    """The model's oriented map of each case (lesion cases first) at its tuned volume setting: one stage, the
+    healed images of its noise levels averaged (as `synomaly tune` scores a setting)."""
+    d = model.card.detection_3d
+    maps = []
+    for cases in (lesion, healthy):
+        x0 = torch.cat([c.prep.slices for c in cases])
+        masks = torch.cat([c.prep.masks for c in cases])
+        healed = []
+        for i, t in enumerate(d.noise_levels()):
+            progress("pair", i, len(d.noise_levels()), f"{model.card.name}: healing at t {t}")
+            healed.append(run_stages(model, x0, masks, t=t, kernel=1, threshold=float("inf"), max_stages=1, draws=1,
+                                     seed=seed + 7919 * t + 1).healed)
+        mean = torch.stack(healed).mean(0)
+        parts = torch.split(mean, [c.prep.slices.shape[0] for c in cases])
+        maps += [scan_map(h, c.prep, d.blur_kernel, d.smooth_mm) for h, c in zip(parts, cases)]
+    return maps
+
+
+def scan_scale(m: np.ndarray, region: np.ndarray, quantile: float = SCAN_LEVEL_QUANTILE) -> float:
+    """A map's scale in its own scan: its `quantile` inside the scored region (as detect.paired_map)."""
+    return float(np.quantile(m[region], quantile)) if region.any() else 1.0
+
+
+@dataclass
+class OperatingPoint:
+    fpr: float
+    threshold: float
+    dice: float
+    healthy_ml: list[float]
+
+    def row(self) -> dict[str, Any]:
+        return {"fpr": self.fpr, "threshold": round(self.threshold, 6), "mean_dice": round(self.dice, 4),
+                "max_healthy_ml": round(max(self.healthy_ml), 3)}
+
+
+def operating_points(maps: Sequence[np.ndarray], lesion, healthy,
+                     fprs: Sequence[float] = PAIR_FPRS) -> list[OperatingPoint]:
+    """Per FPR: the threshold at that per-voxel rate over the lesion-free forms' scored voxels, the mean Dice of
+    the lesion cases and the mL flagged in each lesion-free form (lesions under MIN_MM3 dropped)."""
+    n = len(lesion)
+    values = np.concatenate([m[c.prep.foreground] for m, c in zip(maps[n:], healthy)])
+    out = []
+    for fpr in fprs:
+        thr = float(np.quantile(values, 1 - fpr))
+        d = float(np.mean([dice(postprocess(m, thr, c.spacing, MIN_MM3)[0], c.truth) for m, c in zip(maps[:n], lesion)]))
+        ml = [float(postprocess(m, thr, c.spacing, MIN_MM3)[0].sum() * np.prod(c.spacing) / 1000)
+              for m, c in zip(maps[n:], healthy)]
+        out.append(OperatingPoint(fpr, thr, d, ml))
+    return out
+
+
+def pick(points: Sequence[OperatingPoint], max_healthy_ml: float) -> OperatingPoint:
+    """The best mean Dice among the rates whose every lesion-free form stays within max_healthy_ml; the
+    strictest rate when none does."""
+    within = [p for p in points if max(p.healthy_ml) <= max_healthy_ml]
+    return max(within, key=lambda p: p.dice) if within else min(points, key=lambda p: p.fpr)
+
+
+def paired_tuning(models: Sequence, volumes, seed: int = 0, progress: ProgressFn = null_progress):
+    """Both models' tuning maps over the same cases, and the averaged map (each scaled in its own scan).
+    Returns (lesion cases, lesion-free cases, {name: maps}, averaged maps)."""
+    from .tune import TuneOptions, build_cases
+
+    first, maps = None, []
+    regions = {m.card.detection_3d.region for m in models if m.card.detection_3d is not None}
+    if len(regions) > 1:
+        raise InputError(f"the two models score volumes in different regions ({', '.join(sorted(regions))})")
+    opts = TuneOptions(region=regions.pop() if regions else "foreground", seed=seed)
+    for model in models:
+        check_pairable(model)
+        lesion, healthy = build_cases(volumes, model.card, opts)
+        if first is not None:
+            # the same lesions; the scored brain regions may differ by a few voxels, as two registrations of the
+            # same scan do (the atlas registration is not bit-reproducible): the first model's cases are used
+            differ = max((a.prep.foreground != b.prep.foreground).mean()
+                         for a, b in zip(first[0] + first[1], lesion + healthy))
+            if not all(np.array_equal(a.truth, b.truth) for a, b in zip(first[0], lesion)) or differ > 1e-3:
+                raise InputError("the two models' tuning cases differ (lesions or scored region): they slice the "
+                                 "volumes differently and cannot be paired")
+        else:
+            first = (lesion, healthy)
+        maps.append(tuning_maps(model, lesion, healthy, opts.seed, progress))
+    lesion, healthy = first
+    mean = [mean_of_scaled([m[i] for m in maps], [scan_scale(m[i], c.prep.foreground) for m in maps])
+            for i, c in enumerate(lesion + healthy)]
+    return lesion, healthy, maps, mean
+
+
+def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence[str] = ("oasis",),
+                output: Optional[str | Path] = None, max_healthy_ml: float = PAIR_MAX_HEALTHY_ML,
+                fprs: Sequence[float] = PAIR_FPRS, allow_held_out: bool = False, device: str = "auto",
+                version: Optional[str] = None, progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Calibrate the averaged map of two models on tuning volumes, pick its rate, and write the first model with
+    card.partner_3d naming the second (copied beside the output when it is not there). Returns the record."""
+    from .card import PartnerModel
+    from .modelio import file_sha256, load_model, save_model
+    from .tune import TuneOptions, load_tune_volumes, pooled_auprc
+
+    start = time.perf_counter()
+    model, partner = load_model(model_file, device=device), load_model(partner_file, device=device)
+    if partner.card.orientation != model.card.orientation:
+        raise InputError("the two models slice scans in different orientations and cannot be paired")
+    if not 0 < max_healthy_ml:
+        raise InputError(f"the bound on lesion-free volume must be positive, got {max_healthy_ml}")
+    volumes = load_tune_volumes(list(data), allow_held_out)
+    if not volumes:
+        raise InputError("no tuning volumes: pairing needs healthy 3D volumes")
+    progress("pair", 0, 1, f"building tuning cases from {len(volumes)} volume(s)")
+    lesion, healthy, maps, mean = paired_tuning([model, partner], volumes, progress=progress)
+    points = operating_points(mean, lesion, healthy, fprs)
+    chosen = pick(points, max_healthy_ml)
+    opts = TuneOptions(region=model.card.detection_3d.region)
+    n = len(lesion)
+    auprc = {"first": pooled_auprc(maps[0][:n], lesion, opts), "partner": pooled_auprc(maps[1][:n], lesion, opts),
+             "pair": pooled_auprc(mean[:n], lesion, opts)}
+    out = Path(output) if output is not None else Path(model.path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partner_path = Path(partner.path)
+    beside = out.parent / partner_path.name
+    if beside.resolve() != partner_path.resolve():
+        shutil.copyfile(partner_path, beside)
+    record = {
+        "data": ", ".join(f"{v.name} ({v.source})" for v in volumes),
+        "lesion_cases": n, "lesion_free_cases": len(healthy), "lesions": int(sum(len(c.meta["lesions"]) for c in lesion)),
+        "rule": f"best mean Dice with every lesion-free form <= {max_healthy_ml:g} mL",
+        "max_healthy_ml": max_healthy_ml, "pooled_auprc": {k: round(v, 4) for k, v in auprc.items()},
+        "sweep": [p.row() for p in points], "partner_model": f"{partner.card.name} {partner.card.version}",
+        "partner_setting": partner.card.detection_text(True), "seconds": round(time.perf_counter() - start, 1),
+    }
+    card = model.card.copy()
+    if version:
+        card.version = version
+    card.partner_3d = PartnerModel(file=partner_path.name, sha256=file_sha256(beside), fpr=chosen.fpr,
+                                   scan_quantile=SCAN_LEVEL_QUANTILE,
+                                   thresholds={fpr_key(p.fpr): round(p.threshold, 6) for p in points},
+                                   calibration=record)
+    card.validate()
+    state = {k: v.detach().cpu() for k, v in model.network.state_dict().items()}
+    save_model(out, card, state)
+    progress("pair", 1, 1, f"paired: FPR {chosen.fpr:g}")
+    return {**record, "output": str(out), "partner_file": str(beside), "fpr": chosen.fpr}

@@ -1,0 +1,234 @@
+"""Two models' volume maps averaged (card.partner_3d, detect.resolve_pairing, synomaly.pairing, `synomaly pair`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import make_phantom
+
+
+def _head(seed: int = 0, shape=(12, 48, 48)) -> sitk.Image:
+    img = sitk.GetImageFromArray(make_phantom(shape, seed=seed))
+    img.SetSpacing((2.0, 2.0, 3.0))
+    return img
+
+
+def _tiny(path: Path, name: str, grid: int, seed: int, t: int = 50):
+    """A random-weight model with a one-stage volume setting over the foreground, written to `path`."""
+    import torch
+
+    from synomaly.card import DetectionDefaults
+    from synomaly.modelio import build_network, save_model
+    from synomaly.train import new_card
+
+    torch.manual_seed(seed)
+    card = new_card(name, grid=grid, channels=(32, 32))
+    card.detection_3d = DetectionDefaults(t=t, blur_kernel=3, max_stages=1, smooth_mm=2.0, fpr=1e-2,
+                                          region="foreground")
+    card.calibration_3d = {"thresholds": {"0.01": 0.3, "0.001": 0.4}}
+    save_model(path, card, build_network(card).state_dict())
+    return path
+
+
+@pytest.fixture()
+def pair_files(tmp_path):
+    """A first model (grid 32) and its partner (grid 64) in one folder, the first's card naming the partner."""
+    from synomaly.card import PartnerModel
+    from synomaly.modelio import file_sha256, load_model, read_card, save_model
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    first = _tiny(folder / "first.safetensors", "first", 32, 0)
+    partner = _tiny(folder / "second.safetensors", "second", 64, 1, t=100)
+    card = read_card(first)
+    card.partner_3d = PartnerModel(file="second.safetensors", sha256=file_sha256(partner), fpr=1e-2,
+                                   thresholds={"0.01": 1.5, "0.001": 2.0})
+    model = load_model(first, device="cpu")
+    save_model(first, card, model.network.state_dict())
+    return first, partner
+
+
+def _input_region(image, card) -> np.ndarray:
+    from synomaly.prepare import prepare_scan, unorient_array
+
+    prep = prepare_scan(image, card, region="foreground")
+    return unorient_array(prep.foreground, prep.geometry.transpose, prep.geometry.flips)
+
+
+def test_card_partner_round_trips_and_refuses_impossible_values(pair_files):
+    from synomaly.card import ModelCard, ModelCardError
+    from synomaly.modelio import read_card
+
+    card = read_card(pair_files[0])
+    again = ModelCard.from_json(card.to_json())
+    assert again.partner_3d == card.partner_3d and again.partner_3d.thresholds == {"0.01": 1.5, "0.001": 2.0}
+    assert "paired with second.safetensors" in card.summary()
+    data = json.loads(card.to_json())
+    for change, message in ((dict(file="../x.safetensors"), "plain file name"), (dict(sha256="abc"), "sha256"),
+                            (dict(thresholds={}), "no calibrated thresholds"), (dict(fpr=2.0), "fpr")):
+        bad = dict(data, partner_3d={**data["partner_3d"], **change})
+        with pytest.raises(ModelCardError, match=message):
+            ModelCard.from_dict(bad)
+    with pytest.raises(ModelCardError, match="needs a tuned volume setting"):
+        ModelCard.from_dict(dict(data, detection_3d=None))
+    with pytest.raises(ModelCardError, match="unknown keys"):
+        ModelCard.from_dict(dict(data, partner_3d={**data["partner_3d"], "weight": 0.5}))
+    assert card.at_grid(64).partner_3d is None, "a new grid's map is not the one the pair was calibrated with"
+
+
+def test_paired_detection_averages_the_two_scan_scaled_maps_at_the_pairs_threshold(pair_files):
+    from synomaly.detect import DetectionSettings, detect, postprocess
+    from synomaly.modelio import load_model
+
+    first, second = (load_model(p, device="cpu") for p in pair_files)
+    image = _head(seed=3)
+    paired = detect(image, first, DetectionSettings(device="cpu"))
+    alone = detect(image, first, DetectionSettings(device="cpu", single_model=True))
+    partner = detect(image, second, DetectionSettings(device="cpu"))
+    a, b = (sitk.GetArrayFromImage(r.anomaly_map) for r in (alone, partner))
+    region = _input_region(image, first.card)
+    qa, qb = (np.quantile(m[region], 0.9) for m in (a, b))
+    want = (a / qa + b / qb) / 2
+    got = sitk.GetArrayFromImage(paired.anomaly_map)
+    assert np.allclose(got, want, rtol=1e-4, atol=1e-6), "each map divided by its own 0.9 quantile, averaged"
+    assert paired.threshold == 1.5 and paired.report["threshold_source"] == "calibrated FPR 0.01 (paired map)"
+    assert paired.report["partner"]["scales"] == pytest.approx([qa, qb], rel=1e-4)
+    assert "paired with second.safetensors" in paired.report["setting"]
+    assert paired.report["network_calls"] == alone.report["network_calls"] + partner.report["network_calls"]
+    want_seg, _ = postprocess(want, 1.5, image.GetSpacing(), 50.0)
+    assert np.array_equal(sitk.GetArrayFromImage(paired.segmentation) > 0, want_seg)
+    cf = sitk.GetArrayFromImage(paired.counterfactual)
+    assert np.array_equal(cf, sitk.GetArrayFromImage(alone.counterfactual)), "the first model's counterfactual"
+    assert alone.report["partner"] is None and alone.threshold == 0.3, "alone: the model's own calibration"
+    strict = detect(image, first, DetectionSettings(device="cpu", fpr=1e-3))
+    assert strict.threshold == 2.0, "another rate: the pair's threshold at it"
+
+
+def test_a_changed_map_setting_uses_the_model_alone_and_says_so(pair_files):
+    from synomaly.detect import DetectionSettings, detect
+    from synomaly.errors import ModelError
+    from synomaly.modelio import load_model
+
+    first = load_model(pair_files[0], device="cpu")
+    r = detect(_head(), first, DetectionSettings(device="cpu", t=20, threshold=0.5))
+    assert r.report["partner"] is None and any("--t change this model's map" in w for w in r.report["warnings"])
+    same = detect(_head(), first, DetectionSettings(device="cpu", max_stages=1, blur_kernel=3, region="foreground"))
+    assert same.report["partner"] is not None, "a setting asked at the card's own value changes nothing"
+    with pytest.raises(ModelError, match="paired map .* no threshold calibrated for FPR 0.0001"):
+        detect(_head(), first, DetectionSettings(device="cpu", fpr=1e-4))
+    slice2d = sitk.GetImageFromArray(make_phantom((48, 48)))
+    assert detect(slice2d, first, DetectionSettings(device="cpu")).report["partner"] is None, "volumes only"
+
+
+def test_a_missing_or_changed_partner_file_is_refused_with_the_way_out(pair_files):
+    from synomaly.detect import DetectionSettings, detect
+    from synomaly.modelio import ModelFileError, load_model
+
+    first_path, partner_path = pair_files
+    data = partner_path.read_bytes()
+    partner_path.write_bytes(data[:-4] + b"\0\0\0\0")
+    with pytest.raises(ModelFileError, match="is not the partner model .*--single-model"):
+        detect(_head(), load_model(first_path, device="cpu"), DetectionSettings(device="cpu"))
+    partner_path.unlink()
+    with pytest.raises(ModelFileError, match="second.safetensors, which is not in .*--single-model"):
+        detect(_head(), load_model(first_path, device="cpu"), DetectionSettings(device="cpu"))
+    r = detect(_head(), load_model(first_path, device="cpu"), DetectionSettings(device="cpu", single_model=True))
+    assert r.report["partner"] is None
+
+
+def test_the_partner_travels_with_installs_and_fine_tunes_and_tuning_unpair(pair_files, tmp_path, monkeypatch):
+    from synomaly.modelio import install_model, read_card
+
+    monkeypatch.setenv("SYNOMALY_MODELS_DIR", str(tmp_path / "user"))
+    from synomaly import modelio
+
+    monkeypatch.setattr(modelio, "user_models_dir", lambda: tmp_path / "user")
+    dest = install_model(pair_files[0], name="site")
+    assert (dest.parent / "second.safetensors").read_bytes() == pair_files[1].read_bytes()
+    assert read_card(dest).partner_3d is not None
+    pair_files[1].unlink()
+    with pytest.raises(modelio.ModelFileError, match="missing or changed"):
+        install_model(pair_files[0], name="other")
+
+
+def test_calibrating_a_paired_volume_setting_points_to_synomaly_pair(pair_files, tmp_path):
+    from synomaly.calibrate import calibrate_model
+    from synomaly.errors import InputError
+
+    scan = tmp_path / "healthy.nii.gz"
+    sitk.WriteImage(_head(seed=7), str(scan))
+    with pytest.raises(InputError, match="synomaly pair MODEL second.safetensors --data VOLUMES"):
+        calibrate_model(pair_files[0], [str(scan)], fprs=(1e-2,), device="cpu")
+
+
+def _case(fg, truth=None, spacing=(1.0, 1.0, 1.0)):
+    return SimpleNamespace(prep=SimpleNamespace(foreground=fg), truth=truth, spacing=spacing)
+
+
+def test_operating_points_and_the_pick_rule():
+    from synomaly.pairing import OperatingPoint, operating_points, pick
+
+    rng = np.random.default_rng(0)
+    fg = np.ones((20, 20, 20), bool)
+    truth = np.zeros_like(fg)
+    truth[5:11, 5:11, 5:11] = True  # 216 voxels of 1 mm: above the 50 mm^3 minimum
+    lesion_map = rng.random(fg.shape).astype(np.float32) * 0.5
+    lesion_map[truth] += 1.0
+    healthy_map = rng.random(fg.shape).astype(np.float32) * 0.5
+    pts = operating_points([lesion_map, healthy_map], [_case(fg, truth)], [_case(fg)], fprs=(1e-2, 1e-4))
+    assert [p.fpr for p in pts] == [1e-2, 1e-4]
+    assert pts[1].threshold == pytest.approx(np.quantile(healthy_map[fg], 1 - 1e-4))
+    assert pts[1].dice == pytest.approx(1.0) and max(pts[1].healthy_ml) == 0.0
+    loose, mid, strict = (OperatingPoint(1e-2, 0.1, 0.6, [3.0]), OperatingPoint(1e-3, 0.2, 0.5, [0.15]),
+                          OperatingPoint(1e-4, 0.3, 0.3, [0.0]))
+    assert pick([loose, mid, strict], 0.2) is mid, "the best Dice within the bound"
+    assert pick([loose, mid, strict], 5.0) is loose
+    assert pick([loose, replace(mid, healthy_ml=[1.0]), replace(strict, healthy_ml=[0.5])], 0.2).fpr == 1e-4, \
+        "none within the bound: the strictest rate"
+
+
+def test_synomaly_pair_writes_the_calibrated_pair_and_copies_the_partner(tmp_path, synomaly_run):
+    from synomaly.modelio import file_sha256, load_model, read_card
+    from synomaly.detect import DetectionSettings, detect
+
+    src = tmp_path / "src"
+    src.mkdir()
+    first = _tiny(src / "first.safetensors", "first", 32, 0)
+    partner = _tiny(src / "second.safetensors", "second", 64, 1, t=100)
+    vol = tmp_path / "healthy-volume.nii.gz"
+    sitk.WriteImage(_head(seed=11, shape=(40, 64, 64)), str(vol))
+    out = tmp_path / "out" / "paired.safetensors"
+    r = synomaly_run(["pair", first, partner, "--data", vol, "-o", out, "--max-healthy-ml", "1000",
+                      "--fprs", "0.01", "0.001", "--device", "cpu", "--progress", "none"], timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "paired " in r.stdout and "<- picked" in r.stdout and "pooled pixel AUPRC" in r.stdout
+    card = read_card(out)
+    copied = out.parent / "second.safetensors"
+    assert copied.read_bytes() == partner.read_bytes() and card.partner_3d.sha256 == file_sha256(copied)
+    assert set(card.partner_3d.thresholds) == {"0.01", "0.001"}
+    assert card.partner_3d.thresholds["0.001"] > card.partner_3d.thresholds["0.01"]
+    rows = card.partner_3d.calibration["sweep"]
+    assert [row["fpr"] for row in rows] == [0.01, 0.001] and card.partner_3d.calibration["lesion_cases"] >= 1
+    assert card.partner_3d.fpr == max(rows, key=lambda row: row["mean_dice"])["fpr"], "a bound nothing exceeds"
+    result = detect(_head(seed=2), load_model(out, device="cpu"), DetectionSettings(device="cpu"))
+    assert result.report["partner"]["file"] == "second.safetensors"
+    assert result.threshold == card.partner_3d.thresholds[f"{card.partner_3d.fpr:g}"]
+    bad = synomaly_run(["pair", first, partner, "--data", vol, "-o", tmp_path / "x.safetensors",
+                        "--max-healthy-ml", "0", "--device", "cpu", "--progress", "none"])
+    assert bad.returncode != 0 and "must be positive" in bad.stderr
+
+
+def test_a_partner_file_is_part_of_its_model_not_a_model_of_its_own_in_the_list(pair_files, monkeypatch):
+    from synomaly import modelio
+
+    monkeypatch.setattr(modelio, "user_models_dir", lambda: pair_files[0].parent)
+    names = [m["name"] for m in modelio.list_models() if m["source"] == "user"]
+    assert names == ["first"], names
+    assert modelio.load_model(pair_files[1], device="cpu").card.name == "second", "still loadable by its path"
