@@ -155,6 +155,7 @@ class SynomalyDetectParameterNode:
     minLesionSize - smallest lesion kept, mm^3 (0: engine default).
     seed - random seed (same seed, same result).
     device - auto, cpu, cuda or mps.
+    singleModel - volumes: the model alone, without the partner model its card averages its map with.
     showResults - show the results side by side when done.
     outputSegmentation, outputCounterfactual, outputAnomalyMap, outputTable - chosen output nodes (empty: create new).
     """
@@ -171,6 +172,7 @@ class SynomalyDetectParameterNode:
     minLesionSize: Annotated[float, settingRange("min_lesion_mm3", 1000000.0)] = 0.0
     seed: Annotated[int, settingRange("seed", 2147483647)] = 0
     device: Annotated[str, Choice(DEVICES)] = "auto"
+    singleModel: bool = False
     showResults: bool = True
     outputSegmentation: vtkMRMLSegmentationNode
     outputCounterfactual: vtkMRMLScalarVolumeNode
@@ -399,7 +401,7 @@ class SynomalyDetectLogic(EngineLogic):
             fpr=params.falsePositiveRate if fprMode else None,
             threshold=None if fprMode else params.threshold,
             t=params.noiseLevel, stages=params.stages, blur=params.blurKernel, region=REGION_CHOICES.get(params.region, ""),
-            min_size_mm3=params.minLesionSize, seed=params.seed, device=params.device,
+            min_size_mm3=params.minLesionSize, seed=params.seed, device=params.device, single_model=params.singleModel,
         )
 
     def startDetection(self, params: SynomalyDetectParameterNode) -> jobs.DetectionJob:

@@ -72,6 +72,9 @@ def test_the_slicer_job_command_line_is_read_back_by_the_engine():
     assert detection_settings(args) == DetectionSettings(fpr=1e-4, t=25, max_stages=3, blur_kernel=7, region="brain",
                                                          min_lesion_mm3=20.0, seed=2, batch_size=4, device="cpu")
     assert not options.problems()
+    alone = build_parser().parse_args(["detect", "s.nii.gz", "-o", "o", *jobs.DetectionOptions(single_model=True).cli_args()])
+    assert detection_settings(alone).single_model is True, "the panel's 'this model alone' reaches the engine"
+    assert "--single-model" not in jobs.DetectionOptions().cli_args()
     assert jobs.DetectionOptions(t=1000).problems() == [DETECTION_SETTING["t"].problem(1000)]
     assert jobs.DetectionOptions(region="skull").problems() == [DETECTION_SETTING["region"].problem("skull")]
 
