@@ -131,7 +131,9 @@ def test_the_model_list_names_every_rate_detect_accepts(capsys, monkeypatch, tmp
     card = read_card(resolve_model_path(DEFAULT_MODEL))
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    for cal, label in ((card.calibration, "calibrated thresholds: "),
-                       (card.calibration_3d, "calibrated thresholds for volumes: ")):
+    rows = [(card.calibration, "calibrated thresholds: "), (card.calibration_3d, "calibrated thresholds for volumes")]
+    if card.partner_3d is not None:  # the shipped card averages volumes with a partner: the pair's own rates
+        rows.append((card.partner_3d.__dict__, f"volumes paired with {card.partner_3d.file}"))
+    for cal, label in rows:
         line = next(s for s in out.splitlines() if s.strip().startswith(label))
         assert all(f"FPR {k}: {v:.3f}" in line for k, v in cal["thresholds"].items()), line

@@ -13,6 +13,7 @@ from conftest import synomaly_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = "brain-mri-axial.safetensors"
+SHIPPED_PARTNER = "brain-mri-axial-128.safetensors"
 
 
 def copy_source(dest: Path) -> Path:
@@ -36,6 +37,7 @@ def test_wheel_carries_the_default_model_and_the_atlas_and_the_engine_finds_them
     wheel, = dist.glob("synomaly-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert f"synomaly/models/{SHIPPED_MODEL}" in names
+    assert f"synomaly/models/{SHIPPED_PARTNER}" in names, "the partner the shipped card averages volumes with"
     assert {"synomaly/atlasdata/t1-head-2mm.nrrd", "synomaly/atlasdata/brain-2mm.nrrd"} <= set(names)
     assert (ROOT / "SynomalyDetect" / "Resources" / "Models" / SHIPPED_MODEL).stat().st_size == \
         zipfile.ZipFile(wheel).getinfo(f"synomaly/models/{SHIPPED_MODEL}").file_size
