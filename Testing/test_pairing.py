@@ -101,6 +101,7 @@ def test_paired_detection_averages_the_two_scan_scaled_maps_at_the_pairs_thresho
     assert paired.threshold == 1.5 and paired.report["threshold_source"] == "calibrated FPR 0.01 (paired map)"
     assert paired.report["partner"]["scales"] == pytest.approx([qa, qb], rel=1e-4)
     assert "paired with second.safetensors" in paired.report["setting"]
+    assert paired.report["partner"]["map"] == "grid 64, t 100, blur 3, smoothed 2 mm across slices, 1 stage"
     assert paired.report["network_calls"] == alone.report["network_calls"] + partner.report["network_calls"]
     want_seg, _ = postprocess(want, 1.5, image.GetSpacing(), 50.0)
     assert np.array_equal(sitk.GetArrayFromImage(paired.segmentation) > 0, want_seg)

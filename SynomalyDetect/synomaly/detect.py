@@ -644,6 +644,14 @@ def partner_map(partner, image: sitk.Image, prep, settings: DetectionSettings, p
     return score, res
 
 
+def partner_map_words(card) -> str:
+    """The partner's map in words: what its tuned volume setting heals and blurs (its own thresholds are not used)."""
+    d = card.detection_3d
+    stages = "1 stage" if d.max_stages == 1 else f"up to {d.max_stages} stages"
+    return (f"grid {card.grid_size}, t {'+'.join(str(t) for t in d.noise_levels())}, blur {d.blur_kernel}, "
+            f"smoothed {d.smooth_mm:g} mm across slices, {stages}")
+
+
 def paired_map(first: np.ndarray, second: np.ndarray, region: np.ndarray, quantile: float) -> tuple[np.ndarray, list[float]]:
     """Two oriented maps of one scan, each divided by its own `quantile` inside the scored region, averaged
     (mean_of_scaled); and the two scales."""
@@ -856,7 +864,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
         p_score, p_res = partner_map(partner, image, prep, settings, progress)
         score_o, scales = paired_map(score_o, p_score, prep.foreground, card.partner_3d.scan_quantile)
         paired = {"file": card.partner_3d.file, "model": partner.card.name, "model_version": partner.card.version,
-                  "setting": partner.card.detection_text(True), "scan_quantile": card.partner_3d.scan_quantile,
+                  "map": partner_map_words(partner.card), "scan_quantile": card.partner_3d.scan_quantile,
                   "scales": [round(v, 6) for v in scales], "own_threshold": own_threshold,
                   "network_calls": partner.calls - p_calls, "network_seconds": round(partner.call_seconds - p_secs, 3),
                   "stages_per_slice_mean": round(float(p_res.stages.float().mean()), 3) if p_res.stages.numel() else 0.0}
