@@ -601,6 +601,7 @@ def resolve_pairing(settings: DetectionSettings, model, volume: bool, warnings: 
         log.warning(message)
         warnings.append(message)
         return None
+
     def paired_threshold(fpr: float, purpose: str) -> float:
         if fpr_key(fpr) not in pair.thresholds:
             have = ", ".join(sorted(pair.thresholds, key=float, reverse=True))
@@ -861,7 +862,18 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
         partner = pairing.partner
         p_calls, p_secs = partner.calls, partner.call_seconds
         progress("detect", 0, 1, f"healing again with the partner model {card.partner_3d.file}")
-        p_score, p_res = partner_map(partner, image, prep, settings, progress)
+        try:
+            p_score, p_res = partner_map(partner, image, prep, settings, progress)
+        except torch.cuda.OutOfMemoryError:
+            if partner.device.type == "cpu":
+                raise
+            message = "GPU out of memory for the partner model even with one slice per batch; it runs on the CPU"
+            log.warning(message)
+            warnings.append(message)
+            torch.cuda.empty_cache()
+            partner = partner.to("cpu")
+            p_calls, p_secs = partner.calls, partner.call_seconds
+            p_score, p_res = partner_map(partner, image, prep, settings, progress)
         score_o, scales = paired_map(score_o, p_score, prep.foreground, card.partner_3d.scan_quantile)
         paired = {"file": card.partner_3d.file, "model": partner.card.name, "model_version": partner.card.version,
                   "map": partner_map_words(partner.card), "scan_quantile": card.partner_3d.scan_quantile,
