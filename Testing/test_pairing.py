@@ -233,3 +233,30 @@ def test_a_partner_file_is_part_of_its_model_not_a_model_of_its_own_in_the_list(
     names = [m["name"] for m in modelio.list_models() if m["source"] == "user"]
     assert names == ["first"], names
     assert modelio.load_model(pair_files[1], device="cpu").card.name == "second", "still loadable by its path"
+
+
+def test_a_network_out_of_gpu_memory_continues_on_the_cpu_with_a_warning():
+    import torch
+
+    from synomaly.detect import with_cpu_fallback
+
+    class Fake:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def to(self, device):
+            return Fake(device)
+
+    def run(m, on_cpu):
+        if m.device.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return ("ran", on_cpu)
+
+    warnings, seen = [], []
+    used, out = with_cpu_fallback(Fake("cuda"), run, " for the partner model", warnings,
+                                  lambda *a: seen.append(a))
+    assert used.device.type == "cpu" and out == ("ran", True)
+    assert warnings == ["GPU out of memory for the partner model even with one slice per batch; continuing on the "
+                        "CPU (slower)"] and seen
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # already on the CPU: nothing to fall back to
+        with_cpu_fallback(Fake("cpu"), lambda m, c: run(Fake("cuda"), c), "", [], lambda *a: None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -645,6 +645,25 @@ def partner_map(partner, image: sitk.Image, prep, settings: DetectionSettings, p
     return score, res
 
 
+def with_cpu_fallback(model, run: Callable[[Any, bool], Any], what: str, warnings: list[str],
+                      progress: ProgressFn) -> tuple[Any, Any]:
+    """`run(model, False)`; when the GPU runs out of memory even at one slice per batch (run_stages has already
+    halved the batch down to one), the model moves to the CPU with a warning and `run(cpu_model, True)`.
+    Returns the model that ran and what it returned."""
+    try:
+        return model, run(model, False)
+    except torch.cuda.OutOfMemoryError:
+        if model.device.type == "cpu":
+            raise
+        message = f"GPU out of memory{what} even with one slice per batch; continuing on the CPU (slower)"
+        log.warning(message)
+        warnings.append(message)
+        progress("detect", 0, 1, message)
+        torch.cuda.empty_cache()
+        model = model.to("cpu")
+        return model, run(model, True)
+
+
 def partner_map_words(card) -> str:
     """The partner's map in words: what its tuned volume setting heals and blurs (its own thresholds are not used)."""
     d = card.detection_3d
@@ -841,39 +860,22 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
     stage_args = dict(t=ts, kernel=k, threshold=fusion, max_stages=stages, tolerance=settings.tolerance,
                       batch_size=settings.batch_size, draws=draws, seed=settings.seed,
                       keep_levels=level_maps is not None, progress=progress)
-    try:
-        res = run_stages(model, prep.slices, prep.masks, **stage_args)
-    except torch.cuda.OutOfMemoryError:
-        if model.device.type == "cpu":
-            raise
-        # run_stages already halved the batch down to one slice: the model itself does not fit
-        message = "GPU out of memory even with one slice per batch; continuing on the CPU (slower)"
-        log.warning(message)
-        warnings.append(message)
-        progress("detect", 0, 1, message)
-        torch.cuda.empty_cache()
-        model = model.to("cpu")
-        res = run_stages(model, prep.slices.cpu(), prep.masks.cpu(), **stage_args)
+    model, res = with_cpu_fallback(model, lambda m, cpu: run_stages(m, prep.slices.cpu() if cpu else prep.slices,
+                                                                  prep.masks.cpu() if cpu else prep.masks, **stage_args),
+                                   "", warnings, progress)
     g = prep.geometry
     score_o = scan_map(res.healed, prep, k, smooth, signed, bins, score=res.score, levels=res.levels, mirror_mm=mirror,
                        **(level_maps.kwargs() if level_maps is not None else {}))
     paired = None
     if pairing is not None:
-        partner = pairing.partner
-        p_calls, p_secs = partner.calls, partner.call_seconds
+        first = pairing.partner
+        p_calls, p_secs = first.calls, first.call_seconds
         progress("detect", 0, 1, f"healing again with the partner model {card.partner_3d.file}")
-        try:
-            p_score, p_res = partner_map(partner, image, prep, settings, progress)
-        except torch.cuda.OutOfMemoryError:
-            if partner.device.type == "cpu":
-                raise
-            message = "GPU out of memory for the partner model even with one slice per batch; it runs on the CPU"
-            log.warning(message)
-            warnings.append(message)
-            torch.cuda.empty_cache()
-            partner = partner.to("cpu")
-            p_calls, p_secs = partner.calls, partner.call_seconds
-            p_score, p_res = partner_map(partner, image, prep, settings, progress)
+        partner, (p_score, p_res) = with_cpu_fallback(
+            first, lambda m, cpu: partner_map(m, image, prep, settings, progress), " for the partner model", warnings,
+            progress)
+        if partner is not first:  # moved to the CPU: a new model, counting from zero
+            p_calls, p_secs = 0, 0.0
         score_o, scales = paired_map(score_o, p_score, prep.foreground, card.partner_3d.scan_quantile)
         paired = {"file": card.partner_3d.file, "model": partner.card.name, "model_version": partner.card.version,
                   "map": partner_map_words(partner.card), "scan_quantile": card.partner_3d.scan_quantile,
