@@ -355,6 +355,11 @@ def test_a_card_tuned_on_a_test_volume_is_refused(models, template, tmp_path):
 
     data = implanted_data([str(template)], cases=1, val_cases=0, forms=("native",))
     assert tuned_on_test(card, data) == [] and tuned_on_test(base.card, data) == []
+    from synomaly.card import PartnerModel
+
+    card.partner_3d = PartnerModel(file="p.safetensors", sha256="0" * 64, thresholds={"1e-05": 1.0},
+                                   calibration={"volumes": ["x"], "volume_files": [str(template)]})
+    assert tuned_on_test(card, data) == [data.info["templates"][0]["name"]], "a pair calibrated on it counts too"
 
 
 def test_method_names_and_specs(models):

@@ -116,7 +116,7 @@ class DetectionDefaults:
 
 @dataclass
 class PartnerModel:
-    """Volumes only: a second model whose map is averaged with this model's (`synomaly pair`, detect.pair_map).
+    """Volumes only: a second model whose map is averaged with this model's (`synomaly pair`, detect.paired_map).
 
     Each model heals the scan at its own tuned volume setting; each map is divided by its own `scan_quantile`
     inside the scan's scored region; the two are averaged and thresholded at `thresholds` (per FPR, calibrated on

@@ -66,10 +66,11 @@ def evaluate_methods(methods: Sequence[Method], data: EvalData, s: EvalSettings,
 
 
 def tuned_on_test(card, data: EvalData) -> list[str]:
-    """The test volumes of implanted data that a card's 3D tuning used (by name or by file), in test order."""
-    tuning = card.tuning or {}
-    names = set(tuning.get("volumes", []))
-    files = {str(Path(f).resolve()) for f in tuning.get("volume_files", [])}
+    """The test volumes of implanted data that a card's 3D tuning or its pairing (`synomaly pair`) used (by name or
+    by file), in test order."""
+    records = [card.tuning or {}] + ([card.partner_3d.calibration] if card.partner_3d is not None else [])
+    names = {n for r in records for n in r.get("volumes", [])}
+    files = {str(Path(f).resolve()) for r in records for f in r.get("volume_files", [])}
     return [t["name"] for t in (data.info or {}).get("templates", [])
             if t["name"] in names or str(Path(t["path"]).resolve()) in files]
 

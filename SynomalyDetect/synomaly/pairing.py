@@ -174,6 +174,7 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
         shutil.copyfile(partner_path, beside)
     record = {
         "data": ", ".join(f"{v.name} ({v.source})" for v in volumes),
+        "volumes": [v.name for v in volumes], "volume_files": [str(Path(v.source).resolve()) for v in volumes],
         "lesion_cases": n, "lesion_free_cases": len(healthy), "lesions": int(sum(len(c.meta["lesions"]) for c in lesion)),
         "rule": f"best mean Dice with every lesion-free form <= {max_healthy_ml:g} mL",
         "max_healthy_ml": max_healthy_ml, "pooled_auprc": {k: round(v, 4) for k, v in auprc.items()},
