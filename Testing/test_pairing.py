@@ -224,6 +224,9 @@ def test_synomaly_pair_writes_the_calibrated_pair_and_copies_the_partner(tmp_pat
     bad = synomaly_run(["pair", first, partner, "--data", vol, "-o", tmp_path / "x.safetensors",
                         "--max-healthy-ml", "0", "--device", "cpu", "--progress", "none"])
     assert bad.returncode != 0 and "must be positive" in bad.stderr
+    same = synomaly_run(["pair", first, partner, "--data", vol, "-o", tmp_path / "second.safetensors", "--device", "cpu",
+                         "--progress", "none"])
+    assert same.returncode != 0 and "would both be named second.safetensors" in same.stderr
 
 
 def test_a_partner_file_is_part_of_its_model_not_a_model_of_its_own_in_the_list(pair_files, monkeypatch):

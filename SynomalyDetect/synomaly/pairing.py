@@ -153,6 +153,9 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
     model, partner = load_model(model_file, device=device), load_model(partner_file, device=device)
     if partner.card.orientation != model.card.orientation:
         raise InputError("the two models slice scans in different orientations and cannot be paired")
+    if (Path(output).name if output is not None else Path(model.path).name) == Path(partner.path).name:
+        raise InputError(f"the paired model and its partner would both be named {Path(partner.path).name}: name the "
+                         "output (-o) or the partner file differently")
     if not 0 < max_healthy_ml:
         raise InputError(f"the bound on lesion-free volume must be positive, got {max_healthy_ml}")
     volumes = load_tune_volumes(list(data), allow_held_out)
@@ -167,8 +170,8 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
     auprc = {"first": pooled_auprc(maps[0][:n], lesion, opts), "partner": pooled_auprc(maps[1][:n], lesion, opts),
              "pair": pooled_auprc(mean[:n], lesion, opts)}
     out = Path(output) if output is not None else Path(model.path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     partner_path = Path(partner.path)
+    out.parent.mkdir(parents=True, exist_ok=True)
     beside = out.parent / partner_path.name
     if beside.resolve() != partner_path.resolve():
         shutil.copyfile(partner_path, beside)
