@@ -23,12 +23,12 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
-from synomaly.detect import DetectionSettings, detect, mean_of_scaled, postprocess
+from synomaly.detect import SCAN_LEVEL_QUANTILE, DetectionSettings, detect, mean_of_scaled, paired_map, postprocess
 from synomaly.metrics import dice
 from synomaly.modelio import load_model
-from synomaly.pairing import MIN_MM3, operating_points, paired_tuning, pick, scan_scale
+from synomaly.pairing import operating_points, paired_tuning, pick, tuning_options
 from synomaly.prepare import prepare_scan, unorient_array
-from synomaly.tune import TuneOptions, load_tune_volumes, pooled_auprc
+from synomaly.tune import load_tune_volumes, pooled_auprc
 
 FPRS = (1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 
@@ -43,10 +43,10 @@ def main() -> None:
     args = ap.parse_args()
     names, files = zip(*(m.split("=", 1) for m in args.models))
     models = [load_model(f) for f in files]
-    opts = TuneOptions(region="brain")
+    opts = tuning_options(models)
     volumes = load_tune_volumes(["oasis"])
     start = time.perf_counter()
-    lesion, healthy, own, scan_mean = paired_tuning(models, volumes)
+    lesion, healthy, own, scan_mean = paired_tuning(models, volumes, opts)
     for name, model in zip(names, models):
         d = model.card.detection_3d
         print(f"{name}: t {d.noise_levels()}, blur {d.blur_kernel}, {d.smooth_mm:g} mm", flush=True)
@@ -63,7 +63,7 @@ def main() -> None:
     rows = {**{k: maps[k] for k in names}, "mean": mean}
     picks = {}
     for label, ms in rows.items():
-        pts = operating_points(ms, lesion, healthy, FPRS)
+        pts = operating_points(ms, lesion, healthy, FPRS, opts.min_lesion_mm3)
         pk = pick(pts, args.max_healthy_ml)
         picks[label] = (pts, {"fpr": pk.fpr, "threshold": pk.threshold})
         print(f"{label:6s} pooled AUPRC {pooled_auprc(ms[:n], lesion, opts):.4f} | "
@@ -81,16 +81,16 @@ def main() -> None:
         sp = tuple(image.GetSpacing())
         own, segs = [], []
         for model in models:
-            r = detect(image, model, DetectionSettings(seed=0, min_lesion_mm3=MIN_MM3, single_model=True))
+            r = detect(image, model, DetectionSettings(seed=0, min_lesion_mm3=opts.min_lesion_mm3, single_model=True))
             own.append(sitk.GetArrayFromImage(r.anomaly_map).astype(np.float32))
             segs.append(sitk.GetArrayFromImage(r.segmentation) > 0)
         if scales is None:
             prep = prepare_scan(image, models[-1].card, region="brain")
             region = unorient_array(prep.foreground, prep.geometry.transpose, prep.geometry.flips)
-            ens = mean_of_scaled(own, [scan_scale(m, region) for m in own])
+            ens = paired_map(own, region, SCAN_LEVEL_QUANTILE)[0]
         else:
             ens = mean_of_scaled(own, [scales[k] for k in names])
-        segs.append(postprocess(ens, picks["mean"][1]["threshold"], sp, MIN_MM3)[0])
+        segs.append(postprocess(ens, picks["mean"][1]["threshold"], sp, opts.min_lesion_mm3)[0])
         row = {"case": case.name}
         for label, b in zip((*names, "mean"), segs):
             if truth is not None and truth.any():

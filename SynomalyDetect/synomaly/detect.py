@@ -335,8 +335,7 @@ def scan_map(healed: torch.Tensor, prep, kernel: int, smooth_mm: float, signed: 
             raise ValueError("maps per noise level need one scale per level, or a quantile to scale each in the scan")
         parts = [scan_map(h, prep, kernel, smooth_mm, signed, tissue_bins) for h in levels]
         if scan_quantile > 0:
-            scales = [float(np.quantile(m[prep.foreground], scan_quantile)) if prep.foreground.any() else 1.0
-                      for m in parts]
+            scales = scan_scales(parts, prep.foreground, scan_quantile)
         return contralateral(mean_of_scaled(parts, scales), prep, mirror_mm)
     signed = bool(signed and smooth_mm > 0)
     if score is None or signed:
@@ -350,6 +349,11 @@ def scan_map(healed: torch.Tensor, prep, kernel: int, smooth_mm: float, signed: 
         tissue = grid_to_oriented(blur_kernel(healed, 3), prep)
         out = tissue_normalised(out, tissue, prep.foreground, tissue_bins)
     return contralateral(out, prep, mirror_mm)
+
+
+def scan_scales(parts: Sequence[np.ndarray], region: np.ndarray, quantile: float) -> list[float]:
+    """Each map's scale in its own scan: its `quantile` over the scored region (1 where the region is empty)."""
+    return [float(np.quantile(m[region], quantile)) if region.any() else 1.0 for m in parts]
 
 
 def mean_of_scaled(parts: Sequence[np.ndarray], scales: Sequence[float]) -> np.ndarray:
@@ -672,11 +676,11 @@ def partner_map_words(card) -> str:
             f"smoothed {d.smooth_mm:g} mm across slices, {stages}")
 
 
-def paired_map(first: np.ndarray, second: np.ndarray, region: np.ndarray, quantile: float) -> tuple[np.ndarray, list[float]]:
-    """Two oriented maps of one scan, each divided by its own `quantile` inside the scored region, averaged
-    (mean_of_scaled); and the two scales."""
-    scales = [float(np.quantile(m[region], quantile)) if region.any() else 1.0 for m in (first, second)]
-    return mean_of_scaled([first, second], scales), scales
+def paired_map(maps: Sequence[np.ndarray], region: np.ndarray, quantile: float) -> tuple[np.ndarray, list[float]]:
+    """The maps of one scan by the paired models, each divided by its own `quantile` inside the scored region,
+    averaged (mean_of_scaled); and their scales."""
+    scales = scan_scales(maps, region, quantile)
+    return mean_of_scaled(maps, scales), scales
 
 
 def check_compatibility(image: sitk.Image, card, allow: bool = False) -> list[str]:
@@ -876,7 +880,7 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
             progress)
         if partner is not first:  # moved to the CPU: a new model, counting from zero
             p_calls, p_secs = 0, 0.0
-        score_o, scales = paired_map(score_o, p_score, prep.foreground, card.partner_3d.scan_quantile)
+        score_o, scales = paired_map([score_o, p_score], prep.foreground, card.partner_3d.scan_quantile)
         paired = {"file": card.partner_3d.file, "model": partner.card.name, "model_version": partner.card.version,
                   "map": partner_map_words(partner.card), "scan_quantile": card.partner_3d.scan_quantile,
                   "scales": [round(v, 6) for v in scales], "own_threshold": own_threshold,

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .detect import SCAN_LEVEL_QUANTILE, fpr_key, mean_of_scaled, postprocess, run_stages, scan_map
+from .detect import SCAN_LEVEL_QUANTILE, fpr_key, paired_map, postprocess, run_stages, scan_map
 from .errors import InputError
 from .metrics import dice
 from .progress import ProgressFn, null_progress
@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 
 #: the per-voxel false-positive rates the pair is calibrated at
 PAIR_FPRS = (1e-2, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
-#: lesions smaller than this are dropped, as detection's default minimum size does
-MIN_MM3 = 50.0
 #: the default bound on what a lesion-free tuning form may show at the picked rate: a margin, since held-out
 #: scans flagged 3.6 to 6.4 times what the tuning forms did (Docs/experiments.md, *Two grids averaged*)
 PAIR_MAX_HEALTHY_ML = 0.2
@@ -69,11 +67,6 @@ def tuning_maps(model, lesion, healthy, seed: int, progress: ProgressFn = null_p
     return maps
 
 
-def scan_scale(m: np.ndarray, region: np.ndarray, quantile: float = SCAN_LEVEL_QUANTILE) -> float:
-    """A map's scale in its own scan: its `quantile` inside the scored region (as detect.paired_map)."""
-    return float(np.quantile(m[region], quantile)) if region.any() else 1.0
-
-
 @dataclass
 class OperatingPoint:
     fpr: float
@@ -86,17 +79,18 @@ class OperatingPoint:
                 "max_healthy_ml": round(max(self.healthy_ml), 3)}
 
 
-def operating_points(maps: Sequence[np.ndarray], lesion, healthy,
-                     fprs: Sequence[float] = PAIR_FPRS) -> list[OperatingPoint]:
+def operating_points(maps: Sequence[np.ndarray], lesion, healthy, fprs: Sequence[float] = PAIR_FPRS,
+                     min_mm3: float = 50.0) -> list[OperatingPoint]:
     """Per FPR: the threshold at that per-voxel rate over the lesion-free forms' scored voxels, the mean Dice of
-    the lesion cases and the mL flagged in each lesion-free form (lesions under MIN_MM3 dropped)."""
+    the lesion cases and the mL flagged in each lesion-free form (lesions under `min_mm3` dropped, as
+    `synomaly tune` scores them: TuneOptions.min_lesion_mm3)."""
     n = len(lesion)
     values = np.concatenate([m[c.prep.foreground] for m, c in zip(maps[n:], healthy)])
     out = []
     for fpr in fprs:
         thr = float(np.quantile(values, 1 - fpr))
-        d = float(np.mean([dice(postprocess(m, thr, c.spacing, MIN_MM3)[0], c.truth) for m, c in zip(maps[:n], lesion)]))
-        ml = [float(postprocess(m, thr, c.spacing, MIN_MM3)[0].sum() * np.prod(c.spacing) / 1000)
+        d = float(np.mean([dice(postprocess(m, thr, c.spacing, min_mm3)[0], c.truth) for m, c in zip(maps[:n], lesion)]))
+        ml = [float(postprocess(m, thr, c.spacing, min_mm3)[0].sum() * np.prod(c.spacing) / 1000)
               for m, c in zip(maps[n:], healthy)]
         out.append(OperatingPoint(fpr, thr, d, ml))
     return out
@@ -109,16 +103,23 @@ def pick(points: Sequence[OperatingPoint], max_healthy_ml: float) -> OperatingPo
     return max(within, key=lambda p: p.dice) if within else min(points, key=lambda p: p.fpr)
 
 
-def paired_tuning(models: Sequence, volumes, seed: int = 0, progress: ProgressFn = null_progress):
-    """Both models' tuning maps over the same cases, and the averaged map (each scaled in its own scan).
-    Returns (lesion cases, lesion-free cases, {name: maps}, averaged maps)."""
-    from .tune import TuneOptions, build_cases
+def tuning_options(models: Sequence, seed: int = 0):
+    """`synomaly tune`'s options for the models' shared scored region; refuses models that score different ones."""
+    from .tune import TuneOptions
 
-    first, maps = None, []
     regions = {m.card.detection_3d.region for m in models if m.card.detection_3d is not None}
     if len(regions) > 1:
         raise InputError(f"the two models score volumes in different regions ({', '.join(sorted(regions))})")
-    opts = TuneOptions(region=regions.pop() if regions else "foreground", seed=seed)
+    return TuneOptions(region=regions.pop() if regions else "foreground", seed=seed)
+
+
+def paired_tuning(models: Sequence, volumes, opts, progress: ProgressFn = null_progress):
+    """Both models' tuning maps over the same cases (built with `opts`, tuning_options), and the averaged map
+    (each scaled in its own scan, detect.paired_map). Returns (lesion cases, lesion-free cases, each model's
+    maps, averaged maps)."""
+    from .tune import build_cases
+
+    first, maps = None, []
     for model in models:
         check_pairable(model)
         lesion, healthy = build_cases(volumes, model.card, opts)
@@ -134,7 +135,7 @@ def paired_tuning(models: Sequence, volumes, seed: int = 0, progress: ProgressFn
             first = (lesion, healthy)
         maps.append(tuning_maps(model, lesion, healthy, opts.seed, progress))
     lesion, healthy = first
-    mean = [mean_of_scaled([m[i] for m in maps], [scan_scale(m[i], c.prep.foreground) for m in maps])
+    mean = [paired_map([m[i] for m in maps], c.prep.foreground, SCAN_LEVEL_QUANTILE)[0]
             for i, c in enumerate(lesion + healthy)]
     return lesion, healthy, maps, mean
 
@@ -147,7 +148,7 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
     card.partner_3d naming the second (copied beside the output when it is not there). Returns the record."""
     from .card import PartnerModel
     from .modelio import file_sha256, load_model, save_model
-    from .tune import TuneOptions, load_tune_volumes, pooled_auprc
+    from .tune import load_tune_volumes, pooled_auprc
 
     start = time.perf_counter()
     model, partner = load_model(model_file, device=device), load_model(partner_file, device=device)
@@ -162,10 +163,10 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
     if not volumes:
         raise InputError("no tuning volumes: pairing needs healthy 3D volumes")
     progress("pair", 0, 1, f"building tuning cases from {len(volumes)} volume(s)")
-    lesion, healthy, maps, mean = paired_tuning([model, partner], volumes, progress=progress)
-    points = operating_points(mean, lesion, healthy, fprs)
+    opts = tuning_options([model, partner])
+    lesion, healthy, maps, mean = paired_tuning([model, partner], volumes, opts, progress=progress)
+    points = operating_points(mean, lesion, healthy, fprs, opts.min_lesion_mm3)
     chosen = pick(points, max_healthy_ml)
-    opts = TuneOptions(region=model.card.detection_3d.region)
     n = len(lesion)
     auprc = {"first": pooled_auprc(maps[0][:n], lesion, opts), "partner": pooled_auprc(maps[1][:n], lesion, opts),
              "pair": pooled_auprc(mean[:n], lesion, opts)}
