@@ -154,6 +154,8 @@ def test_the_partner_travels_with_installs_and_fine_tunes_and_tuning_unpair(pair
     dest = install_model(pair_files[0], name="site")
     assert (dest.parent / "second.safetensors").read_bytes() == pair_files[1].read_bytes()
     assert read_card(dest).partner_3d is not None
+    with pytest.raises(modelio.ModelFileError, match="is its partner's file name"):
+        install_model(pair_files[0], name="second")
     pair_files[1].unlink()
     with pytest.raises(modelio.ModelFileError, match="missing or changed"):
         install_model(pair_files[0], name="other")

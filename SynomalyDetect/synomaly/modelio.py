@@ -347,8 +347,6 @@ def resolve_model_path(path_or_name: str | Path) -> Path:
 
 def install_model(path: str | Path, name: str | None = None) -> Path:
     """Copy a model file into the user folder (validated first), returning its new path."""
-    import shutil
-
     src = Path(path)
     card = read_card(src)
     dest_dir = user_models_dir()
@@ -360,11 +358,23 @@ def install_model(path: str | Path, name: str | None = None) -> Path:
         if not partner.is_file() or file_sha256(partner) != card.partner_3d.sha256:
             raise ModelFileError(f"{src} pairs itself with {card.partner_3d.file}, which is missing or changed "
                                  f"in {src.parent}")
+        if dest.name == card.partner_3d.file:
+            raise ModelFileError(f"the name {name or card.name!r} is its partner's file name; choose another")
         copies.insert(0, (partner, dest_dir / card.partner_3d.file))
     for a, b in copies:
-        tmp = b.with_name(f".{b.name}.tmp-{os.getpid()}")
-        shutil.copyfile(a, tmp)
-        os.replace(tmp, b)
+        copy_file(a, b)
+    return dest
+
+
+def copy_file(src: str | Path, dest: str | Path) -> Path:
+    """Copy a file so that `dest` is either the old file or the whole new one, never a part (a temporary file
+    beside it, then a rename)."""
+    import shutil
+
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
     return dest
 
 

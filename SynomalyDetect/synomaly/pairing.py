@@ -11,7 +11,6 @@ averaged*, has why (the shipped pair: 0.3.0 at 64 x 64 with the 128 x 128 fine-t
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,7 +146,7 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
     """Calibrate the averaged map of two models on tuning volumes, pick its rate, and write the first model with
     card.partner_3d naming the second (copied beside the output when it is not there). Returns the record."""
     from .card import PartnerModel
-    from .modelio import file_sha256, load_model, save_model
+    from .modelio import copy_file, file_sha256, load_model, save_model
     from .tune import load_tune_volumes, pooled_auprc
 
     start = time.perf_counter()
@@ -175,7 +174,7 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
     out.parent.mkdir(parents=True, exist_ok=True)
     beside = out.parent / partner_path.name
     if beside.resolve() != partner_path.resolve():
-        shutil.copyfile(partner_path, beside)
+        copy_file(partner_path, beside)
     record = {
         "data": ", ".join(f"{v.name} ({v.source})" for v in volumes),
         "volumes": [v.name for v in volumes], "volume_files": [str(Path(v.source).resolve()) for v in volumes],
