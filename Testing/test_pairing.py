@@ -72,7 +72,8 @@ def test_card_partner_round_trips_and_refuses_impossible_values(pair_files):
     assert "paired with second.safetensors" in card.summary()
     data = json.loads(card.to_json())
     for change, message in ((dict(file="../x.safetensors"), "plain file name"), (dict(sha256="abc"), "sha256"),
-                            (dict(thresholds={}), "no calibrated thresholds"), (dict(fpr=2.0), "fpr")):
+                            (dict(thresholds={}), "no calibrated thresholds"), (dict(fpr=2.0), "fpr"),
+                            (dict(grow_fpr=1e-3), "looser rate than fpr"), (dict(peak_fraction=1.0), "peak_fraction")):
         bad = dict(data, partner_3d={**data["partner_3d"], **change})
         with pytest.raises(ModelCardError, match=message):
             ModelCard.from_dict(bad)
@@ -110,6 +111,29 @@ def test_paired_detection_averages_the_two_scan_scaled_maps_at_the_pairs_thresho
     assert alone.report["partner"] is None and alone.threshold == 0.3, "alone: the model's own calibration"
     strict = detect(image, first, DetectionSettings(device="cpu", fpr=1e-3))
     assert strict.threshold == 2.0, "another rate: the pair's threshold at it"
+
+
+def test_the_pairs_growth_and_outline_apply_unless_asked_otherwise(pair_files):
+    from synomaly.detect import DetectionSettings, detect, postprocess
+    from synomaly.modelio import load_model, read_card, save_model
+
+    first_path = pair_files[0]
+    card = read_card(first_path)
+    card.partner_3d = replace(card.partner_3d, fpr=1e-3, grow_fpr=1e-2, peak_fraction=0.5)
+    save_model(first_path, card, load_model(first_path, device="cpu").network.state_dict())
+    assert "FPR 0.001 grown to FPR 0.01, each lesion outlined at 0.5 of its peak" in card.summary()
+    first = load_model(first_path, device="cpu")
+    image = _head(seed=3)
+    r = detect(image, first, DetectionSettings(device="cpu"))
+    assert (r.threshold, r.report["grow_threshold"], r.report["peak_fraction"]) == (2.0, 1.5, 0.5)
+    score = sitk.GetArrayFromImage(r.anomaly_map)
+    want, _ = postprocess(score, 2.0, image.GetSpacing(), 50.0, 1.5, 0.5)
+    assert np.array_equal(sitk.GetArrayFromImage(r.segmentation) > 0, want)
+    plain = detect(image, first, DetectionSettings(device="cpu", grow_fpr=0, peak_fraction=0))
+    assert (plain.report["grow_threshold"], plain.report["peak_fraction"]) == (None, None), "turned off when asked"
+    explicit = detect(image, first, DetectionSettings(device="cpu", threshold=1.8))
+    assert explicit.report["grow_threshold"] is None, "an explicit threshold means exactly that threshold"
+    assert np.array_equal(sitk.GetArrayFromImage(plain.anomaly_map), score), "the map itself does not change"
 
 
 def test_a_changed_map_setting_uses_the_model_alone_and_says_so(pair_files):
@@ -194,7 +218,36 @@ def test_operating_points_and_the_pick_rule():
     assert pick([loose, mid, strict], 0.2) is mid, "the best Dice within the bound"
     assert pick([loose, mid, strict], 5.0) is loose
     assert pick([loose, replace(mid, healthy_ml=[1.0]), replace(strict, healthy_ml=[0.5])], 0.2).fpr == 1e-4, \
-        "none within the bound: the strictest rate"
+        "none within the bound: the point that flags least"
+    grown = replace(strict, dice=0.55, healthy_ml=[0.1], grow_fpr=1e-2, grow_threshold=0.1)
+    assert pick([loose, mid, strict, grown], 0.2) is grown, "growth competes by the same rule"
+    assert pick([loose, mid, replace(strict, dice=0.5, healthy_ml=[0.1])], 0.2).fpr == 1e-4, \
+        "equal Dice: the stricter rate"
+
+
+def test_outlined_operating_points_grow_into_looser_rates_and_outline_at_half_the_peak():
+    from synomaly.detect import postprocess
+    from synomaly.metrics import dice
+    from synomaly.pairing import operating_points
+
+    rng = np.random.default_rng(1)
+    fg = np.ones((24, 24, 24), bool)
+    truth = np.zeros_like(fg)
+    truth[6:14, 6:14, 6:14] = True
+    lesion_map = rng.exponential(0.1, fg.shape).astype(np.float32)  # a healthy map's long tail
+    lesion_map[6:14, 6:14, 6:14] += np.linspace(0.5, 1.5, 8, dtype=np.float32)  # a lesion fading towards one side
+    healthy_map = rng.exponential(0.1, fg.shape).astype(np.float32)
+    fprs = (1e-2, 1e-3, 1e-4)
+    plain = operating_points([lesion_map, healthy_map], [_case(fg, truth)], [_case(fg)], fprs=fprs)
+    full = operating_points([lesion_map, healthy_map], [_case(fg, truth)], [_case(fg)], fprs=fprs, outlines=True)
+    assert len(plain) == 3 and len(full) == 2 * (3 + 2 + 1), "each rate x (alone + each looser rate) x (plain, 0.5)"
+    assert [(p.fpr, p.dice) for p in plain] == [(p.fpr, p.dice) for p in full if p.grow_fpr is None and p.peak_fraction is None]
+    p = next(p for p in full if p.fpr == 1e-4 and p.grow_fpr == 1e-2 and p.peak_fraction is None)
+    assert p.grow_threshold == next(q.threshold for q in plain if q.fpr == 1e-2) < p.threshold
+    want = dice(postprocess(lesion_map, p.threshold, (1.0, 1.0, 1.0), 50.0, p.grow_threshold)[0], truth)
+    assert p.dice == pytest.approx(want)
+    strict = next(q for q in plain if q.fpr == 1e-4)
+    assert p.dice > strict.dice, "growing a strict seed into the looser rate recovers the faint edge"
 
 
 def test_synomaly_pair_writes_the_calibrated_pair_and_copies_the_partner(tmp_path, synomaly_run):
@@ -218,8 +271,15 @@ def test_synomaly_pair_writes_the_calibrated_pair_and_copies_the_partner(tmp_pat
     assert set(card.partner_3d.thresholds) == {"0.01", "0.001"}
     assert card.partner_3d.thresholds["0.001"] > card.partner_3d.thresholds["0.01"]
     rows = card.partner_3d.calibration["sweep"]
-    assert [row["fpr"] for row in rows] == [0.01, 0.001] and card.partner_3d.calibration["lesion_cases"] >= 1
-    assert card.partner_3d.fpr == max(rows, key=lambda row: row["mean_dice"])["fpr"], "a bound nothing exceeds"
+    assert sorted({row["fpr"] for row in rows}) == [0.001, 0.01] and card.partner_3d.calibration["lesion_cases"] >= 1
+    assert {(r["grow_fpr"], r["peak_fraction"]) for r in rows} == {(None, None), (None, 0.5), (0.01, None), (0.01, 0.5)}, \
+        "tune's outlines: each rate alone, grown into the looser one, each also outlined at half its peak"
+    best = max(r["dice_mean"] for r in rows)
+    assert card.partner_3d.calibration["picked"]["dice_mean"] == best, "a bound nothing exceeds: the best Dice"
+    picked = card.partner_3d.calibration["picked"]
+    assert (card.partner_3d.fpr, card.partner_3d.grow_fpr, card.partner_3d.peak_fraction) == \
+        (picked["fpr"], picked["grow_fpr"], picked["peak_fraction"])
+    assert "<- picked" in r.stdout and r.stdout.count("<- picked") == 1
     result = detect(_head(seed=2), load_model(out, device="cpu"), DetectionSettings(device="cpu"))
     assert result.report["partner"]["file"] == "second.safetensors"
     assert result.threshold == card.partner_3d.thresholds[f"{card.partner_3d.fpr:g}"]

@@ -120,12 +120,16 @@ class PartnerModel:
 
     Each model heals the scan at its own tuned volume setting; each map is divided by its own `scan_quantile`
     inside the scan's scored region; the two are averaged and thresholded at `thresholds` (per FPR, calibrated on
-    the averaged map of lesion-free volumes), at `fpr` unless another is asked for. The counterfactual stays this
-    model's. `file` lies beside this model's file; `sha256` is that file's, checked before it is loaded."""
+    the averaged map of lesion-free volumes), at `fpr` unless another is asked for, lesions grown into the looser
+    threshold at `grow_fpr` and each outlined at `peak_fraction` of its own peak when these are set (as a single
+    model's DetectionDefaults). The counterfactual stays this model's. `file` lies beside this model's file;
+    `sha256` is that file's, checked before it is loaded."""
 
     file: str
     sha256: str
     fpr: float = 1e-5
+    grow_fpr: Optional[float] = None
+    peak_fraction: Optional[float] = None
     scan_quantile: float = 0.9
     thresholds: dict[str, float] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)  # data, scans, the sweep and the rule that picked fpr
@@ -305,6 +309,11 @@ class ModelCard:
                 raise ModelCardError("partner_3d: fpr and scan_quantile must lie in (0, 1)")
             if not p.thresholds:
                 raise ModelCardError("partner_3d has no calibrated thresholds (run `synomaly pair`)")
+            if p.grow_fpr is not None and not float(p.fpr) < float(p.grow_fpr) < 1:
+                raise ModelCardError(f"partner_3d.grow_fpr {p.grow_fpr} must be a looser rate than fpr {p.fpr}, "
+                                     "or be absent")
+            if p.peak_fraction is not None and not 0 < float(p.peak_fraction) < 1:
+                raise ModelCardError(f"partner_3d.peak_fraction {p.peak_fraction} must lie in (0, 1), or be absent")
         n = self.normalisation
         if n.method not in NORMALISATIONS:
             raise ModelCardError(f"normalisation.method {n.method!r} is not one of {NORMALISATIONS}")
@@ -364,8 +373,11 @@ class ModelCard:
                f"{cal_3d}"] if cal_3d else []),
             f"  detection: {self.detection_text()}"
             + (f"; volumes: {self.detection_text(True)} (tuned)" if self.detection_3d is not None else ""),
-            *([f"  volumes paired with {self.partner_3d.file}: the two maps averaged, FPR {self.partner_3d.fpr:g} "
-               f"({rates(self.partner_3d.__dict__)})"] if self.partner_3d is not None else []),
+            *([f"  volumes paired with {self.partner_3d.file}: the two maps averaged, FPR {self.partner_3d.fpr:g}"
+               + (f" grown to FPR {self.partner_3d.grow_fpr:g}" if self.partner_3d.grow_fpr else "")
+               + (f", each lesion outlined at {self.partner_3d.peak_fraction:g} of its peak"
+                  if self.partner_3d.peak_fraction else "")
+               + f" ({rates(self.partner_3d.__dict__)})"] if self.partner_3d is not None else []),
             f"  {self.intended_use}",
         ]
         return "\n".join(lines)

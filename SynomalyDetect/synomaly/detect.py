@@ -620,11 +620,15 @@ def resolve_pairing(settings: DetectionSettings, model, volume: bool, warnings: 
     else:
         fpr = settings.fpr if settings.fpr is not None else pair.fpr
         threshold, source = paired_threshold(fpr, ""), f"calibrated FPR {fpr_key(fpr)} (paired map)"
+    # growth and outline: the asked or the pair's own (as resolve_grow_threshold and resolve_peak_fraction for a
+    # single model; an explicit threshold means exactly that threshold unless growth is asked for too)
+    grow_fpr = settings.grow_fpr if settings.grow_fpr is not None or settings.threshold is not None else pair.grow_fpr
     grow = None
-    if settings.grow_fpr:
-        grow = paired_threshold(settings.grow_fpr, " to grow lesions into")
+    if grow_fpr:
+        grow = paired_threshold(grow_fpr, " to grow lesions into")
         grow = grow if grow < threshold else None
-    return Pairing(partner, threshold, source, grow, float(settings.peak_fraction) if settings.peak_fraction else None)
+    peak = settings.peak_fraction if settings.peak_fraction is not None else pair.peak_fraction
+    return Pairing(partner, threshold, source, grow, float(peak) if peak else None)
 
 
 def partner_map(partner, image: sitk.Image, prep, settings: DetectionSettings, progress: ProgressFn) -> tuple[np.ndarray, Any]:

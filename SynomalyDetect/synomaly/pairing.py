@@ -10,6 +10,7 @@ averaged*, has why (the shipped pair: 0.3.0 at 64 x 64 with the 128 x 128 fine-t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -68,38 +69,56 @@ def tuning_maps(model, lesion, healthy, seed: int, progress: ProgressFn = null_p
 
 @dataclass
 class OperatingPoint:
+    """A threshold of the averaged map, optionally grown (hysteresis) into a looser calibrated one and with each
+    lesion outlined at a fraction of its own peak (detect.postprocess), and what it gives on the tuning cases."""
+
     fpr: float
     threshold: float
     dice: float
     healthy_ml: list[float]
+    grow_fpr: Optional[float] = None
+    grow_threshold: Optional[float] = None
+    peak_fraction: Optional[float] = None
 
     def row(self) -> dict[str, Any]:
-        return {"fpr": self.fpr, "threshold": round(self.threshold, 6), "mean_dice": round(self.dice, 4),
-                "max_healthy_ml": round(max(self.healthy_ml), 3)}
+        """The point in `synomaly tune`'s sweep keys (tune.choose_fpr and tune.point_words read them)."""
+        return {"fpr": self.fpr, "threshold": round(self.threshold, 6), "grow_fpr": self.grow_fpr,
+                "grow_threshold": None if self.grow_threshold is None else round(self.grow_threshold, 6),
+                "peak_fraction": self.peak_fraction, "dice_mean": round(self.dice, 4),
+                "healthy_ml_max": round(max(self.healthy_ml), 3)}
 
 
 def operating_points(maps: Sequence[np.ndarray], lesion, healthy, fprs: Sequence[float] = PAIR_FPRS,
-                     min_mm3: float = 50.0) -> list[OperatingPoint]:
+                     min_mm3: float = 50.0, outlines: bool = False,
+                     peak_fractions: Sequence[float] = (0.5,)) -> list[OperatingPoint]:
     """Per FPR: the threshold at that per-voxel rate over the lesion-free forms' scored voxels, the mean Dice of
     the lesion cases and the mL flagged in each lesion-free form (lesions under `min_mm3` dropped, as
-    `synomaly tune` scores them: TuneOptions.min_lesion_mm3)."""
+    `synomaly tune` scores them: TuneOptions.min_lesion_mm3). With `outlines`, also what `synomaly tune` offers a
+    single model: each rate grown into every looser one, and each of those outlined at `peak_fractions`."""
     n = len(lesion)
     values = np.concatenate([m[c.prep.foreground] for m, c in zip(maps[n:], healthy)])
+    thresholds = {fpr: float(np.quantile(values, 1 - fpr)) for fpr in fprs}
     out = []
-    for fpr in fprs:
-        thr = float(np.quantile(values, 1 - fpr))
-        d = float(np.mean([dice(postprocess(m, thr, c.spacing, min_mm3)[0], c.truth) for m, c in zip(maps[:n], lesion)]))
-        ml = [float(postprocess(m, thr, c.spacing, min_mm3)[0].sum() * np.prod(c.spacing) / 1000)
-              for m, c in zip(maps[n:], healthy)]
-        out.append(OperatingPoint(fpr, thr, d, ml))
+    for fpr, thr in thresholds.items():
+        grows = [None] + ([g for g, v in thresholds.items() if v < thr] if outlines else [])
+        for grow, pf in itertools.product(grows, (None, *peak_fractions) if outlines else (None,)):
+            g = thresholds[grow] if grow is not None else None
+            d = float(np.mean([dice(postprocess(m, thr, c.spacing, min_mm3, g, pf)[0], c.truth)
+                               for m, c in zip(maps[:n], lesion)]))
+            ml = [float(postprocess(m, thr, c.spacing, min_mm3, g, pf)[0].sum() * np.prod(c.spacing) / 1000)
+                  for m, c in zip(maps[n:], healthy)]
+            out.append(OperatingPoint(fpr, thr, d, ml, grow, g, pf))
     return out
 
 
 def pick(points: Sequence[OperatingPoint], max_healthy_ml: float) -> OperatingPoint:
-    """The best mean Dice among the rates whose every lesion-free form stays within max_healthy_ml; the
-    strictest rate when none does."""
-    within = [p for p in points if max(p.healthy_ml) <= max_healthy_ml]
-    return max(within, key=lambda p: p.dice) if within else min(points, key=lambda p: p.fpr)
+    """The best mean Dice among the points whose every lesion-free form stays within max_healthy_ml, by
+    `synomaly tune`'s rule for a single model (tune.choose_fpr: ties to the stricter rate, then to no growth,
+    then to the plain outline; when none is within, the point that flags least)."""
+    from .tune import choose_fpr
+
+    rows = [p.row() for p in points]
+    return points[rows.index(choose_fpr(rows, max_healthy_ml))]
 
 
 def tuning_options(models: Sequence, seed: int = 0):
@@ -141,9 +160,11 @@ def paired_tuning(models: Sequence, volumes, opts, progress: ProgressFn = null_p
 
 def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence[str] = ("oasis",),
                 output: Optional[str | Path] = None, max_healthy_ml: float = PAIR_MAX_HEALTHY_ML,
-                fprs: Sequence[float] = PAIR_FPRS, allow_held_out: bool = False, device: str = "auto",
-                version: Optional[str] = None, progress: ProgressFn = null_progress) -> dict[str, Any]:
-    """Calibrate the averaged map of two models on tuning volumes, pick its rate, and write the first model with
+                fprs: Sequence[float] = PAIR_FPRS, outlines: bool = True, allow_held_out: bool = False,
+                device: str = "auto", version: Optional[str] = None,
+                progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Calibrate the averaged map of two models on tuning volumes, pick its operating point (with `outlines`,
+    among tune's growth and peak outlines too; else among plain thresholds), and write the first model with
     card.partner_3d naming the second (copied beside the output when it is not there). Returns the record."""
     from .card import PartnerModel
     from .modelio import copy_file, file_sha256, load_model, save_model
@@ -164,7 +185,8 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
     progress("pair", 0, 1, f"building tuning cases from {len(volumes)} volume(s)")
     opts = tuning_options([model, partner])
     lesion, healthy, maps, mean = paired_tuning([model, partner], volumes, opts, progress=progress)
-    points = operating_points(mean, lesion, healthy, fprs, opts.min_lesion_mm3)
+    points = operating_points(mean, lesion, healthy, fprs, opts.min_lesion_mm3, outlines=outlines,
+                              peak_fractions=opts.peak_fractions)
     chosen = pick(points, max_healthy_ml)
     n = len(lesion)
     auprc = {"first": pooled_auprc(maps[0][:n], lesion, opts), "partner": pooled_auprc(maps[1][:n], lesion, opts),
@@ -179,7 +201,9 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
         "data": ", ".join(f"{v.name} ({v.source})" for v in volumes),
         "volumes": [v.name for v in volumes], "volume_files": [str(Path(v.source).resolve()) for v in volumes],
         "lesion_cases": n, "lesion_free_cases": len(healthy), "lesions": int(sum(len(c.meta["lesions"]) for c in lesion)),
-        "rule": f"best mean Dice with every lesion-free form <= {max_healthy_ml:g} mL",
+        "rule": f"best mean Dice with every lesion-free form <= {max_healthy_ml:g} mL"
+                + ("" if outlines else ", plain thresholds only"),
+        "picked": chosen.row(),
         "max_healthy_ml": max_healthy_ml, "pooled_auprc": {k: round(v, 4) for k, v in auprc.items()},
         "sweep": [p.row() for p in points], "partner_model": f"{partner.card.name} {partner.card.version}",
         "partner_setting": partner.card.detection_text(True), "seconds": round(time.perf_counter() - start, 1),
@@ -188,6 +212,7 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
     if version:
         card.version = version
     card.partner_3d = PartnerModel(file=partner_path.name, sha256=file_sha256(beside), fpr=chosen.fpr,
+                                   grow_fpr=chosen.grow_fpr, peak_fraction=chosen.peak_fraction,
                                    scan_quantile=SCAN_LEVEL_QUANTILE,
                                    thresholds={fpr_key(p.fpr): round(p.threshold, 6) for p in points},
                                    calibration=record)

@@ -53,22 +53,23 @@ def cmd_calibrate(args) -> int:
 def cmd_pair(args) -> int:
     """Pair two models' volume maps: calibrate the averaged map and write it into the first model's card."""
     from ..pairing import PAIR_FPRS, PAIR_MAX_HEALTHY_ML, pair_models
+    from ..tune import point_words
 
     if args.fprs:
         check_open_unit(args.fprs, "false-positive rates")
     rec = pair_models(args.model, args.partner, args.data, output=args.output,
                       max_healthy_ml=PAIR_MAX_HEALTHY_ML if args.max_healthy_ml is None else args.max_healthy_ml,
                       fprs=tuple(sorted(set(args.fprs), reverse=True)) if args.fprs else PAIR_FPRS,
-                      allow_held_out=args.allow_held_out, device=args.device, version=args.model_version,
-                      progress=progress_for(args))
+                      outlines=not args.plain, allow_held_out=args.allow_held_out, device=args.device,
+                      version=args.model_version, progress=progress_for(args))
     a = rec["pooled_auprc"]
     print(f"paired {rec['output']} with {rec['partner_file']} on {rec['lesion_cases']} volumes with {rec['lesions']} "
           f"implanted lesions ({rec['seconds']:.0f} s): pooled pixel AUPRC {a['first']:.3f} alone, {a['partner']:.3f} "
           f"the partner alone, {a['pair']:.3f} paired")
     for row in rec["sweep"]:
-        mark = "  <- picked" if row["fpr"] == rec["fpr"] else ""
-        print(f"  FPR {row['fpr']:g} ({row['threshold']:.4f}): mean Dice {row['mean_dice']:.3f}, at most "
-              f"{row['max_healthy_ml']:.2f} mL in a lesion-free volume{mark}")
+        mark = "  <- picked" if row == rec["picked"] else ""
+        print(f"  {point_words(row, thresholds=True)}: mean Dice {row['dice_mean']:.3f}, at most "
+              f"{row['healthy_ml_max']:.2f} mL in a lesion-free volume{mark}")
     print(f"  rule: {rec['rule']}")
     return 0
 
@@ -268,6 +269,9 @@ def add_parsers(sub) -> None:
                          "(default 0.2: a margin, since held-out scans flagged up to 6 times what tuning forms did)")
     pa.add_argument("--fprs", type=float, nargs="+", default=None, metavar="RATE",
                     help="the per-voxel false-positive rates to calibrate (default 1e-2 1e-3 3e-4 1e-4 3e-5 1e-5)")
+    pa.add_argument("--plain", action="store_true",
+                    help="pick among plain thresholds only (default: also each rate grown into a looser one and "
+                         "lesions outlined at half their peak, as `synomaly tune` offers a single model)")
     pa.add_argument("--allow-held-out", action="store_true", help="accept volumes kept for evaluation")
     pa.add_argument("-o", "--output", help="write the paired model here (default: update the first model's file)")
     pa.add_argument("--model-version", help="the paired card's version (default: the first model's)")
