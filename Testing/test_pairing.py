@@ -300,6 +300,22 @@ def test_a_partner_file_is_part_of_its_model_not_a_model_of_its_own_in_the_list(
     assert modelio.load_model(pair_files[1], device="cpu").card.name == "second", "still loadable by its path"
 
 
+def test_removing_a_paired_model_removes_its_partner_unless_another_model_pairs_with_it(pair_files):
+    import shutil
+
+    from synomaly.modelio import ModelFileError, remove_model
+
+    first, partner = pair_files
+    folder = first.parent
+    with pytest.raises(ModelFileError, match="is the partner model of first.safetensors .* remove that model"):
+        remove_model("second", folder)
+    assert partner.is_file(), "a refused removal removes nothing"
+    shutil.copy(first, folder / "copy.safetensors")  # a second model paired with the same partner
+    assert remove_model("first", folder) == [first] and partner.is_file(), "still the copy's partner"
+    assert remove_model("copy", folder) == [folder / "copy.safetensors", partner]
+    assert sorted(p.name for p in folder.iterdir()) == []
+
+
 def test_a_network_out_of_gpu_memory_continues_on_the_cpu_with_a_warning():
     import torch
 

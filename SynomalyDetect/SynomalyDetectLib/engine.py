@@ -84,8 +84,9 @@ def user_models_dir() -> Path:
     return Path(_modelio().user_models_dir())
 
 
-def remove_model(name: str, models_dir: Optional[Path] = None) -> Path:
-    """Delete a user model from `models_dir` (default: the user model folder); shipped models cannot be removed."""
+def remove_model(name: str, models_dir: Optional[Path] = None) -> list[Path]:
+    """Delete a user model from `models_dir` (default: the user model folder), with its partner model file unless
+    another model there pairs with it too; shipped models cannot be removed. Returns the files removed."""
     return _modelio().remove_model(name, models_dir)
 
 

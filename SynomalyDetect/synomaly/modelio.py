@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from .card import ModelCard, ModelCardError
 from .contract import DEFAULT_MODEL
@@ -378,12 +378,32 @@ def copy_file(src: str | Path, dest: str | Path) -> Path:
     return dest
 
 
-def remove_model(name: str, models_dir: str | Path | None = None) -> Path:
-    """Delete a user model by name from `models_dir` (default: the user model folder); shipped models
-    cannot be removed."""
+def remove_model(name: str, models_dir: str | Path | None = None) -> list[Path]:
+    """Delete a user model by name from `models_dir` (default: the user model folder), with its partner file
+    (card.partner_3d) when no other model of the folder pairs with that file too; shipped models cannot be
+    removed, and neither can a file that another model of the folder pairs with (remove that model instead).
+    Returns the files removed, the model's first."""
     folder = Path(models_dir) if models_dir is not None else user_models_dir()
     p = folder / f"{name}{MODEL_SUFFIX}"
     if not p.exists():
         raise ModelFileError(f"no user model named {name!r} in {folder}")
+
+    def partner_of(path: Path) -> Optional[str]:
+        try:
+            pair = read_card(path).partner_3d
+        except ModelFileError:
+            return None
+        return pair.file if pair is not None else None
+
+    others = {q.name: partner_of(q) for q in folder.glob(f"*{MODEL_SUFFIX}") if q != p}
+    users = sorted(q for q, partner in others.items() if partner == p.name)
+    if users:
+        raise ModelFileError(f"{p.name} is the partner model of {', '.join(users)} in {folder}: remove "
+                             f"{'that model' if len(users) == 1 else 'those models'} instead (its partner goes with it)")
+    partner = partner_of(p)
     p.unlink()
-    return p
+    removed = [p]
+    if partner is not None and partner not in others.values() and (folder / partner).is_file():
+        (folder / partner).unlink()
+        removed.append(folder / partner)
+    return removed

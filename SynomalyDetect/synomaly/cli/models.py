@@ -169,7 +169,8 @@ def cmd_remove_model(args) -> int:
     """Delete a user model."""
     from ..modelio import remove_model
 
-    print(f"removed {remove_model(args.name)}")
+    model, *partner = remove_model(args.name)
+    print(f"removed {model}" + (f" and its partner model {partner[0].name}" if partner else ""))
     return 0
 
 
