@@ -1,4 +1,4 @@
-"""Two models' volume maps averaged (Docs/experiments.md, *Two grids averaged*): the experiment behind `synomaly pair`.
+"""Two (or more) models' volume maps averaged (Docs/experiments.md, *Two grids averaged*): the experiment behind `synomaly pair`.
 
 Tuning data only (`oasis`, the five forms and 30 implanted lesions of `synomaly tune`): each model's map at its own
 tuned volume setting, alone and averaged, each map first divided by a scale: `healthy`, its 99.9th percentile on
@@ -35,12 +35,14 @@ FPRS = (1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs=2, required=True, metavar="NAME=TUNED_FILE")
+    ap.add_argument("--models", nargs="+", required=True, metavar="NAME=TUNED_FILE", help="two or more tuned models")
     ap.add_argument("--scale", choices=("healthy", "scan"), default="scan")
     ap.add_argument("--max-healthy-ml", type=float, default=1.0,
                     help="the rate picked: best Dice with every lesion-free form at most this (default 1, tune's rule)")
     ap.add_argument("--held-out", action="store_true")
     args = ap.parse_args()
+    if len(args.models) < 2:
+        ap.error("--models needs at least two")
     names, files = zip(*(m.split("=", 1) for m in args.models))
     models = [load_model(f) for f in files]
     opts = tuning_options(models)
