@@ -140,14 +140,26 @@ def resolve_grow_threshold(settings: DetectionSettings, card, threshold: float, 
     """The hysteresis level lesions grow into (`postprocess`): the calibrated threshold at the asked or the card's
     grow FPR, when the card has one for it and it lies below the segmentation threshold; else None (no growth).
     An explicit threshold means exactly that threshold: the card's growth then applies only when asked for."""
-    if settings.grow_fpr is None and settings.threshold is not None:
-        return None
-    fpr = settings.grow_fpr if settings.grow_fpr is not None else card.detection_for(volume).grow_fpr
+    fpr = asked_grow_fpr(settings, card.detection_for(volume).grow_fpr)
     if not fpr:
         return None
     thresholds = (card.calibration_for(volume) or {}).get("thresholds", {})
     grow = calibrated_threshold(card, thresholds, fpr, " to grow lesions into", "turn growth off (grow FPR 0)")
     return grow if grow < threshold else None
+
+
+def asked_grow_fpr(settings: DetectionSettings, default: Optional[float]) -> Optional[float]:
+    """The grow FPR asked for, else `default` (the card's or the pair's); an explicit threshold without an asked
+    growth means exactly that threshold, so the default growth does not apply (None)."""
+    if settings.grow_fpr is not None:
+        return settings.grow_fpr
+    return None if settings.threshold is not None else default
+
+
+def asked_peak_fraction(settings: DetectionSettings, default: Optional[float]) -> Optional[float]:
+    """The peak fraction asked for, else `default` (the card's or the pair's); None (or 0) for off."""
+    v = settings.peak_fraction if settings.peak_fraction is not None else default
+    return float(v) if v else None
 
 
 def calibrated_threshold(card, thresholds: dict[str, float], fpr: float, purpose: str, instead: str) -> float:
@@ -163,8 +175,7 @@ def calibrated_threshold(card, thresholds: dict[str, float], fpr: float, purpose
 def resolve_peak_fraction(settings: DetectionSettings, card, volume: bool = False) -> Optional[float]:
     """The fraction of each lesion's own peak it is outlined at (`postprocess`): the asked or the card's; None
     (or 0) for off."""
-    v = settings.peak_fraction if settings.peak_fraction is not None else card.detection_for(volume).peak_fraction
-    return float(v) if v else None
+    return asked_peak_fraction(settings, card.detection_for(volume).peak_fraction)
 
 
 def resolve_fusion_threshold(settings: DetectionSettings, card, ts: tuple[int, ...], k: int, threshold: float,
@@ -620,15 +631,13 @@ def resolve_pairing(settings: DetectionSettings, model, volume: bool, warnings: 
     else:
         fpr = settings.fpr if settings.fpr is not None else pair.fpr
         threshold, source = paired_threshold(fpr, ""), f"calibrated FPR {fpr_key(fpr)} (paired map)"
-    # growth and outline: the asked or the pair's own (as resolve_grow_threshold and resolve_peak_fraction for a
-    # single model; an explicit threshold means exactly that threshold unless growth is asked for too)
-    grow_fpr = settings.grow_fpr if settings.grow_fpr is not None or settings.threshold is not None else pair.grow_fpr
+    # growth and outline: the asked or the pair's own, by the single model's rules
+    grow_fpr = asked_grow_fpr(settings, pair.grow_fpr)
     grow = None
     if grow_fpr:
         grow = paired_threshold(grow_fpr, " to grow lesions into")
         grow = grow if grow < threshold else None
-    peak = settings.peak_fraction if settings.peak_fraction is not None else pair.peak_fraction
-    return Pairing(partner, threshold, source, grow, float(peak) if peak else None)
+    return Pairing(partner, threshold, source, grow, asked_peak_fraction(settings, pair.peak_fraction))
 
 
 def partner_map(partner, image: sitk.Image, prep, settings: DetectionSettings, progress: ProgressFn) -> tuple[np.ndarray, Any]:
