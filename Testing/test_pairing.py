@@ -195,12 +195,14 @@ def test_calibrating_a_paired_volume_setting_points_to_synomaly_pair(pair_files,
         calibrate_model(pair_files[0], [str(scan)], fprs=(1e-2,), device="cpu")
 
 
-def _case(fg, truth=None, spacing=(1.0, 1.0, 1.0)):
-    return SimpleNamespace(prep=SimpleNamespace(foreground=fg), truth=truth, spacing=spacing)
+def _case(fg, truth=None, spacing=(1.0, 1.0, 1.0), oriented=None):
+    oriented = np.zeros(fg.shape, np.float32) if oriented is None else oriented
+    return SimpleNamespace(prep=SimpleNamespace(foreground=fg, oriented=oriented), truth=truth, spacing=spacing)
 
 
 def test_operating_points_and_the_pick_rule():
-    from synomaly.pairing import OperatingPoint, operating_points, pick
+    from synomaly.pairing import operating_points
+    from synomaly.tune import choose_fpr
 
     rng = np.random.default_rng(0)
     fg = np.ones((20, 20, 20), bool)
@@ -209,20 +211,27 @@ def test_operating_points_and_the_pick_rule():
     lesion_map = rng.random(fg.shape).astype(np.float32) * 0.5
     lesion_map[truth] += 1.0
     healthy_map = rng.random(fg.shape).astype(np.float32) * 0.5
-    pts = operating_points([lesion_map, healthy_map], [_case(fg, truth)], [_case(fg)], fprs=(1e-2, 1e-4))
-    assert [p.fpr for p in pts] == [1e-2, 1e-4]
-    assert pts[1].threshold == pytest.approx(np.quantile(healthy_map[fg], 1 - 1e-4))
-    assert pts[1].dice == pytest.approx(1.0) and max(pts[1].healthy_ml) == 0.0
-    loose, mid, strict = (OperatingPoint(1e-2, 0.1, 0.6, [3.0]), OperatingPoint(1e-3, 0.2, 0.5, [0.15]),
-                          OperatingPoint(1e-4, 0.3, 0.3, [0.0]))
-    assert pick([loose, mid, strict], 0.2) is mid, "the best Dice within the bound"
-    assert pick([loose, mid, strict], 5.0) is loose
-    assert pick([loose, replace(mid, healthy_ml=[1.0]), replace(strict, healthy_ml=[0.5])], 0.2).fpr == 1e-4, \
+    scan = rng.random(fg.shape).astype(np.float32)
+    pts = operating_points([lesion_map, healthy_map], [_case(fg, truth, oriented=scan + truth)],
+                           [_case(fg, oriented=scan)], fprs=(1e-2, 1e-4))
+    assert [p["fpr"] for p in pts] == ["0.01", "0.0001"], "rates keyed as the card stores them"
+    assert pts[1]["threshold"] == pytest.approx(np.quantile(healthy_map[fg], 1 - 1e-4))
+    assert pts[1]["dice_mean"] == pytest.approx(1.0) and pts[1]["healthy_ml_max"] == 0.0
+    assert pts[1]["lesions_found"]["brighter"] == {"found": 1, "of": 1}, "tune's lesion count: the pair gets it too"
+    assert pts[1]["lesions_found"]["darker"] == {"found": 0, "of": 0}
+
+    def point(fpr, dice, ml, **kw):
+        return {"fpr": fpr, "threshold": 0.0, "grow_fpr": None, "peak_fraction": None, "dice_mean": dice,
+                "healthy_ml_max": ml, **kw}
+
+    loose, mid, strict = point("0.01", 0.6, 3.0), point("0.001", 0.5, 0.15), point("0.0001", 0.3, 0.0)
+    assert choose_fpr([loose, mid, strict], 0.2) is mid, "the best Dice within the bound"
+    assert choose_fpr([loose, mid, strict], 5.0) is loose
+    assert choose_fpr([loose, point("0.001", 0.5, 1.0), point("0.0001", 0.3, 0.5)], 0.2)["fpr"] == "0.0001", \
         "none within the bound: the point that flags least"
-    grown = replace(strict, dice=0.55, healthy_ml=[0.1], grow_fpr=1e-2, grow_threshold=0.1)
-    assert pick([loose, mid, strict, grown], 0.2) is grown, "growth competes by the same rule"
-    assert pick([loose, mid, replace(strict, dice=0.5, healthy_ml=[0.1])], 0.2).fpr == 1e-4, \
-        "equal Dice: the stricter rate"
+    grown = point("0.0001", 0.55, 0.1, grow_fpr="0.01")
+    assert choose_fpr([loose, mid, strict, grown], 0.2) is grown, "growth competes by the same rule"
+    assert choose_fpr([loose, mid, point("0.0001", 0.5, 0.1)], 0.2)["fpr"] == "0.0001", "equal Dice: the stricter rate"
 
 
 def test_outlined_operating_points_grow_into_looser_rates_and_outline_at_half_the_peak():
@@ -238,16 +247,18 @@ def test_outlined_operating_points_grow_into_looser_rates_and_outline_at_half_th
     lesion_map[6:14, 6:14, 6:14] += np.linspace(0.5, 1.5, 8, dtype=np.float32)  # a lesion fading towards one side
     healthy_map = rng.exponential(0.1, fg.shape).astype(np.float32)
     fprs = (1e-2, 1e-3, 1e-4)
-    plain = operating_points([lesion_map, healthy_map], [_case(fg, truth)], [_case(fg)], fprs=fprs)
-    full = operating_points([lesion_map, healthy_map], [_case(fg, truth)], [_case(fg)], fprs=fprs, outlines=True)
+    cases = [_case(fg, truth)], [_case(fg)]
+    plain = operating_points([lesion_map, healthy_map], *cases, fprs=fprs)
+    full = operating_points([lesion_map, healthy_map], *cases, fprs=fprs, outlines=True)
     assert len(plain) == 3 and len(full) == 2 * (3 + 2 + 1), "each rate x (alone + each looser rate) x (plain, 0.5)"
-    assert [(p.fpr, p.dice) for p in plain] == [(p.fpr, p.dice) for p in full if p.grow_fpr is None and p.peak_fraction is None]
-    p = next(p for p in full if p.fpr == 1e-4 and p.grow_fpr == 1e-2 and p.peak_fraction is None)
-    assert p.grow_threshold == next(q.threshold for q in plain if q.fpr == 1e-2) < p.threshold
-    want = dice(postprocess(lesion_map, p.threshold, (1.0, 1.0, 1.0), 50.0, p.grow_threshold)[0], truth)
-    assert p.dice == pytest.approx(want)
-    strict = next(q for q in plain if q.fpr == 1e-4)
-    assert p.dice > strict.dice, "growing a strict seed into the looser rate recovers the faint edge"
+    assert [(p["fpr"], p["dice_mean"]) for p in plain] == \
+        [(p["fpr"], p["dice_mean"]) for p in full if p["grow_fpr"] is None and p["peak_fraction"] is None]
+    p = next(p for p in full if p["fpr"] == "0.0001" and p["grow_fpr"] == "0.01" and p["peak_fraction"] is None)
+    assert p["grow_threshold"] == next(q["threshold"] for q in plain if q["fpr"] == "0.01") < p["threshold"]
+    want = dice(postprocess(lesion_map, p["threshold"], (1.0, 1.0, 1.0), 50.0, p["grow_threshold"])[0], truth)
+    assert p["dice_mean"] == pytest.approx(want, abs=1e-4)
+    strict = next(q for q in plain if q["fpr"] == "0.0001")
+    assert p["dice_mean"] > strict["dice_mean"], "growing a strict seed into the looser rate recovers the faint edge"
 
 
 def test_synomaly_pair_writes_the_calibrated_pair_and_copies_the_partner(tmp_path, synomaly_run):
@@ -265,20 +276,22 @@ def test_synomaly_pair_writes_the_calibrated_pair_and_copies_the_partner(tmp_pat
                       "--fprs", "0.01", "0.001", "--device", "cpu", "--progress", "none"], timeout=600)
     assert r.returncode == 0, r.stderr
     assert "paired " in r.stdout and "<- picked" in r.stdout and "pooled pixel AUPRC" in r.stdout
+    assert "lesions found" in r.stdout, "each point with the lesions it finds, as `synomaly tune` prints it"
     card = read_card(out)
     copied = out.parent / "second.safetensors"
     assert copied.read_bytes() == partner.read_bytes() and card.partner_3d.sha256 == file_sha256(copied)
     assert set(card.partner_3d.thresholds) == {"0.01", "0.001"}
     assert card.partner_3d.thresholds["0.001"] > card.partner_3d.thresholds["0.01"]
     rows = card.partner_3d.calibration["sweep"]
-    assert sorted({row["fpr"] for row in rows}) == [0.001, 0.01] and card.partner_3d.calibration["lesion_cases"] >= 1
-    assert {(r["grow_fpr"], r["peak_fraction"]) for r in rows} == {(None, None), (None, 0.5), (0.01, None), (0.01, 0.5)}, \
+    assert sorted({row["fpr"] for row in rows}) == ["0.001", "0.01"] and card.partner_3d.calibration["lesion_cases"] >= 1
+    assert {(r["grow_fpr"], r["peak_fraction"]) for r in rows} == {(None, None), (None, 0.5), ("0.01", None), ("0.01", 0.5)}, \
         "tune's outlines: each rate alone, grown into the looser one, each also outlined at half its peak"
     best = max(r["dice_mean"] for r in rows)
     assert card.partner_3d.calibration["picked"]["dice_mean"] == best, "a bound nothing exceeds: the best Dice"
     picked = card.partner_3d.calibration["picked"]
     assert (card.partner_3d.fpr, card.partner_3d.grow_fpr, card.partner_3d.peak_fraction) == \
-        (picked["fpr"], picked["grow_fpr"], picked["peak_fraction"])
+        (float(picked["fpr"]), picked["grow_fpr"] and float(picked["grow_fpr"]), picked["peak_fraction"])
+    assert all("per_case" not in k for k in picked) and "lesions_found" in picked
     assert "<- picked" in r.stdout and r.stdout.count("<- picked") == 1
     result = detect(_head(seed=2), load_model(out, device="cpu"), DetectionSettings(device="cpu"))
     assert result.report["partner"]["file"] == "second.safetensors"

@@ -42,18 +42,19 @@ def main() -> None:
     lesion, healthy, _, mean = paired_tuning(models, volumes, opts)
     points = operating_points(mean, lesion, healthy, PAIR_FPRS, opts.min_lesion_mm3)
     print(f"calibrated on seed 0 ({len(healthy)} lesion-free forms, {time.perf_counter() - start:.0f} s)", flush=True)
-    rows = {p.fpr: {"threshold": p.threshold, "seed 0": (p.dice, max(p.healthy_ml))} for p in points}
+    rows = {float(p["fpr"]): {"threshold": p["threshold"], "seed 0": (p["dice_mean"], p["healthy_ml_max"])}
+            for p in points}
     for seed in args.seeds:
         o = tuning_options(models, seed=seed)
         les, hea, _, mn = paired_tuning(models, volumes, o)
         n = len(les)
-        for p in points:
-            d = float(np.mean([dice(postprocess(m, p.threshold, c.spacing, o.min_lesion_mm3)[0], c.truth)
+        for fpr, row in rows.items():
+            d = float(np.mean([dice(postprocess(m, row["threshold"], c.spacing, o.min_lesion_mm3)[0], c.truth)
                                for m, c in zip(mn[:n], les)]))
-            ml = [flagged_ml(m, c, p.threshold, o.min_lesion_mm3) for m, c in zip(mn[n:], hea)]
-            rows[p.fpr][f"seed {seed}"] = (d, max(ml))
-            if p.fpr == min(rows):
-                print(f"seed {seed}, FPR {p.fpr:g}: mL per lesion-free form "
+            ml = [flagged_ml(m, c, row["threshold"], o.min_lesion_mm3) for m, c in zip(mn[n:], hea)]
+            row[f"seed {seed}"] = (d, max(ml))
+            if fpr == min(rows):
+                print(f"seed {seed}, FPR {fpr:g}: mL per lesion-free form "
                       + ", ".join(f"{c.name} {v:.2f}" for c, v in zip(hea, ml)), flush=True)
         print(f"seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
     keys = ["seed 0"] + [f"seed {s}" for s in args.seeds]

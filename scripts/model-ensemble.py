@@ -26,9 +26,9 @@ import SimpleITK as sitk
 from synomaly.detect import SCAN_LEVEL_QUANTILE, DetectionSettings, detect, mean_of_scaled, paired_map, postprocess
 from synomaly.metrics import dice
 from synomaly.modelio import load_model
-from synomaly.pairing import operating_points, paired_tuning, pick, tuning_options
+from synomaly.pairing import operating_points, paired_tuning, tuning_options
 from synomaly.prepare import prepare_scan, unorient_array
-from synomaly.tune import load_tune_volumes, pooled_auprc
+from synomaly.tune import choose_fpr, load_tune_volumes, pooled_auprc
 
 FPRS = (1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 
@@ -66,11 +66,11 @@ def main() -> None:
     picks = {}
     for label, ms in rows.items():
         pts = operating_points(ms, lesion, healthy, FPRS, opts.min_lesion_mm3)
-        pk = pick(pts, args.max_healthy_ml)
-        picks[label] = (pts, {"fpr": pk.fpr, "threshold": pk.threshold})
+        pk = choose_fpr(pts, args.max_healthy_ml)
+        picks[label] = (pts, pk)
         print(f"{label:6s} pooled AUPRC {pooled_auprc(ms[:n], lesion, opts):.4f} | "
-              + " | ".join(f"FPR {p.fpr:g}: Dice {p.dice:.3f}, max {max(p.healthy_ml):.2f} mL" for p in pts)
-              + f" || picked FPR {pk.fpr:g}", flush=True)
+              + " | ".join(f"FPR {p['fpr']}: Dice {p['dice_mean']:.3f}, max {p['healthy_ml_max']:.2f} mL" for p in pts)
+              + f" || picked FPR {pk['fpr']}", flush=True)
     if not args.held_out:
         return
     from synomaly.evaldata import load_eval_data

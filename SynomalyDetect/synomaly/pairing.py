@@ -10,19 +10,16 @@ averaged*, has why (the shipped pair: 0.3.0 at 64 x 64 with the 128 x 128 fine-t
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .detect import SCAN_LEVEL_QUANTILE, fpr_key, paired_map, postprocess, run_stages, scan_map
+from .detect import SCAN_LEVEL_QUANTILE, fpr_key, paired_map, run_stages, scan_map
 from .errors import InputError
-from .metrics import dice
 from .progress import ProgressFn, null_progress
 
 log = logging.getLogger(__name__)
@@ -67,58 +64,26 @@ def tuning_maps(model, lesion, healthy, seed: int, progress: ProgressFn = null_p
     return maps
 
 
-@dataclass
-class OperatingPoint:
-    """A threshold of the averaged map, optionally grown (hysteresis) into a looser calibrated one and with each
-    lesion outlined at a fraction of its own peak (detect.postprocess), and what it gives on the tuning cases."""
-
-    fpr: float
-    threshold: float
-    dice: float
-    healthy_ml: list[float]
-    grow_fpr: Optional[float] = None
-    grow_threshold: Optional[float] = None
-    peak_fraction: Optional[float] = None
-
-    def row(self) -> dict[str, Any]:
-        """The point in `synomaly tune`'s sweep keys (tune.choose_fpr and tune.point_words read them)."""
-        return {"fpr": self.fpr, "threshold": round(self.threshold, 6), "grow_fpr": self.grow_fpr,
-                "grow_threshold": None if self.grow_threshold is None else round(self.grow_threshold, 6),
-                "peak_fraction": self.peak_fraction, "dice_mean": round(self.dice, 4),
-                "healthy_ml_max": round(max(self.healthy_ml), 3)}
-
-
 def operating_points(maps: Sequence[np.ndarray], lesion, healthy, fprs: Sequence[float] = PAIR_FPRS,
                      min_mm3: float = 50.0, outlines: bool = False,
-                     peak_fractions: Sequence[float] = (0.5,)) -> list[OperatingPoint]:
-    """Per FPR: the threshold at that per-voxel rate over the lesion-free forms' scored voxels, the mean Dice of
-    the lesion cases and the mL flagged in each lesion-free form (lesions under `min_mm3` dropped, as
-    `synomaly tune` scores them: TuneOptions.min_lesion_mm3). With `outlines`, also what `synomaly tune` offers a
-    single model: each rate grown into every looser one, and each of those outlined at `peak_fractions`."""
+                     peak_fractions: Sequence[float] = (0.5,)) -> list[dict[str, Any]]:
+    """The averaged maps' operating points (lesion cases' maps first, then the lesion-free cases'): per FPR the
+    threshold at that per-voxel rate over the lesion-free forms' scored voxels, scored as `synomaly tune` scores a
+    single model's (tune.score_points: mean Dice, lesions found, mL flagged in each lesion-free form, lesions under
+    `min_mm3` dropped); with `outlines`, also each rate grown into every looser one and outlined at
+    `peak_fractions` of each lesion's peak. Rates are keyed as the card stores them (detect.fpr_key)."""
+    from .tune import score_points
+
     n = len(lesion)
     values = np.concatenate([m[c.prep.foreground] for m, c in zip(maps[n:], healthy)])
-    thresholds = {fpr: float(np.quantile(values, 1 - fpr)) for fpr in fprs}
-    out = []
-    for fpr, thr in thresholds.items():
-        grows = [None] + ([g for g, v in thresholds.items() if v < thr] if outlines else [])
-        for grow, pf in itertools.product(grows, (None, *peak_fractions) if outlines else (None,)):
-            g = thresholds[grow] if grow is not None else None
-            d = float(np.mean([dice(postprocess(m, thr, c.spacing, min_mm3, g, pf)[0], c.truth)
-                               for m, c in zip(maps[:n], lesion)]))
-            ml = [float(postprocess(m, thr, c.spacing, min_mm3, g, pf)[0].sum() * np.prod(c.spacing) / 1000)
-                  for m, c in zip(maps[n:], healthy)]
-            out.append(OperatingPoint(fpr, thr, d, ml, grow, g, pf))
-    return out
+    thresholds = {fpr_key(fpr): float(np.quantile(values, 1 - fpr)) for fpr in fprs}
+    return score_points(maps[:n], lesion, maps[n:], healthy, thresholds, min_mm3, peak_fractions, outlines)
 
 
-def pick(points: Sequence[OperatingPoint], max_healthy_ml: float) -> OperatingPoint:
-    """The best mean Dice among the points whose every lesion-free form stays within max_healthy_ml, by
-    `synomaly tune`'s rule for a single model (tune.choose_fpr: ties to the stricter rate, then to no growth,
-    then to the plain outline; when none is within, the point that flags least)."""
-    from .tune import choose_fpr
-
-    rows = [p.row() for p in points]
-    return points[rows.index(choose_fpr(rows, max_healthy_ml))]
+def summary(point: dict[str, Any]) -> dict[str, Any]:
+    """An operating point without its per-case lists, as the card's record keeps it."""
+    return {k: (round(v, 6) if k.endswith("threshold") and v is not None else v)
+            for k, v in point.items() if not k.endswith("per_case")}
 
 
 def tuning_options(models: Sequence, seed: int = 0):
@@ -168,7 +133,7 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
     card.partner_3d naming the second (copied beside the output when it is not there). Returns the record."""
     from .card import PartnerModel
     from .modelio import copy_file, file_sha256, load_model, save_model
-    from .tune import load_tune_volumes, pooled_auprc
+    from .tune import choose_fpr, load_tune_volumes, point_words, pooled_auprc
 
     start = time.perf_counter()
     model, partner = load_model(model_file, device=device), load_model(partner_file, device=device)
@@ -187,7 +152,7 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
     lesion, healthy, maps, mean = paired_tuning([model, partner], volumes, opts, progress=progress)
     points = operating_points(mean, lesion, healthy, fprs, opts.min_lesion_mm3, outlines=outlines,
                               peak_fractions=opts.peak_fractions)
-    chosen = pick(points, max_healthy_ml)
+    chosen = choose_fpr(points, max_healthy_ml)
     n = len(lesion)
     auprc = {"first": pooled_auprc(maps[0][:n], lesion, opts), "partner": pooled_auprc(maps[1][:n], lesion, opts),
              "pair": pooled_auprc(mean[:n], lesion, opts)}
@@ -203,21 +168,22 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
         "lesion_cases": n, "lesion_free_cases": len(healthy), "lesions": int(sum(len(c.meta["lesions"]) for c in lesion)),
         "rule": f"best mean Dice with every lesion-free form <= {max_healthy_ml:g} mL"
                 + ("" if outlines else ", plain thresholds only"),
-        "picked": chosen.row(),
+        "picked": summary(chosen),
         "max_healthy_ml": max_healthy_ml, "pooled_auprc": {k: round(v, 4) for k, v in auprc.items()},
-        "sweep": [p.row() for p in points], "partner_model": f"{partner.card.name} {partner.card.version}",
+        "sweep": [summary(p) for p in points], "partner_model": f"{partner.card.name} {partner.card.version}",
         "partner_setting": partner.card.detection_text(True), "seconds": round(time.perf_counter() - start, 1),
     }
     card = model.card.copy()
     if version:
         card.version = version
-    card.partner_3d = PartnerModel(file=partner_path.name, sha256=file_sha256(beside), fpr=chosen.fpr,
-                                   grow_fpr=chosen.grow_fpr, peak_fraction=chosen.peak_fraction,
-                                   scan_quantile=SCAN_LEVEL_QUANTILE,
-                                   thresholds={fpr_key(p.fpr): round(p.threshold, 6) for p in points},
+    card.partner_3d = PartnerModel(file=partner_path.name, sha256=file_sha256(beside), fpr=float(chosen["fpr"]),
+                                   grow_fpr=float(chosen["grow_fpr"]) if chosen["grow_fpr"] else None,
+                                   peak_fraction=chosen["peak_fraction"], scan_quantile=SCAN_LEVEL_QUANTILE,
+                                   thresholds={p["fpr"]: round(p["threshold"], 6) for p in points
+                                               if p["grow_fpr"] is None and p["peak_fraction"] is None},
                                    calibration=record)
     card.validate()
     state = {k: v.detach().cpu() for k, v in model.network.state_dict().items()}
     save_model(out, card, state)
-    progress("pair", 1, 1, f"paired: FPR {chosen.fpr:g}")
-    return {**record, "output": str(out), "partner_file": str(beside), "fpr": chosen.fpr}
+    progress("pair", 1, 1, f"paired: {point_words(chosen)}")
+    return {**record, "output": str(out), "partner_file": str(beside), "fpr": float(chosen["fpr"])}

@@ -388,8 +388,7 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
     seed, so the same results) and filled with this one's."""
     from .calibrate import FUSION_FPR, calibration_maps, calibration_record, needs_whole_scans, scan_map_thresholds
     from .card import DetectionDefaults
-    from .detect import SCAN_LEVEL_QUANTILE, postprocess, run_stages, scan_map
-    from .metrics import dice
+    from .detect import SCAN_LEVEL_QUANTILE, run_stages, scan_map
 
     key = network_key(setting)
     ts, k, stages, draws, per_level = key
@@ -418,7 +417,6 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
                              max_stages=stages, draws=draws, region=opts.region or "foreground")
     if needs_whole_scans(d):
         cal = scan_map_thresholds(cal, hres.healed, [c.prep for c in healthy_cases], d, opts.fprs, levels=hres.levels)
-    thresholds = cal["thresholds"]
     scales = cal.get("level_scales") if per_level else None
 
     def case_maps(res, cases):
@@ -431,31 +429,46 @@ def operating_points(model, lesion_cases: Sequence[TuneCase], healthy_cases: Seq
 
     lmaps = case_maps(lres, lesion_cases)
     hmaps = case_maps(hres, healthy_cases)
+    points = score_points(lmaps, lesion_cases, hmaps, healthy_cases, cal["thresholds"], opts.min_lesion_mm3,
+                          opts.peak_fractions)
+    return cal, points
+
+
+def score_points(lesion_maps: Sequence[np.ndarray], lesion_cases: Sequence[TuneCase],
+                 healthy_maps: Sequence[np.ndarray], healthy_cases: Sequence[TuneCase], thresholds: dict[str, float],
+                 min_mm3: float, peak_fractions: Sequence[float] = (0.5,), outlines: bool = True) -> list[dict[str, Any]]:
+    """Every operating point of calibrated `thresholds` ({rate key: threshold}) scored on maps of the tuning cases:
+    each rate alone and, with `outlines`, grown (hysteresis) into each looser rate, and each of those with every
+    lesion outlined at each of `peak_fractions` of its own peak. Per point: the mean Dice of the lesion cases, the
+    implanted lesions found (by polarity and size) and the mL flagged in each lesion-free case, lesions under
+    `min_mm3` dropped. Lesion case i and lesion-free case i are forms of the same volume (build_cases). Shared by
+    `synomaly tune` (one model's maps) and `synomaly pair` (two models' averaged)."""
+    from .detect import postprocess
+    from .metrics import dice
+
     components = [lesion_polarities(c, h) for c, h in zip(lesion_cases, healthy_cases)]
     points = []
     for key, thr in thresholds.items():
-        # the strict threshold alone, and grown (hysteresis) into each looser calibrated threshold
-        # and each of those with every lesion outlined at a fraction of its own peak
-        for grow_key, pf in itertools.product([None] + [g for g, v in thresholds.items() if v < thr],
-                                              (None,) + tuple(opts.peak_fractions)):
+        grows = [None] + ([g for g, v in thresholds.items() if v < thr] if outlines else [])
+        for grow_key, pf in itertools.product(grows, (None,) + (tuple(peak_fractions) if outlines else ())):
             grow = thresholds[grow_key] if grow_key is not None else None
             dices = []
             found: list[tuple[int, float, bool]] = []
-            for m, c, (labels, rows) in zip(lmaps, lesion_cases, components):
-                binary, _ = postprocess(m, thr, c.spacing, opts.min_lesion_mm3, grow, pf)
+            for m, c, (labels, rows) in zip(lesion_maps, lesion_cases, components):
+                binary, _ = postprocess(m, thr, c.spacing, min_mm3, grow, pf)
                 dices.append(dice(binary, c.truth))
                 hit = np.unique(labels[binary & (labels > 0)])
                 found.extend((r["polarity"], r["ml"], j + 1 in hit) for j, r in enumerate(rows))
             flagged = []
-            for m, c in zip(hmaps, healthy_cases):
-                binary, _ = postprocess(m, thr, c.spacing, opts.min_lesion_mm3, grow, pf)
+            for m, c in zip(healthy_maps, healthy_cases):
+                binary, _ = postprocess(m, thr, c.spacing, min_mm3, grow, pf)
                 flagged.append(float(binary.sum()) * float(np.prod(c.spacing)) / 1000.0)
             points.append({"fpr": key, "threshold": thr, "grow_fpr": grow_key, "grow_threshold": grow,
                            "peak_fraction": pf, "dice_mean": round(float(np.mean(dices)), 4),
                            "dice_per_case": [round(d, 3) for d in dices], "lesions_found": lesion_recall(found),
                            "healthy_ml_max": round(max(flagged), 3),
                            "healthy_ml_per_case": [round(f, 3) for f in flagged]})
-    return cal, points
+    return points
 
 
 def _scaling(row: dict[str, Any]) -> str:

@@ -53,7 +53,6 @@ def cmd_calibrate(args) -> int:
 def cmd_pair(args) -> int:
     """Pair two models' volume maps: calibrate the averaged map and write it into the first model's card."""
     from ..pairing import PAIR_FPRS, PAIR_MAX_HEALTHY_ML, pair_models
-    from ..tune import point_words
 
     if args.fprs:
         check_open_unit(args.fprs, "false-positive rates")
@@ -67,9 +66,7 @@ def cmd_pair(args) -> int:
           f"implanted lesions ({rec['seconds']:.0f} s): pooled pixel AUPRC {a['first']:.3f} alone, {a['partner']:.3f} "
           f"the partner alone, {a['pair']:.3f} paired")
     for row in rec["sweep"]:
-        mark = "  <- picked" if row == rec["picked"] else ""
-        print(f"  {point_words(row, thresholds=True)}: mean Dice {row['dice_mean']:.3f}, at most "
-              f"{row['healthy_ml_max']:.2f} mL in a lesion-free volume{mark}")
+        print(f"  {point_line(row)}{'  <- picked' if row == rec['picked'] else ''}")
     print(f"  rule: {rec['rule']}")
     return 0
 
@@ -130,12 +127,20 @@ def cmd_tune(args) -> int:
           f"({rec['seconds']['total']:.0f} s): {setting_words(best)}, "
           f"pooled pixel AUPRC {best['auprc']:.3f}; default {point_words(chosen)}")
     for p in rec["points"]:
-        lf = p["lesions_found"]
-        by = ", ".join(f"{k.replace('_', ' ')} {v['found']}/{v['of']}" for k, v in lf.items() if k != "all")
-        print(f"  {point_words(p, thresholds=True)}: mean Dice {p['dice_mean']:.3f}, "
-              f"at most {p['healthy_ml_max']:.2f} mL flagged in a lesion-free volume; "
-              f"lesions found {lf['all']['found']}/{lf['all']['of']} ({by})")
+        print(f"  {point_line(p)}")
     return 0
+
+
+def point_line(p: dict) -> str:
+    """One operating point of `synomaly tune` or `synomaly pair` in a line: its rate(s) and thresholds, the mean
+    Dice, the most any lesion-free volume flags and the implanted lesions found."""
+    from ..tune import point_words
+
+    lf = p["lesions_found"]
+    by = ", ".join(f"{k.replace('_', ' ')} {v['found']}/{v['of']}" for k, v in lf.items() if k != "all")
+    return (f"{point_words(p, thresholds=True)}: mean Dice {p['dice_mean']:.3f}, "
+            f"at most {p['healthy_ml_max']:.2f} mL flagged in a lesion-free volume; "
+            f"lesions found {lf['all']['found']}/{lf['all']['of']} ({by})")
 
 
 def cmd_install_model(args) -> int:
