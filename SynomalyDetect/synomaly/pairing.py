@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .detect import SCAN_LEVEL_QUANTILE, fpr_key, paired_map, run_stages, scan_map
+from .detect import SCAN_LEVEL_QUANTILE, fpr_key, paired_map, scan_map
 from .errors import InputError
 from .progress import ProgressFn, null_progress
 
@@ -48,6 +48,8 @@ def check_pairable(model) -> None:
 def tuning_maps(model, lesion, healthy, seed: int, progress: ProgressFn = null_progress) -> list[np.ndarray]:
     """The model's oriented map of each case (lesion cases first) at its tuned volume setting: one stage, the
     healed images of its noise levels averaged (as `synomaly tune` scores a setting)."""
+    from .tune import single_stage
+
     d = model.card.detection_3d
     maps = []
     for cases in (lesion, healthy):
@@ -56,8 +58,7 @@ def tuning_maps(model, lesion, healthy, seed: int, progress: ProgressFn = null_p
         healed = []
         for i, t in enumerate(d.noise_levels()):
             progress("pair", i, len(d.noise_levels()), f"{model.card.name}: healing at t {t}")
-            healed.append(run_stages(model, x0, masks, t=t, kernel=1, threshold=float("inf"), max_stages=1, draws=1,
-                                     seed=seed + 7919 * t + 1).healed)
+            healed.append(single_stage(model, x0, masks, t, 1, seed))
         mean = torch.stack(healed).mean(0)
         parts = torch.split(mean, [c.prep.slices.shape[0] for c in cases])
         maps += [scan_map(h, c.prep, d.blur_kernel, d.smooth_mm) for h, c in zip(parts, cases)]

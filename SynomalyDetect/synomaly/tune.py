@@ -207,6 +207,16 @@ def _label(ts: Sequence[int]) -> str:
     return "+".join(str(int(v)) for v in ts)
 
 
+def single_stage(model, x0: torch.Tensor, masks: torch.Tensor, t: int, draws: int, seed: int,
+                 batch_size: Optional[int] = None) -> torch.Tensor:
+    """The slices healed once at noise level t (the mean of `draws` draws), as the sweep scores a setting: the
+    seed depends on t and the draws, so each level's result is the same whichever ensemble or model asks for it."""
+    from .detect import run_stages
+
+    return run_stages(model, x0, masks, t=t, kernel=1, threshold=float("inf"), max_stages=1, batch_size=batch_size,
+                      draws=draws, seed=seed + 7919 * t + draws).healed
+
+
 def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
           progress: ProgressFn = null_progress) -> list[dict[str, Any]]:
     """Pooled pixel AUPRC of the grid's settings on the lesion cases, one row per setting: every noise
@@ -232,9 +242,7 @@ def sweep(model, cases: Sequence[TuneCase], opts: TuneOptions,
             if (t, draws) not in healed:
                 progress("tune", done, steps, f"single-stage predictions at t = {t}, {draws} draw(s)")
                 start = time.perf_counter()
-                healed[(t, draws)] = run_stages(model, x0, masks, t=t, kernel=1, threshold=float("inf"),
-                                                max_stages=1, batch_size=opts.batch_size, draws=draws,
-                                                seed=opts.seed + 7919 * t + draws).healed
+                healed[(t, draws)] = single_stage(model, x0, masks, t, draws, opts.seed, opts.batch_size)
                 log.info("t = %d, %d draws: %.1f s for %d slices", t, draws, time.perf_counter() - start, x0.shape[0])
                 done += 1
         return torch.stack([healed[(t, draws)] for t in ts]).mean(0)
