@@ -73,7 +73,9 @@ def test_card_partner_round_trips_and_refuses_impossible_values(pair_files):
     data = json.loads(card.to_json())
     for change, message in ((dict(file="../x.safetensors"), "plain file name"), (dict(sha256="abc"), "sha256"),
                             (dict(thresholds={}), "no calibrated thresholds"), (dict(fpr=2.0), "fpr"),
-                            (dict(grow_fpr=1e-3), "looser rate than fpr"), (dict(peak_fraction=1.0), "peak_fraction")):
+                            (dict(grow_fpr=1e-3), "looser rate than fpr"), (dict(peak_fraction=1.0), "peak_fraction"),
+                            (dict(fpr=1e-4), "no calibrated threshold at FPR 0.0001 \\(it has 0.001, 0.01\\)"),
+                            (dict(fpr=1e-3, grow_fpr=0.1), "no calibrated threshold at FPR 0.1 ")):
         bad = dict(data, partner_3d={**data["partner_3d"], **change})
         with pytest.raises(ModelCardError, match=message):
             ModelCard.from_dict(bad)

@@ -114,6 +114,11 @@ class DetectionDefaults:
         return tuple(int(t) for t in self.t_ensemble) or (int(self.t),)
 
 
+def fpr_key(fpr: float) -> str:
+    """Canonical text of a false-positive rate, as thresholds are keyed in the card ('0.001', '1e-05')."""
+    return f"{float(fpr):g}" if float(fpr) >= 1e-4 else f"{float(fpr):.0e}"
+
+
 @dataclass
 class PartnerModel:
     """Volumes only: a second model whose map is averaged with this model's (`synomaly pair`, detect.paired_map).
@@ -314,6 +319,10 @@ class ModelCard:
                                      "or be absent")
             if p.peak_fraction is not None and not 0 < float(p.peak_fraction) < 1:
                 raise ModelCardError(f"partner_3d.peak_fraction {p.peak_fraction} must lie in (0, 1), or be absent")
+            missing = [fpr_key(f) for f in (p.fpr, p.grow_fpr) if f is not None and fpr_key(f) not in p.thresholds]
+            if missing:
+                raise ModelCardError(f"partner_3d has no calibrated threshold at FPR {', '.join(missing)} (it has "
+                                     f"{', '.join(sorted(p.thresholds, key=float))}): run `synomaly pair` again")
         n = self.normalisation
         if n.method not in NORMALISATIONS:
             raise ModelCardError(f"normalisation.method {n.method!r} is not one of {NORMALISATIONS}")

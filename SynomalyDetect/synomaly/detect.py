@@ -11,6 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .card import fpr_key
 from .contract import DETECTION_SETTING
 from .errors import ModelError, SettingsError
 from .filters import blur_kernel
@@ -191,11 +192,6 @@ def resolve_fusion_threshold(settings: DetectionSettings, card, ts: tuple[int, .
     if "fusion_threshold" in cal and _calibrated_ts(cal, ts) == ts and int(cal.get("blur_kernel", k)) == k:
         return float(cal["fusion_threshold"])
     return threshold
-
-
-def fpr_key(fpr: float) -> str:
-    """Canonical text of a false-positive rate, as stored in the card ('0.001')."""
-    return f"{float(fpr):g}" if float(fpr) >= 1e-4 else f"{float(fpr):.0e}"
 
 
 def _calibrated_ts(cal: dict, default: tuple[int, ...]) -> tuple[int, ...]:
