@@ -2,8 +2,9 @@
 
 One batch of 16 slices at the partner's grid, channels-last, under the precision the engine picks on this machine
 (bf16 autocast where the CPU has fast bf16, else float32): eager milliseconds per slice, the operators that take
-the time (torch.profiler, one call), then the same network through torch.compile (its compile time, its speed
-and the largest difference in its output).
+the time (torch.profiler, one call), the same with the math attention kernel and (where bf16 is used) in
+float32, then the same network through torch.compile (its compile time, its speed and the largest difference in
+its output).
 
     python scripts/partner-speed.py [--model SynomalyDetect/Resources/Models/brain-mri-axial-128.safetensors]
 """
@@ -14,6 +15,7 @@ import contextlib
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from synomaly.modelio import load_model
 from synomaly.device import autocast_dtype
@@ -33,15 +35,17 @@ def main() -> None:
     x = torch.randn(args.batch, 1, g, g).to(memory_format=torch.channels_last)
     t = torch.full((args.batch,), 100, dtype=torch.long)
 
-    def scope():
+    def scope(precision=dtype, attention=None):
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
-        if dtype is not None:
-            stack.enter_context(torch.autocast("cpu", dtype=dtype))
+        if precision is not None:
+            stack.enter_context(torch.autocast("cpu", dtype=precision))
+        if attention is not None:
+            stack.enter_context(sdpa_kernel(attention))
         return stack
 
-    def per_slice(f) -> tuple[float, torch.Tensor]:
-        with scope():
+    def per_slice(f, **how) -> tuple[float, torch.Tensor]:
+        with scope(**how):
             f(x, t)
             start = time.perf_counter()
             for _ in range(args.repeat):
@@ -59,6 +63,12 @@ def main() -> None:
     total = sum(e.self_cpu_time_total for e in events)
     print("share of one call's CPU time: " + ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f} %"
                                                        for e in events[:7]))
+    math, y_math = per_slice(net, attention=SDPBackend.MATH)
+    print(f"attention by the math kernel instead of flash attention: {math:.1f} ms per slice; largest output "
+          f"difference {float((y_eager - y_math).abs().max()):.4f}")
+    if dtype is not None:
+        fp32, _ = per_slice(net, precision=None)
+        print(f"float32 instead of {dtype}: {fp32:.1f} ms per slice ({fp32 / eager:.2f}x the time)")
     start = time.perf_counter()
     compiled = torch.compile(net, dynamic=False)
     with scope():
