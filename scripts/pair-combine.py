@@ -1,4 +1,4 @@
-"""How two models' scan-scaled maps are best combined (Docs/experiments.md, *How the pair's two maps are combined*).
+"""How two models' scan-scaled maps are best combined (Docs/experiments.md, *How the two maps are combined*).
 
 Tuning data only (`oasis`, the forms and implanted lesions of `synomaly tune`, one lesion draw per seed): each
 model's map at its own tuned volume setting, divided by its 0.9 quantile inside each scan's scored region (as
