@@ -18,7 +18,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .detect import SCAN_LEVEL_QUANTILE, fpr_key, paired_map, scan_map
+from .card import fpr_key
+from .detect import SCAN_LEVEL_QUANTILE, paired_map, scan_map
 from .errors import InputError
 from .progress import ProgressFn, null_progress
 
@@ -72,19 +73,13 @@ def operating_points(maps: Sequence[np.ndarray], lesion, healthy, fprs: Sequence
     threshold at that per-voxel rate over the lesion-free forms' scored voxels, scored as `synomaly tune` scores a
     single model's (tune.score_points: mean Dice, lesions found, mL flagged in each lesion-free form, lesions under
     `min_mm3` dropped); with `outlines`, also each rate grown into every looser one and outlined at
-    `peak_fractions` of each lesion's peak. Rates are keyed as the card stores them (detect.fpr_key)."""
+    `peak_fractions` of each lesion's peak. Rates are keyed as the card stores them (card.fpr_key)."""
     from .tune import score_points
 
     n = len(lesion)
     values = np.concatenate([m[c.prep.foreground] for m, c in zip(maps[n:], healthy)])
     thresholds = {fpr_key(fpr): float(np.quantile(values, 1 - fpr)) for fpr in fprs}
     return score_points(maps[:n], lesion, maps[n:], healthy, thresholds, min_mm3, peak_fractions, outlines)
-
-
-def summary(point: dict[str, Any]) -> dict[str, Any]:
-    """An operating point without its per-case lists, as the card's record keeps it."""
-    return {k: (round(v, 6) if k.endswith("threshold") and v is not None else v)
-            for k, v in point.items() if not k.endswith("per_case")}
 
 
 def tuning_options(models: Sequence, seed: int = 0):
@@ -134,7 +129,7 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
     card.partner_3d naming the second (copied beside the output when it is not there). Returns the record."""
     from .card import PartnerModel
     from .modelio import copy_file, file_sha256, load_model, save_model
-    from .tune import choose_fpr, load_tune_volumes, point_words, pooled_auprc
+    from .tune import choose_fpr, load_tune_volumes, point_summary, point_words, pooled_auprc
 
     start = time.perf_counter()
     model, partner = load_model(model_file, device=device), load_model(partner_file, device=device)
@@ -169,9 +164,9 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
         "lesion_cases": n, "lesion_free_cases": len(healthy), "lesions": int(sum(len(c.meta["lesions"]) for c in lesion)),
         "rule": f"best mean Dice with every lesion-free form <= {max_healthy_ml:g} mL"
                 + ("" if outlines else ", plain thresholds only"),
-        "picked": summary(chosen),
+        "picked": point_summary(chosen),
         "max_healthy_ml": max_healthy_ml, "pooled_auprc": {k: round(v, 4) for k, v in auprc.items()},
-        "sweep": [summary(p) for p in points], "partner_model": f"{partner.card.name} {partner.card.version}",
+        "sweep": [point_summary(p) for p in points], "partner_model": f"{partner.card.name} {partner.card.version}",
         "partner_setting": partner.card.detection_text(True), "seconds": round(time.perf_counter() - start, 1),
     }
     card = model.card.copy()

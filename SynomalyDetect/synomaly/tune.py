@@ -501,6 +501,13 @@ def lesion_polarities(lesion_case: TuneCase, healthy_case: TuneCase) -> tuple[np
     return labels, rows
 
 
+def point_summary(point: dict[str, Any]) -> dict[str, Any]:
+    """An operating point (score_points) as a card's record keeps it: without its per-case lists, thresholds
+    rounded to 6 decimals."""
+    return {k: (round(v, 6) if k.endswith("threshold") and v is not None else v)
+            for k, v in point.items() if not k.endswith("per_case")}
+
+
 def lesion_recall(found: Sequence[tuple[int, float, bool]]) -> dict[str, Any]:
     """Share of implanted lesions found (any voxel segmented), overall and by polarity and size, from
     (polarity, mL, found) triples; each entry is {"found": k, "of": n}."""
@@ -666,7 +673,7 @@ def tune_model(model_path: str | Path, data: Sequence[str], *, output: str | Pat
         "grid": asdict(opts.grid),
         "table": rows,
         "chosen": chosen,
-        "operating_points": [{k: v for k, v in p.items() if not k.endswith("per_case")} for p in points],
+        "operating_points": [point_summary(p) for p in points],
         "chosen_fpr": op["fpr"],
         "chosen_grow_fpr": op.get("grow_fpr"),
         "chosen_peak_fraction": op.get("peak_fraction"),
