@@ -115,6 +115,35 @@ def test_paired_detection_averages_the_two_scan_scaled_maps_at_the_pairs_thresho
     assert strict.threshold == 2.0, "another rate: the pair's threshold at it"
 
 
+def test_a_geometric_pair_combines_the_scaled_maps_by_their_geometric_mean(pair_files):
+    from synomaly.detect import DetectionSettings, detect, geometric_of_scaled
+    from synomaly.modelio import load_model, read_card, save_model
+
+    a = np.array([0.0, 1.0, 4.0, 2.0], np.float32)
+    b = np.array([9.0, 1.0, 1.0, 8.0], np.float32)
+    assert np.allclose(geometric_of_scaled([a, b], [1.0, 2.0]), np.sqrt(a * b / 2)), "high only where both are"
+    first_path = pair_files[0]
+    card = read_card(first_path)
+    card.partner_3d = replace(card.partner_3d, combine="geometric")
+    save_model(first_path, card, load_model(first_path, device="cpu").network.state_dict())
+    assert "combined by their geometric mean" in read_card(first_path).summary()
+    first, second = (load_model(p, device="cpu") for p in pair_files)
+    image = _head(seed=3)
+    paired = detect(image, first, DetectionSettings(device="cpu"))
+    alone = detect(image, first, DetectionSettings(device="cpu", single_model=True))
+    partner = detect(image, second, DetectionSettings(device="cpu"))
+    x, y = (sitk.GetArrayFromImage(r.anomaly_map) for r in (alone, partner))
+    region = _input_region(image, first.card)
+    want = np.sqrt((x / np.quantile(x[region], 0.9)) * (y / np.quantile(y[region], 0.9)))
+    got = sitk.GetArrayFromImage(paired.anomaly_map)
+    assert np.allclose(got, want, rtol=1e-4, atol=1e-6) and paired.report["partner"]["combine"] == "geometric"
+    data = json.loads(card.to_json())
+    from synomaly.card import ModelCard, ModelCardError
+
+    with pytest.raises(ModelCardError, match="combine 'median' is not one of"):
+        ModelCard.from_dict(dict(data, partner_3d={**data["partner_3d"], "combine": "median"}))
+
+
 def test_the_pairs_growth_and_outline_apply_unless_asked_otherwise(pair_files):
     from synomaly.detect import DetectionSettings, detect, postprocess
     from synomaly.modelio import load_model, read_card, save_model
@@ -298,6 +327,14 @@ def test_synomaly_pair_writes_the_calibrated_pair_and_copies_the_partner(tmp_pat
     result = detect(_head(seed=2), load_model(out, device="cpu"), DetectionSettings(device="cpu"))
     assert result.report["partner"]["file"] == "second.safetensors"
     assert result.threshold == card.partner_3d.thresholds[f"{card.partner_3d.fpr:g}"]
+    assert card.partner_3d.combine == "mean" and "(averaged)" in r.stdout
+    geo = synomaly_run(["pair", first, partner, "--data", vol, "-o", tmp_path / "geo" / "paired.safetensors",
+                        "--max-healthy-ml", "1000", "--fprs", "0.01", "--plain", "--combine", "geometric",
+                        "--device", "cpu", "--progress", "none"], timeout=600)
+    assert geo.returncode == 0, geo.stderr
+    geo_card = read_card(tmp_path / "geo" / "paired.safetensors")
+    assert geo_card.partner_3d.combine == "geometric" and geo_card.partner_3d.calibration["combine"] == "geometric"
+    assert geo_card.partner_3d.thresholds["0.01"] != card.partner_3d.thresholds["0.01"], "calibrated on its own map"
     bad = synomaly_run(["pair", first, partner, "--data", vol, "-o", tmp_path / "x.safetensors",
                         "--max-healthy-ml", "0", "--device", "cpu", "--progress", "none"])
     assert bad.returncode != 0 and "must be positive" in bad.stderr

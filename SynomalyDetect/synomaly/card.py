@@ -114,6 +114,10 @@ class DetectionDefaults:
         return tuple(int(t) for t in self.t_ensemble) or (int(self.t),)
 
 
+#: how a pair's two scaled maps are combined (PartnerModel.combine)
+PAIR_COMBINES = ("mean", "geometric")
+
+
 def fpr_key(fpr: float) -> str:
     """Canonical text of a false-positive rate, as thresholds are keyed in the card ('0.001', '1e-05')."""
     return f"{float(fpr):g}" if float(fpr) >= 1e-4 else f"{float(fpr):.0e}"
@@ -138,6 +142,8 @@ class PartnerModel:
     scan_quantile: float = 0.9
     thresholds: dict[str, float] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)  # data, scans, the sweep and the rule that picked fpr
+    combine: str = "mean"  # how the two scaled maps become one: "mean", or "geometric" (the square root of their
+    # product: high only where both are; Docs/experiments.md, *How the two maps are combined*)
 
 
 @dataclass
@@ -319,6 +325,8 @@ class ModelCard:
                                      "or be absent")
             if p.peak_fraction is not None and not 0 < float(p.peak_fraction) < 1:
                 raise ModelCardError(f"partner_3d.peak_fraction {p.peak_fraction} must lie in (0, 1), or be absent")
+            if p.combine not in PAIR_COMBINES:
+                raise ModelCardError(f"partner_3d.combine {p.combine!r} is not one of {PAIR_COMBINES}")
             missing = [fpr_key(f) for f in (p.fpr, p.grow_fpr) if f is not None and fpr_key(f) not in p.thresholds]
             if missing:
                 raise ModelCardError(f"partner_3d has no calibrated threshold at FPR {', '.join(missing)} (it has "
@@ -382,7 +390,9 @@ class ModelCard:
                f"{cal_3d}"] if cal_3d else []),
             f"  detection: {self.detection_text()}"
             + (f"; volumes: {self.detection_text(True)} (tuned)" if self.detection_3d is not None else ""),
-            *([f"  volumes paired with {self.partner_3d.file}: the two maps averaged, FPR {self.partner_3d.fpr:g}"
+            *([f"  volumes paired with {self.partner_3d.file}: the two maps "
+               f"{'averaged' if self.partner_3d.combine == 'mean' else 'combined by their geometric mean'}, "
+               f"FPR {self.partner_3d.fpr:g}"
                + (f" grown to FPR {self.partner_3d.grow_fpr:g}" if self.partner_3d.grow_fpr else "")
                + (f", each lesion outlined at {self.partner_3d.peak_fraction:g} of its peak"
                   if self.partner_3d.peak_fraction else "")

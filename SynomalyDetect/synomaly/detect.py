@@ -685,11 +685,23 @@ def partner_map_words(card) -> str:
             f"smoothed {d.smooth_mm:g} mm across slices, {stages}")
 
 
-def paired_map(maps: Sequence[np.ndarray], region: np.ndarray, quantile: float) -> tuple[np.ndarray, list[float]]:
+def paired_map(maps: Sequence[np.ndarray], region: np.ndarray, quantile: float,
+               combine: str = "mean") -> tuple[np.ndarray, list[float]]:
     """The maps of one scan by the paired models, each divided by its own `quantile` inside the scored region,
-    averaged (mean_of_scaled); and their scales."""
+    then averaged (mean_of_scaled) or, `combine` "geometric", combined by their geometric mean
+    (geometric_of_scaled); and their scales."""
     scales = scan_scales(maps, region, quantile)
-    return mean_of_scaled(maps, scales), scales
+    return (geometric_of_scaled if combine == "geometric" else mean_of_scaled)(maps, scales), scales
+
+
+def geometric_of_scaled(parts: Sequence[np.ndarray], scales: Sequence[float]) -> np.ndarray:
+    """The geometric mean of maps each divided by its scale (the n-th root of their product; maps are >= 0), in
+    float32 and in one order, as mean_of_scaled."""
+    total = None
+    for part, sc in zip(parts, scales):
+        scaled = np.maximum(part / np.float32(max(float(sc), 1e-6)), np.float32(0))
+        total = scaled if total is None else total * scaled
+    return np.power(total, np.float32(1.0 / len(parts))).astype(np.float32, copy=False)
 
 
 def check_compatibility(image: sitk.Image, card, allow: bool = False) -> list[str]:
@@ -889,8 +901,10 @@ def detect(image: sitk.Image, model, settings: Optional[DetectionSettings] = Non
             progress)
         if partner is not first:  # moved to the CPU: a new model, counting from zero
             p_calls, p_secs = 0, 0.0
-        score_o, scales = paired_map([score_o, p_score], prep.foreground, card.partner_3d.scan_quantile)
+        score_o, scales = paired_map([score_o, p_score], prep.foreground, card.partner_3d.scan_quantile,
+                                     card.partner_3d.combine)
         paired = {"file": card.partner_3d.file, "model": partner.card.name, "model_version": partner.card.version,
+                  "combine": card.partner_3d.combine,
                   "map": partner_map_words(partner.card), "scan_quantile": card.partner_3d.scan_quantile,
                   "scales": [round(v, 6) for v in scales], "own_threshold": own_threshold,
                   "network_calls": partner.calls - p_calls, "network_seconds": round(partner.call_seconds - p_secs, 3),

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .card import fpr_key
+from .card import PAIR_COMBINES, fpr_key
 from .detect import SCAN_LEVEL_QUANTILE, paired_map, scan_map
 from .errors import InputError
 from .progress import ProgressFn, null_progress
@@ -92,9 +92,10 @@ def tuning_options(models: Sequence, seed: int = 0):
     return TuneOptions(region=regions.pop() if regions else "foreground", seed=seed)
 
 
-def paired_tuning(models: Sequence, volumes, opts, progress: ProgressFn = null_progress):
-    """Both models' tuning maps over the same cases (built with `opts`, tuning_options), and the averaged map
-    (each scaled in its own scan, detect.paired_map). Returns (lesion cases, lesion-free cases, each model's
+def paired_tuning(models: Sequence, volumes, opts, progress: ProgressFn = null_progress, combine: str = "mean"):
+    """Both models' tuning maps over the same cases (built with `opts`, tuning_options), and the combined map
+    (each scaled in its own scan, then averaged or, `combine` "geometric", their geometric mean: detect.paired_map).
+    Returns (lesion cases, lesion-free cases, each model's
     maps, averaged maps)."""
     from .tune import build_cases
 
@@ -114,7 +115,7 @@ def paired_tuning(models: Sequence, volumes, opts, progress: ProgressFn = null_p
             first = (lesion, healthy)
         maps.append(tuning_maps(model, lesion, healthy, opts.seed, progress))
     lesion, healthy = first
-    mean = [paired_map([m[i] for m in maps], c.prep.foreground, SCAN_LEVEL_QUANTILE)[0]
+    mean = [paired_map([m[i] for m in maps], c.prep.foreground, SCAN_LEVEL_QUANTILE, combine)[0]
             for i, c in enumerate(lesion + healthy)]
     return lesion, healthy, maps, mean
 
@@ -122,7 +123,7 @@ def paired_tuning(models: Sequence, volumes, opts, progress: ProgressFn = null_p
 def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence[str] = ("oasis",),
                 output: Optional[str | Path] = None, max_healthy_ml: float = PAIR_MAX_HEALTHY_ML,
                 fprs: Sequence[float] = PAIR_FPRS, outlines: bool = True, allow_held_out: bool = False,
-                device: str = "auto", version: Optional[str] = None,
+                device: str = "auto", version: Optional[str] = None, combine: str = "mean",
                 progress: ProgressFn = null_progress) -> dict[str, Any]:
     """Calibrate the averaged map of two models on tuning volumes, pick its operating point (with `outlines`,
     among tune's growth and peak outlines too; else among plain thresholds), and write the first model with
@@ -138,6 +139,8 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
     if (Path(output).name if output is not None else Path(model.path).name) == Path(partner.path).name:
         raise InputError(f"the paired model and its partner would both be named {Path(partner.path).name}: name the "
                          "output (-o) or the partner file differently")
+    if combine not in PAIR_COMBINES:
+        raise InputError(f"the maps are combined by one of {', '.join(PAIR_COMBINES)}, not {combine!r}")
     if not 0 < max_healthy_ml:
         raise InputError(f"the bound on lesion-free volume must be positive, got {max_healthy_ml}")
     volumes = load_tune_volumes(list(data), allow_held_out)
@@ -145,7 +148,7 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
         raise InputError("no tuning volumes: pairing needs healthy 3D volumes")
     progress("pair", 0, 1, f"building tuning cases from {len(volumes)} volume(s)")
     opts = tuning_options([model, partner])
-    lesion, healthy, maps, mean = paired_tuning([model, partner], volumes, opts, progress=progress)
+    lesion, healthy, maps, mean = paired_tuning([model, partner], volumes, opts, progress=progress, combine=combine)
     points = operating_points(mean, lesion, healthy, fprs, opts.min_lesion_mm3, outlines=outlines,
                               peak_fractions=opts.peak_fractions)
     chosen = choose_fpr(points, max_healthy_ml)
@@ -162,6 +165,7 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
         "data": ", ".join(f"{v.name} ({v.source})" for v in volumes),
         "volumes": [v.name for v in volumes], "volume_files": [str(Path(v.source).resolve()) for v in volumes],
         "lesion_cases": n, "lesion_free_cases": len(healthy), "lesions": int(sum(len(c.meta["lesions"]) for c in lesion)),
+        "combine": combine,
         "rule": f"best mean Dice with every lesion-free form <= {max_healthy_ml:g} mL"
                 + ("" if outlines else ", plain thresholds only"),
         "picked": point_summary(chosen),
@@ -175,6 +179,7 @@ def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence
     card.partner_3d = PartnerModel(file=partner_path.name, sha256=file_sha256(beside), fpr=float(chosen["fpr"]),
                                    grow_fpr=float(chosen["grow_fpr"]) if chosen["grow_fpr"] else None,
                                    peak_fraction=chosen["peak_fraction"], scan_quantile=SCAN_LEVEL_QUANTILE,
+                                   combine=combine,
                                    thresholds={p["fpr"]: round(p["threshold"], 6) for p in points
                                                if p["grow_fpr"] is None and p["peak_fraction"] is None},
                                    calibration=record)

@@ -60,11 +60,11 @@ def cmd_pair(args) -> int:
                       max_healthy_ml=PAIR_MAX_HEALTHY_ML if args.max_healthy_ml is None else args.max_healthy_ml,
                       fprs=tuple(sorted(set(args.fprs), reverse=True)) if args.fprs else PAIR_FPRS,
                       outlines=not args.plain, allow_held_out=args.allow_held_out, device=args.device,
-                      version=args.model_version, progress=progress_for(args))
+                      version=args.model_version, combine=args.combine, progress=progress_for(args))
     a = rec["pooled_auprc"]
     print(f"paired {rec['output']} with {rec['partner_file']} on {rec['lesion_cases']} volumes with {rec['lesions']} "
           f"implanted lesions ({rec['seconds']:.0f} s): pooled pixel AUPRC {a['first']:.3f} alone, {a['partner']:.3f} "
-          f"the partner alone, {a['pair']:.3f} paired")
+          f"the partner alone, {a['pair']:.3f} paired ({'averaged' if rec['combine'] == 'mean' else 'geometric mean'})")
     for row in rec["sweep"]:
         print(f"  {point_line(row)}{'  <- picked' if row == rec['picked'] else ''}")
     print(f"  rule: {rec['rule']}")
@@ -278,6 +278,9 @@ def add_parsers(sub) -> None:
     pa.add_argument("--plain", action="store_true",
                     help="pick among plain thresholds only (default: also each rate grown into a looser one and "
                          "lesions outlined at half their peak, as `synomaly tune` offers a single model)")
+    pa.add_argument("--combine", choices=("mean", "geometric"), default="mean",
+                    help="how the two scan-scaled maps become one: their mean (default), or their geometric mean, "
+                         "high only where both maps are")
     pa.add_argument("--allow-held-out", action="store_true", help="accept volumes kept for evaluation")
     pa.add_argument("-o", "--output", help="write the paired model here (default: update the first model's file)")
     pa.add_argument("--model-version", help="the paired card's version (default: the first model's)")
