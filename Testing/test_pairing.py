@@ -86,17 +86,25 @@ def test_card_partner_round_trips_and_refuses_impossible_values(pair_files):
     assert card.at_grid(64).partner_3d is None, "a new grid's map is not the one the pair was calibrated with"
 
 
-def test_paired_detection_averages_the_two_scan_scaled_maps_at_the_pairs_threshold(pair_files):
-    from synomaly.detect import DetectionSettings, detect, postprocess
+def _paired_alone_partner(pair_files):
+    """A head detected by the pair, by its first model alone and by the partner alone; and the scored region."""
+    from synomaly.detect import DetectionSettings, detect
     from synomaly.modelio import load_model
 
     first, second = (load_model(p, device="cpu") for p in pair_files)
     image = _head(seed=3)
-    paired = detect(image, first, DetectionSettings(device="cpu"))
-    alone = detect(image, first, DetectionSettings(device="cpu", single_model=True))
-    partner = detect(image, second, DetectionSettings(device="cpu"))
+    results = [detect(image, first, DetectionSettings(device="cpu")),
+               detect(image, first, DetectionSettings(device="cpu", single_model=True)),
+               detect(image, second, DetectionSettings(device="cpu"))]
+    return image, *results, _input_region(image, first.card)
+
+
+def test_paired_detection_averages_the_two_scan_scaled_maps_at_the_pairs_threshold(pair_files):
+    from synomaly.detect import DetectionSettings, detect, postprocess
+    from synomaly.modelio import load_model
+
+    image, paired, alone, partner, region = _paired_alone_partner(pair_files)
     a, b = (sitk.GetArrayFromImage(r.anomaly_map) for r in (alone, partner))
-    region = _input_region(image, first.card)
     qa, qb = (np.quantile(m[region], 0.9) for m in (a, b))
     want = (a / qa + b / qb) / 2
     got = sitk.GetArrayFromImage(paired.anomaly_map)
@@ -111,12 +119,12 @@ def test_paired_detection_averages_the_two_scan_scaled_maps_at_the_pairs_thresho
     cf = sitk.GetArrayFromImage(paired.counterfactual)
     assert np.array_equal(cf, sitk.GetArrayFromImage(alone.counterfactual)), "the first model's counterfactual"
     assert alone.report["partner"] is None and alone.threshold == 0.3, "alone: the model's own calibration"
-    strict = detect(image, first, DetectionSettings(device="cpu", fpr=1e-3))
+    strict = detect(image, load_model(pair_files[0], device="cpu"), DetectionSettings(device="cpu", fpr=1e-3))
     assert strict.threshold == 2.0, "another rate: the pair's threshold at it"
 
 
 def test_a_geometric_pair_combines_the_scaled_maps_by_their_geometric_mean(pair_files):
-    from synomaly.detect import DetectionSettings, detect, geometric_of_scaled
+    from synomaly.detect import geometric_of_scaled
     from synomaly.modelio import load_model, read_card, save_model
 
     a = np.array([0.0, 1.0, 4.0, 2.0], np.float32)
@@ -127,13 +135,8 @@ def test_a_geometric_pair_combines_the_scaled_maps_by_their_geometric_mean(pair_
     card.partner_3d = replace(card.partner_3d, combine="geometric")
     save_model(first_path, card, load_model(first_path, device="cpu").network.state_dict())
     assert "combined by their geometric mean" in read_card(first_path).summary()
-    first, second = (load_model(p, device="cpu") for p in pair_files)
-    image = _head(seed=3)
-    paired = detect(image, first, DetectionSettings(device="cpu"))
-    alone = detect(image, first, DetectionSettings(device="cpu", single_model=True))
-    partner = detect(image, second, DetectionSettings(device="cpu"))
+    _, paired, alone, partner, region = _paired_alone_partner(pair_files)
     x, y = (sitk.GetArrayFromImage(r.anomaly_map) for r in (alone, partner))
-    region = _input_region(image, first.card)
     want = np.sqrt((x / np.quantile(x[region], 0.9)) * (y / np.quantile(y[region], 0.9)))
     got = sitk.GetArrayFromImage(paired.anomaly_map)
     assert np.allclose(got, want, rtol=1e-4, atol=1e-6) and paired.report["partner"]["combine"] == "geometric"
