@@ -17,16 +17,17 @@ import time
 
 import numpy as np
 
-from synomaly.detect import SCAN_LEVEL_QUANTILE, scan_scales
+from synomaly.detect import SCAN_LEVEL_QUANTILE, geometric_of_scaled, mean_of_scaled, scaled_parts, scan_scales
 from synomaly.modelio import load_model
 from synomaly.pairing import PAIR_FPRS, operating_points, paired_tuning, tuning_options
 from synomaly.tune import choose_fpr, load_tune_volumes, pooled_auprc
 
+# each rule takes a case's raw maps and their scales; mean and geometric are detection's own (detect.paired_map)
 RULES = {
-    "mean": lambda a, b: (a + b) / 2,
-    "geometric": lambda a, b: np.sqrt(a * b),
-    "min": np.minimum,
-    "max": np.maximum,
+    "mean": mean_of_scaled,
+    "geometric": geometric_of_scaled,
+    "min": lambda parts, scales: np.minimum(*scaled_parts(parts, scales)),
+    "max": lambda parts, scales: np.maximum(*scaled_parts(parts, scales)),
 }
 
 
@@ -45,14 +46,11 @@ def main() -> None:
         lesion, healthy, maps, _ = paired_tuning(models, volumes, opts)
         n = len(lesion)
         cases = lesion + healthy
-        scaled = []
-        for i, c in enumerate(cases):
-            parts = [m[i] for m in maps]
-            scales = scan_scales(parts, c.prep.foreground, SCAN_LEVEL_QUANTILE)
-            scaled.append([p / np.float32(max(s, 1e-6)) for p, s in zip(parts, scales)])
+        parts = [[m[i] for m in maps] for i in range(len(cases))]
+        scales = [scan_scales(p, c.prep.foreground, SCAN_LEVEL_QUANTILE) for p, c in zip(parts, cases)]
         print(f"seed {seed}: maps of both models ({time.perf_counter() - start:.0f} s)", flush=True)
         for rule, f in RULES.items():
-            combined = [f(a, b).astype(np.float32) for a, b in scaled]
+            combined = [f(p, sc).astype(np.float32, copy=False) for p, sc in zip(parts, scales)]
             pts = operating_points(combined, lesion, healthy, PAIR_FPRS, opts.min_lesion_mm3)
             picks = {b: choose_fpr(pts, b) for b in args.bounds}
             table[rule].append({"seed": seed, "auprc": pooled_auprc(combined[:n], lesion, opts), "points": pts,

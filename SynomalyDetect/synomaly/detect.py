@@ -363,13 +363,18 @@ def scan_scales(parts: Sequence[np.ndarray], region: np.ndarray, quantile: float
     return [float(np.quantile(m[region], quantile)) if region.any() else 1.0 for m in parts]
 
 
+def scaled_parts(parts: Sequence[np.ndarray], scales: Sequence[float]) -> list[np.ndarray]:
+    """Maps (or their values at the same voxels) each divided by its scale (at least 1e-6), in float32."""
+    return [part / np.float32(max(float(sc), 1e-6)) for part, sc in zip(parts, scales)]
+
+
 def mean_of_scaled(parts: Sequence[np.ndarray], scales: Sequence[float]) -> np.ndarray:
     """The average of maps (or of their values at the same voxels) each divided by its scale, in float32 and in
     one order, so that detection's map and the calibration's values agree to the bit."""
-    total = None
-    for part, sc in zip(parts, scales):
-        scaled = part / np.float32(max(float(sc), 1e-6))
-        total = scaled if total is None else total + scaled
+    scaled = scaled_parts(parts, scales)
+    total = scaled[0]
+    for part in scaled[1:]:
+        total = total + part
     return (total / np.float32(len(parts))).astype(np.float32, copy=False)
 
 
@@ -697,10 +702,10 @@ def paired_map(maps: Sequence[np.ndarray], region: np.ndarray, quantile: float,
 def geometric_of_scaled(parts: Sequence[np.ndarray], scales: Sequence[float]) -> np.ndarray:
     """The geometric mean of maps each divided by its scale (the n-th root of their product; maps are >= 0), in
     float32 and in one order, as mean_of_scaled."""
-    total = None
-    for part, sc in zip(parts, scales):
-        scaled = np.maximum(part / np.float32(max(float(sc), 1e-6)), np.float32(0))
-        total = scaled if total is None else total * scaled
+    scaled = scaled_parts(parts, scales)
+    total = np.maximum(scaled[0], np.float32(0))
+    for part in scaled[1:]:
+        total = total * np.maximum(part, np.float32(0))
     return np.power(total, np.float32(1.0 / len(parts))).astype(np.float32, copy=False)
 
 

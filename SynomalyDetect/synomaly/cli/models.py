@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..card import PAIR_COMBINES
 from ..contract import REGIONS
 from ..errors import InputError
 from ..sampledata import resolve_data
@@ -278,7 +279,7 @@ def add_parsers(sub) -> None:
     pa.add_argument("--plain", action="store_true",
                     help="pick among plain thresholds only (default: also each rate grown into a looser one and "
                          "lesions outlined at half their peak, as `synomaly tune` offers a single model)")
-    pa.add_argument("--combine", choices=("mean", "geometric"), default="mean",
+    pa.add_argument("--combine", choices=PAIR_COMBINES, default="mean",
                     help="how the two scan-scaled maps become one: their mean (default), or their geometric mean, "
                          "high only where both maps are")
     pa.add_argument("--allow-held-out", action="store_true", help="accept volumes kept for evaluation")
