@@ -162,6 +162,27 @@ def test_a_slim_checkpoint_is_smaller_and_training_resumes_from_it(healthy, tmp_
     assert read_card(tmp_path / "b.safetensors").training["iterations"] == 14
 
 
+def test_the_learning_rate_warms_up_holds_and_cools_down_and_warms_up_again_after_a_slim_resume(healthy, tmp_path):
+    from synomaly.train import Trainer, slim_checkpoint
+
+    tr, va = healthy
+    x = torch.zeros(2, 1, 32, 32)
+    trainer = Trainer(_card(), x, x > 0, x, x > 0, _settings(iterations=40, lr=1e-3, warmup=5, lr_decay=10))
+    rates = [trainer.lr_at(i) for i in range(40)]
+    assert rates[0] == pytest.approx(2e-4) and rates[4] == pytest.approx(1e-3)  # warm-up over 5 steps
+    assert rates[5:30] == [pytest.approx(1e-3)] * 25  # constant until the last 10
+    assert rates[30] == pytest.approx(1e-3) and rates[35] == pytest.approx(5e-4) and rates[39] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
+
+    summary = train(_card(), tr, va, tmp_path / "a.safetensors", _settings(iterations=10))
+    full = load_checkpoint(summary["checkpoint"])
+    again = Trainer(_card(), x, x > 0, x, x > 0, _settings(iterations=20))
+    again.load_state(full)  # AdamW's moments kept: no second warm-up
+    assert again.lr_at(10) == pytest.approx(1e-3)
+    again.load_state(load_checkpoint(slim_checkpoint(summary["checkpoint"], tmp_path / "slim.ckpt")))
+    assert again.lr_at(10) == pytest.approx(2e-4) and again.lr_at(14) == pytest.approx(1e-3)
+
+
 def test_snapshot_writes_the_ema_weights_of_a_checkpoint_as_a_model_file(healthy, tmp_path, capsys):
     """`synomaly snapshot CHECKPOINT -o MODEL` (a model of a run still going) loads, with the checkpoint's EMA."""
     from synomaly.cli import main

@@ -14,6 +14,7 @@ class TrainingSettings:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup: int = 100
+    lr_decay: int = 0  # the last this many iterations bring the rate linearly to zero (0: constant after warm-up)
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     seed: int = 0

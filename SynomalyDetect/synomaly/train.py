@@ -284,14 +284,21 @@ class Trainer:
         self.dev_gen = torch.Generator(device=self.device).manual_seed(settings.seed + 1)
         self.aug_gen = torch.Generator(device=self.device).manual_seed(settings.seed + 2)  # augmentation draws
         self.iteration = 0
+        self.warm_from = 0  # where the warm-up starts: 0, or where a slim checkpoint restarted AdamW's moments
         self.history: list[list[float]] = []  # [iteration, train loss]
         self.val_history: list[list[float]] = []  # [iteration, validation loss]
         self.noise_seconds = 0.0
         self.step_seconds = 0.0
 
     def lr_at(self, it: int) -> float:
-        """Linear warm-up, then constant."""
-        return self.settings.lr * min(1.0, (it + 1) / max(1, self.settings.warmup))
+        """Linear warm-up (again after a slim resume, whose AdamW moments start from zero), then constant, then,
+        with `lr_decay`, a linear fall to zero over the run's last iterations (a cool-down: a constant-rate run
+        continued with a decay, as in warm-up-stable-decay schedules)."""
+        s = self.settings
+        rate = s.lr * min(1.0, (it - self.warm_from + 1) / max(1, s.warmup))
+        if s.lr_decay > 0:
+            rate *= min(1.0, max(0, s.iterations - it) / s.lr_decay)
+        return rate
 
     def step(self) -> float:
         """One optimisation step; returns the batch loss."""
@@ -369,6 +376,7 @@ class Trainer:
             "card": self.card.to_json(),
             "settings": asdict(self.settings),
             "iteration": self.iteration,
+            "warm_from": self.warm_from,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "ema": {k: v.detach().cpu() for k, v in self.ema.state_dict().items()},
             "optimizer": self.opt.state_dict(),
@@ -388,8 +396,11 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         if state.get("optimizer"):
             self.opt.load_state_dict(state["optimizer"])
+            self.warm_from = int(state.get("warm_from", 0))
         else:  # a slim checkpoint (slim_checkpoint): the weights continue, AdamW's moments start afresh
-            log.warning("the checkpoint holds no optimizer state; AdamW's moment estimates restart from zero")
+            log.warning("the checkpoint holds no optimizer state; AdamW's moment estimates restart from zero, "
+                        "so the learning rate warms up again")
+            self.warm_from = int(state["iteration"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.cpu_gen.set_state(state["cpu_gen"])

@@ -82,7 +82,7 @@ def cmd_train(args) -> int:
     if taken:
         print(f"training with {source} recipe: {' '.join(taken)} (name an option to change it)", file=sys.stderr)
     settings = TrainingSettings(
-        iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay, seed=args.seed,
         device=args.device, precision=args.precision, checkpoint_every=args.checkpoint_every,
         validate_every=args.checkpoint_every, **recipe,
     )
@@ -208,6 +208,9 @@ def add_parsers(sub) -> None:
     t.add_argument("--iterations", type=int, default=TrainingSettings.iterations)
     t.add_argument("--batch-size", type=int, default=TrainingSettings.batch_size)
     t.add_argument("--lr", type=float, default=TrainingSettings.lr)
+    t.add_argument("--lr-decay", type=int, default=TrainingSettings.lr_decay, metavar="STEPS",
+                   help="bring the learning rate linearly to zero over the last STEPS iterations (a cool-down, for "
+                        "example of a constant-rate run continued with --resume; default 0: constant after warm-up)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
