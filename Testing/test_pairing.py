@@ -249,7 +249,9 @@ def test_operating_points_and_the_pick_rule():
     pts = operating_points([lesion_map, healthy_map], [_case(fg, truth, oriented=scan + truth)],
                            [_case(fg, oriented=scan)], fprs=(1e-2, 1e-4))
     assert [p["fpr"] for p in pts] == ["0.01", "0.0001"], "rates keyed as the card stores them"
-    assert pts[1]["threshold"] == pytest.approx(np.quantile(healthy_map[fg], 1 - 1e-4))
+    k = int(1e-4 * fg.sum())  # the project's rule (metrics.threshold_at_fpr): at most k healthy voxels reach it
+    assert pts[1]["threshold"] == np.nextafter(np.sort(healthy_map[fg])[-1 - k], np.float32(np.inf))
+    assert int((healthy_map[fg] >= pts[0]["threshold"]).sum()) <= 1e-2 * fg.sum()
     assert pts[1]["dice_mean"] == pytest.approx(1.0) and pts[1]["healthy_ml_max"] == 0.0
     assert pts[1]["lesions_found"]["brighter"] == {"found": 1, "of": 1}, "tune's lesion count: the pair gets it too"
     assert pts[1]["lesions_found"]["darker"] == {"found": 0, "of": 0}

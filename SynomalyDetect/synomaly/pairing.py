@@ -73,12 +73,14 @@ def operating_points(maps: Sequence[np.ndarray], lesion, healthy, fprs: Sequence
     threshold at that per-voxel rate over the lesion-free forms' scored voxels, scored as `synomaly tune` scores a
     single model's (tune.score_points: mean Dice, lesions found, mL flagged in each lesion-free form, lesions under
     `min_mm3` dropped); with `outlines`, also each rate grown into every looser one and outlined at
-    `peak_fractions` of each lesion's peak. Rates are keyed as the card stores them (card.fpr_key)."""
+    `peak_fractions` of each lesion's peak. Rates are keyed as the card stores them (card.fpr_key); each threshold
+    is the project's one rule (metrics.threshold_at_fpr), as single models are calibrated."""
+    from .metrics import threshold_at_fpr
     from .tune import score_points
 
     n = len(lesion)
     values = np.concatenate([m[c.prep.foreground] for m, c in zip(maps[n:], healthy)])
-    thresholds = {fpr_key(fpr): float(np.quantile(values, 1 - fpr)) for fpr in fprs}
+    thresholds = {fpr_key(fpr): threshold_at_fpr(values, fpr) for fpr in fprs}
     return score_points(maps[:n], lesion, maps[n:], healthy, thresholds, min_mm3, peak_fractions, outlines)
 
 
