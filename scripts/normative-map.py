@@ -23,15 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from synomaly.atlas import atlas_dir
-from synomaly.detect import SCAN_LEVEL_QUANTILE, paired_map, scan_map
+from synomaly.detect import SCAN_LEVEL_QUANTILE, paired_map
 from synomaly.lesions import FORMS, scan_form
 from synomaly.modelio import load_model
-from synomaly.pairing import PAIR_FPRS, operating_points, paired_tuning, tuning_options
+from synomaly.pairing import PAIR_FPRS, operating_points, paired_tuning, setting_maps, tuning_options
 from synomaly.prepare import orient_array, prepare_scan, unorient_array
-from synomaly.tune import choose_fpr, load_tune_volumes, single_stage
+from synomaly.tune import choose_fpr, load_tune_volumes
 
 TRAINING = ("mni152", "brainles", "brainles-brain", "pydeface", "mni2020-brain")
 
@@ -66,11 +65,8 @@ def build_prior(models, sigma: float, out: Path) -> sitk.Image:
             image, _, _ = scan_form(vol.image, None, vol.brain, form, rng)
             maps, preps = [], []
             for model in models:
-                d = model.card.detection_3d
                 prep = prepare_scan(image, model.card, region=opts.region)
-                healed = np.mean([single_stage(model, prep.slices, prep.masks, t, 1, 0).numpy()
-                                  for t in d.noise_levels()], axis=0)
-                maps.append(scan_map(torch.from_numpy(healed), prep, d.blur_kernel, d.smooth_mm))
+                maps += setting_maps(model, [prep], 0)  # this scan healed alone, seed 0
                 preps.append(prep)
             prep = preps[0]
             if prep.atlas_transform is None:

@@ -47,23 +47,25 @@ def check_pairable(model) -> None:
 
 
 def tuning_maps(model, lesion, healthy, seed: int, progress: ProgressFn = null_progress) -> list[np.ndarray]:
-    """The model's oriented map of each case (lesion cases first) at its tuned volume setting: one stage, the
-    healed images of its noise levels averaged (as `synomaly tune` scores a setting)."""
+    """The model's oriented map of each case (lesion cases first, then the lesion-free ones; each list healed as
+    one batch) at its tuned volume setting (setting_maps)."""
+    return [m for cases in (lesion, healthy) for m in setting_maps(model, [c.prep for c in cases], seed, progress)]
+
+
+def setting_maps(model, preps, seed: int, progress: ProgressFn = null_progress) -> list[np.ndarray]:
+    """The model's oriented map of each prepared scan at its tuned volume setting: one stage, the healed images
+    of its noise levels averaged (as `synomaly tune` scores a setting), the scans' slices healed as one batch."""
     from .tune import single_stage
 
     d = model.card.detection_3d
-    maps = []
-    for cases in (lesion, healthy):
-        x0 = torch.cat([c.prep.slices for c in cases])
-        masks = torch.cat([c.prep.masks for c in cases])
-        healed = []
-        for i, t in enumerate(d.noise_levels()):
-            progress("pair", i, len(d.noise_levels()), f"{model.card.name}: healing at t {t}")
-            healed.append(single_stage(model, x0, masks, t, 1, seed))
-        mean = torch.stack(healed).mean(0)
-        parts = torch.split(mean, [c.prep.slices.shape[0] for c in cases])
-        maps += [scan_map(h, c.prep, d.blur_kernel, d.smooth_mm) for h, c in zip(parts, cases)]
-    return maps
+    x0 = torch.cat([p.slices for p in preps])
+    masks = torch.cat([p.masks for p in preps])
+    healed = []
+    for i, t in enumerate(d.noise_levels()):
+        progress("pair", i, len(d.noise_levels()), f"{model.card.name}: healing at t {t}")
+        healed.append(single_stage(model, x0, masks, t, 1, seed))
+    parts = torch.split(torch.stack(healed).mean(0), [p.slices.shape[0] for p in preps])
+    return [scan_map(h, p, d.blur_kernel, d.smooth_mm) for h, p in zip(parts, preps)]
 
 
 def operating_points(maps: Sequence[np.ndarray], lesion, healthy, fprs: Sequence[float] = PAIR_FPRS,
