@@ -6,6 +6,7 @@ import SimpleITK as sitk
 import torch
 
 from synomaly.calibrate import calibrate
+from synomaly.errors import InputError
 from synomaly.modelio import load_model, read_card
 from synomaly.prepare import prepare_images_for_training
 from synomaly.sampledata import br35h_images
@@ -173,6 +174,8 @@ def test_the_learning_rate_warms_up_holds_and_cools_down_and_warms_up_again_afte
     assert rates[5:30] == [pytest.approx(1e-3)] * 25  # constant until the last 10
     assert rates[30] == pytest.approx(1e-3) and rates[35] == pytest.approx(5e-4) and rates[39] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
+    with pytest.raises(InputError, match="number of steps"):
+        Trainer(_card(), x, x > 0, x, x > 0, _settings(lr_decay=-1))
 
     summary = train(_card(), tr, va, tmp_path / "a.safetensors", _settings(iterations=10))
     full = load_checkpoint(summary["checkpoint"])

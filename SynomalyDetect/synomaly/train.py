@@ -254,6 +254,8 @@ class Trainer:
         if settings.batch_size < self.world.world_size:
             raise InputError(f"the batch size ({settings.batch_size}, the global batch) must be at least the "
                              f"number of processes ({self.world.world_size})")
+        if settings.lr_decay < 0:
+            raise InputError(f"the learning-rate decay is a number of steps (0 or more), not {settings.lr_decay}")
         self.share = self.world.share(settings.batch_size)
         self.dtype = autocast_dtype(self.device, settings.precision)
         self.channels_last = self.dtype is not None
