@@ -124,8 +124,11 @@ def test_paired_detection_averages_the_two_scan_scaled_maps_at_the_pairs_thresho
 
 
 def test_a_geometric_pair_combines_the_scaled_maps_by_their_geometric_mean(pair_files):
-    from synomaly.detect import geometric_of_scaled
+    from synomaly.card import PAIR_COMBINES
+    from synomaly.detect import COMBINE_SCALED, geometric_of_scaled
     from synomaly.modelio import load_model, read_card, save_model
+
+    assert list(COMBINE_SCALED) == list(PAIR_COMBINES), "every rule the card accepts has its function in detection"
 
     a = np.array([0.0, 1.0, 4.0, 2.0], np.float32)
     b = np.array([9.0, 1.0, 1.0, 8.0], np.float32)

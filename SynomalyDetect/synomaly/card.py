@@ -114,8 +114,8 @@ class DetectionDefaults:
         return tuple(int(t) for t in self.t_ensemble) or (int(self.t),)
 
 
-#: how a pair's two scaled maps are combined (PartnerModel.combine)
-PAIR_COMBINES = ("mean", "geometric")
+#: how a pair's two scaled maps can be combined (PartnerModel.combine), each with the words that say it
+PAIR_COMBINES = {"mean": "averaged", "geometric": "combined by their geometric mean"}
 
 
 def fpr_key(fpr: float) -> str:
@@ -326,7 +326,7 @@ class ModelCard:
             if p.peak_fraction is not None and not 0 < float(p.peak_fraction) < 1:
                 raise ModelCardError(f"partner_3d.peak_fraction {p.peak_fraction} must lie in (0, 1), or be absent")
             if p.combine not in PAIR_COMBINES:
-                raise ModelCardError(f"partner_3d.combine {p.combine!r} is not one of {PAIR_COMBINES}")
+                raise ModelCardError(f"partner_3d.combine {p.combine!r} is not one of {tuple(PAIR_COMBINES)}")
             missing = [fpr_key(f) for f in (p.fpr, p.grow_fpr) if f is not None and fpr_key(f) not in p.thresholds]
             if missing:
                 raise ModelCardError(f"partner_3d has no calibrated threshold at FPR {', '.join(missing)} (it has "
@@ -391,7 +391,7 @@ class ModelCard:
             f"  detection: {self.detection_text()}"
             + (f"; volumes: {self.detection_text(True)} (tuned)" if self.detection_3d is not None else ""),
             *([f"  volumes paired with {self.partner_3d.file}: the two maps "
-               f"{'averaged' if self.partner_3d.combine == 'mean' else 'combined by their geometric mean'}, "
+               f"{PAIR_COMBINES[self.partner_3d.combine]}, "
                f"FPR {self.partner_3d.fpr:g}"
                + (f" grown to FPR {self.partner_3d.grow_fpr:g}" if self.partner_3d.grow_fpr else "")
                + (f", each lesion outlined at {self.partner_3d.peak_fraction:g} of its peak"

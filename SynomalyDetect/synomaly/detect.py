@@ -696,7 +696,7 @@ def paired_map(maps: Sequence[np.ndarray], region: np.ndarray, quantile: float,
     then averaged (mean_of_scaled) or, `combine` "geometric", combined by their geometric mean
     (geometric_of_scaled); and their scales."""
     scales = scan_scales(maps, region, quantile)
-    return (geometric_of_scaled if combine == "geometric" else mean_of_scaled)(maps, scales), scales
+    return COMBINE_SCALED[combine](maps, scales), scales
 
 
 def geometric_of_scaled(parts: Sequence[np.ndarray], scales: Sequence[float]) -> np.ndarray:
@@ -707,6 +707,10 @@ def geometric_of_scaled(parts: Sequence[np.ndarray], scales: Sequence[float]) ->
     for part in scaled[1:]:
         total = total * np.maximum(part, np.float32(0))
     return np.power(total, np.float32(1.0 / len(parts))).astype(np.float32, copy=False)
+
+
+#: the function of each of card.PAIR_COMBINES
+COMBINE_SCALED = {"mean": mean_of_scaled, "geometric": geometric_of_scaled}
 
 
 def check_compatibility(image: sitk.Image, card, allow: bool = False) -> list[str]:

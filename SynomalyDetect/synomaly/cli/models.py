@@ -65,7 +65,7 @@ def cmd_pair(args) -> int:
     a = rec["pooled_auprc"]
     print(f"paired {rec['output']} with {rec['partner_file']} on {rec['lesion_cases']} volumes with {rec['lesions']} "
           f"implanted lesions ({rec['seconds']:.0f} s): pooled pixel AUPRC {a['first']:.3f} alone, {a['partner']:.3f} "
-          f"the partner alone, {a['pair']:.3f} paired ({'averaged' if rec['combine'] == 'mean' else 'geometric mean'})")
+          f"the partner alone, {a['pair']:.3f} paired ({PAIR_COMBINES[rec['combine']]})")
     for row in rec["sweep"]:
         print(f"  {point_line(row)}{'  <- picked' if row == rec['picked'] else ''}")
     print(f"  rule: {rec['rule']}")
