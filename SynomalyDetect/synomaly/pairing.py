@@ -99,8 +99,7 @@ def tuning_options(models: Sequence, seed: int = 0):
 def paired_tuning(models: Sequence, volumes, opts, progress: ProgressFn = null_progress, combine: str = "mean"):
     """Both models' tuning maps over the same cases (built with `opts`, tuning_options), and the combined map
     (each scaled in its own scan, then averaged or, `combine` "geometric", their geometric mean: detect.paired_map).
-    Returns (lesion cases, lesion-free cases, each model's
-    maps, averaged maps)."""
+    Returns (lesion cases, lesion-free cases, each model's maps, the combined maps)."""
     from .tune import build_cases
 
     first, maps = None, []
@@ -119,9 +118,9 @@ def paired_tuning(models: Sequence, volumes, opts, progress: ProgressFn = null_p
             first = (lesion, healthy)
         maps.append(tuning_maps(model, lesion, healthy, opts.seed, progress))
     lesion, healthy = first
-    mean = [paired_map([m[i] for m in maps], c.prep.foreground, SCAN_LEVEL_QUANTILE, combine)[0]
-            for i, c in enumerate(lesion + healthy)]
-    return lesion, healthy, maps, mean
+    combined = [paired_map([m[i] for m in maps], c.prep.foreground, SCAN_LEVEL_QUANTILE, combine)[0]
+                for i, c in enumerate(lesion + healthy)]
+    return lesion, healthy, maps, combined
 
 
 def pair_models(model_file: str | Path, partner_file: str | Path, data: Sequence[str] = ("oasis",),
