@@ -17,15 +17,15 @@ import time
 
 import numpy as np
 
-from synomaly.detect import SCAN_LEVEL_QUANTILE, geometric_of_scaled, mean_of_scaled, scaled_parts, scan_scales
+from synomaly.detect import COMBINE_SCALED, SCAN_LEVEL_QUANTILE, scaled_parts, scan_scales
 from synomaly.modelio import load_model
 from synomaly.pairing import PAIR_FPRS, operating_points, paired_tuning, tuning_options
 from synomaly.tune import choose_fpr, load_tune_volumes, pooled_auprc
 
-# each rule takes a case's raw maps and their scales; mean and geometric are detection's own (detect.paired_map)
+# each rule takes a case's raw maps and their scales; detection's own (detect.COMBINE_SCALED: mean, geometric)
+# and two more that detection does not offer
 RULES = {
-    "mean": mean_of_scaled,
-    "geometric": geometric_of_scaled,
+    **COMBINE_SCALED,
     "min": lambda parts, scales: np.minimum(*scaled_parts(parts, scales)),
     "max": lambda parts, scales: np.maximum(*scaled_parts(parts, scales)),
 }
